@@ -1,0 +1,97 @@
+"""Flower ClientApp: fine-tune LoRA on this node's private data, send only the factors.
+
+Wire contract (see ``server/strategy.py`` for the other side)
+
+* in  ``arrays``      ArrayRecord — the adapter for this node's rank (peft key names)
+* in  ``config``      ConfigRecord — ``server-round``, ``trainable``/``send`` ("ab", "a", "b"),
+  ``personal`` ("b" for FedSA: B never leaves the node), ``base-from``/``base-to``
+* in  ``correction``  ArrayRecord, optional — base correction versions base-from..base-to
+* out ``arrays``      ArrayRecord — only the LoRA factors in ``send`` and the declared heads
+* out ``metrics``     MetricRecord — ``num-examples``, ``train-loss`` and other numbers
+"""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import builders, client, config, lora, training
+from fedlora.aggregation import LoraFactors
+from fedlora.transport import pack, pack_correction, unpack, unpack_correction
+
+app = ClientApp()
+
+PERSONAL = "fedlora.personal"
+BASE = "fedlora.base"
+BASE_META = "fedlora.base-meta"
+
+
+def _base_state(context: Context) -> client.BaseState:
+    if BASE_META not in context.state:
+        return client.BaseState()
+    version = int(context.state[BASE_META]["version"])
+    corr = unpack_correction(context.state[BASE])
+    return client.BaseState(version, {m: LoraFactors(a=a, b=b, scale=1.0)
+                                      for m, (b, a) in corr.items()})
+
+
+def _prepare(msg: Message, context: Context):
+    """Parse config, load the cached model, catch the base up, assemble the incoming adapter."""
+    cfg = config.from_flat(context.run_config)
+    node = client.Node.from_configs(cfg, context.node_config)
+    model, tokenizer = client.load_model(cfg, node)
+    instructions = msg.content["config"]
+    base = _base_state(context)
+    if "correction" in msg.content:
+        base = base.advance(unpack_correction(msg.content["correction"]),
+                            int(instructions["base-from"]), int(instructions["base-to"]))
+    base.apply_to(model)
+    arrays = unpack(msg.content["arrays"])
+    if instructions.get("personal") == "b" and PERSONAL in context.state:
+        arrays.update(unpack(context.state[PERSONAL]))  # FedSA: this node's own B
+    return cfg, node, model, tokenizer, instructions, base, arrays
+
+
+@app.query("capabilities")
+def capabilities(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition and LoRA rank (it cannot read node configs)."""
+    cfg = config.from_flat(context.run_config)
+    node = client.Node.from_configs(cfg, context.node_config)
+    caps = ConfigRecord({"partition-id": node.partition_id,
+                         "num-partitions": node.num_partitions, "lora-rank": node.rank})
+    return Message(RecordDict({"caps": caps}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, node, model, tokenizer, instructions, base, arrays = _prepare(msg, context)
+    train_examples, _ = client.examples(cfg, node, tokenizer)
+    spec = builders.train_spec(cfg, int(instructions["server-round"]), node.partition_id)
+
+    trained, metrics = client.train_round(model, tokenizer, train_examples, arrays, spec,
+                                          str(instructions.get("trainable", "ab")))
+
+    if instructions.get("personal") == "b":
+        context.state[PERSONAL] = pack({k: v for k, v in trained.items()
+                                        if k.endswith(lora.LORA_B)})
+    if base.version:
+        context.state[BASE] = pack_correction(base.factors)
+        context.state[BASE_META] = ConfigRecord({"version": base.version})
+    outgoing = client.select_outgoing(trained, str(instructions.get("send", "ab")))
+    metrics.update({"partition-id": node.partition_id, "lora-rank": node.rank,
+                    "base-version": base.version})
+    return Message(RecordDict({"arrays": pack(outgoing), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg, node, model, tokenizer, _, _, arrays = _prepare(msg, context)
+    _, heldout = client.examples(cfg, node, tokenizer)
+    lora.load_adapter_arrays(model, arrays)
+    metrics = training.evaluate(model, heldout, cfg.eval.batch_size, tokenizer.pad_token_id,
+                                cfg.model.task)
+    metrics.update({"num-examples": len(heldout), "partition-id": node.partition_id})
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+

@@ -1,0 +1,88 @@
+"""HetLoRA: heterogeneous-rank LoRA (Cho et al. 2024, arXiv 2401.06432).
+
+Per module, with ``r_max = max_k r_k`` and global scale ``s_g = scale_for_rank(r_max)``,
+each client is zero-padded to ``r_max`` in the global parametrisation::
+
+    A_k' = [A_k; 0]                   # (r_max, n)
+    B_k' = (s_k / s_g) [B_k, 0]       # (m, r_max)
+
+and weighted by the Frobenius norm of its update (sparsity-weighted
+aggregation, the paper's rule; optionally times ``n_k``)::
+
+    w_k ∝ ‖s_k B_k A_k‖_F  (× n_k if weight_by_examples), Σ w_k = 1
+    Ā = Σ_k w_k A_k',  B̄ = Σ_k w_k B_k',   ΔW_global = s_g · B̄ Ā
+
+Norms are computed from the factors (no dense matrix). If every norm is
+zero (e.g. all B still at their zero init) the weights fall back to uniform
+(or ``p_k`` with ``weight_by_examples``). A client of rank ``r`` receives
+``Ā[:r]`` and ``B̄[:, :r] · s_g / s_r`` with its own scale ``s_r`` (the paper's
+truncation). Mixed ranks allowed; not exact. The paper's client-side rank
+self-pruning is a training-time feature, not part of aggregation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedlora.aggregation.context import RoundContext
+from fedlora.aggregation.factors import ClientUpdate, LoraFactors
+from fedlora.aggregation.linalg import factored_frobenius_norm
+from fedlora.aggregation.registry import register
+from fedlora.aggregation.result import AggregationResult
+from fedlora.aggregation.views import PrefixView
+
+
+@register("hetlora", equal_ranks=False, exact=False, linear=False, modifies_base=False)
+def hetlora(
+    updates: Sequence[ClientUpdate],
+    context: RoundContext,
+    *,
+    weight_by_examples: bool = False,
+) -> AggregationResult:
+    """Zero-pad to the largest rank and average with norm weights (see module docstring).
+
+    Parameters
+    ----------
+    weight_by_examples
+        Multiply each client's norm weight by its ``n_k`` before normalising.
+    """
+    if not isinstance(weight_by_examples, bool):
+        raise TypeError(f"weight_by_examples must be a bool, got {weight_by_examples!r}")
+    prior = context.weights if weight_by_examples else np.full(len(updates), 1.0 / len(updates))
+    global_factors = {}
+    for module in context.modules:
+        factors = context.factors_of(updates, module)
+        out_features, in_features = context.shapes[module]
+        r_max = max(f.rank for f in factors)
+        scale = context.scale(r_max)
+        norms = np.array(
+            [
+                factored_frobenius_norm(f.scale * f.b.astype(np.float64), f.a.astype(np.float64))
+                for f in factors
+            ]
+        )
+        raw = norms * prior
+        weights = raw / raw.sum() if raw.sum() > 0 else prior
+        a = np.zeros((r_max, in_features))  # (r_max, n)
+        b = np.zeros((out_features, r_max))  # (m, r_max)
+        for w, f in zip(weights, factors, strict=True):
+            a[: f.rank] += w * f.a.astype(np.float64)
+            b[:, : f.rank] += (w * f.scale / scale) * f.b.astype(np.float64)
+        global_factors[module] = LoraFactors(a=a, b=b, scale=scale).astype(context.dtype)
+    return AggregationResult(
+        strategy="hetlora",
+        global_factors=global_factors,
+        base_correction={},
+        lora_alpha=context.lora_alpha,
+        rslora=context.rslora,
+        client_view=PrefixView(
+            factors=global_factors,
+            lora_alpha=context.lora_alpha,
+            rslora=context.rslora,
+            split="b",
+            fixed_rank=False,
+            strategy="hetlora",
+        ),
+    )

@@ -1,0 +1,206 @@
+"""``fedlora`` command line: run a federated job, list config keys and strategies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fedlora import config
+from fedlora.errors import FedLoraError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "simulations" / "configs"
+DEFAULT_PRESET = "bbc-minilm"
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        return _flatten(tomllib.loads(path.read_text()))
+    except FileNotFoundError as exc:
+        raise FedLoraError(f"config file {str(path)!r} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise FedLoraError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
+
+
+def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """Defaults ← preset ← --config ← -c overrides ← --rounds/--out. Returns (flat, clients)."""
+    flat = config.defaults()
+    if args.config:
+        layer = load_toml(Path(args.config))
+    else:
+        name = args.preset or DEFAULT_PRESET
+        if name not in presets():
+            raise FedLoraError(f"unknown preset {name!r}; available: {', '.join(presets())}")
+        layer = load_toml(PRESET_DIR / f"{name}.toml")
+    clients = int(layer.pop("num-clients", 2))
+    flat.update(layer)
+    for text in args.c or []:
+        flat.update(config.parse_overrides(text))
+    if args.rounds is not None:
+        flat["num-server-rounds"] = args.rounds
+    if args.num_clients is not None:
+        clients = args.num_clients
+    out = Path(args.out or flat.get("output-dir") or
+               Path("runs") / time.strftime("%Y%m%d-%H%M%S")).expanduser().resolve()
+    flat["output-dir"] = str(out)
+    if clients < 1:
+        raise FedLoraError(f"--num-clients must be >= 1; got {clients}")
+    preflight(config.from_flat(flat), clients)  # validate before starting anything
+    flat["min-available-nodes"] = min(int(flat["min-available-nodes"]), clients)
+    flat["min-train-nodes"] = min(int(flat["min-train-nodes"]), clients)
+    return flat, clients
+
+
+def preflight(cfg: config.RunConfig, clients: int) -> None:
+    """Checks a simulation can make before Flower starts: model, data files, ranks."""
+    from fedlora import assets
+    from fedlora.aggregation import (
+        available_strategies,
+        mixed_rank_strategies,
+        requires_equal_ranks,
+    )
+
+    if cfg.fl.strategy not in available_strategies():
+        raise FedLoraError(f"unknown strategy {cfg.fl.strategy!r}; available: "
+                           f"{', '.join(available_strategies())}")
+    if cfg.model.name not in assets.MODEL_ALIASES:
+        assets.resolve_model(cfg.model.name)
+    if cfg.data.source == "files":
+        paths = {cfg.data.path.replace("{partition-id}", str(i)) for i in range(clients)}
+        missing = sorted(p for p in paths if not Path(p).expanduser().exists())
+        if missing:
+            raise FedLoraError(f"data file(s) {missing} do not exist; check data.path")
+    ranks = sorted({cfg.rank_for_partition(i) for i in range(clients)})
+    if len(ranks) > 1 and requires_equal_ranks(cfg.fl.strategy):
+        raise FedLoraError(f"strategy {cfg.fl.strategy!r} needs equal LoRA ranks but "
+                           f"rank-by-partition gives {ranks}; use one of "
+                           f"{', '.join(mixed_rank_strategies())}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedlora.launcher import RunFailed, run_simulation
+
+    console = Console(stderr=True)
+    flat, clients = resolve(args)
+    out = Path(flat["output-dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    run_config = out / "run-config.toml"
+    run_config.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in sorted(flat.items())))
+    home = Path(args.flwr_home).resolve() if args.flwr_home else out / ".flwr"
+    rounds = int(flat["num-server-rounds"])
+    console.print(f"[bold]fedlora[/] {flat['strategy']} · {flat['model.name']} · {clients} "
+                  f"clients · {rounds} rounds → {out}")
+    started = time.perf_counter()
+
+    def on_round(rec: dict[str, Any]) -> None:
+        parts = [f"round {rec['round']}/{rounds}"]
+        for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
+                    "fed_eval_accuracy", "agg_error_mean"):
+            if rec.get(key) is not None:
+                parts.append(f"{key}={rec[key]:.4f}")
+        if rec.get("rejected"):
+            parts.append(f"rejected={rec['rejected']}")
+        parts.append(f"[{time.perf_counter() - started:.0f}s]")
+        console.print("  " + "  ".join(parts))
+
+    try:
+        console.print("  starting Flower simulation (SuperLink, Ray workers, models)…")
+        records = run_simulation(run_config, out, clients, args.cpus_per_client, home,
+                                 on_round=on_round)
+    except RunFailed as exc:
+        console.print(f"[red]run failed:[/] {exc}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: the SuperLink and its simulation were stopped[/]")
+        return 130
+    last = records[-1] if records else {}
+    summary = {k: last.get(k) for k in ("round", "eval_accuracy", "eval_loss",
+                                         "eval_perplexity") if last.get(k) is not None}
+    summary["wall_s"] = round(time.perf_counter() - started, 1)
+    console.print(f"[green]done[/] {summary} · adapter: {out / 'adapter'}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    for key, (typ, default, help_text) in config.schema().items():
+        print(f"{key:32} {typ.__name__:6} {default!r:22} {help_text}")
+    return 0
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from fedlora.aggregation import available_strategies, strategy_info
+
+    for name in available_strategies():
+        info = strategy_info(name)
+        print(f"{name:10} mixed-ranks={'no ' if info.equal_ranks else 'yes'} "
+              f"exact={'yes' if info.exact else 'no '} modifies-base="
+              f"{'yes' if info.modifies_base else 'no'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a federated LoRA job on Flower's simulation engine")
+    src = run.add_mutually_exclusive_group()
+    src.add_argument("--preset", help=f"one of simulations/configs/ (default {DEFAULT_PRESET})")
+    src.add_argument("--config", help="a TOML file of run-config keys")
+    run.add_argument("-c", action="append", metavar='"key=value ..."',
+                     help="override config keys (repeatable); see `fedlora config`")
+    run.add_argument("--out", help="output directory (default runs/<timestamp>)")
+    run.add_argument("--num-clients", type=int, help="simulated clients (SuperNodes)")
+    run.add_argument("--rounds", type=int, help="federated rounds")
+    run.add_argument("--cpus-per-client", type=float, default=1.0,
+                     help="Ray CPUs per client (parallel clients = cores / this)")
+    run.add_argument("--flwr-home", help="FLWR_HOME for this run (default OUT/.flwr)")
+    run.set_defaults(func=cmd_run)
+    sub.add_parser("config", help="list every config key").set_defaults(func=cmd_config)
+    sub.add_parser("strategies", help="list aggregation rules").set_defaults(func=cmd_strategies)
+    return parser
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # run the same cleanup as Ctrl-C (stop the SuperLink we started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return int(args.func(args))
+    except FedLoraError as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

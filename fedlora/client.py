@@ -1,0 +1,122 @@
+"""Client-side steps of a round, without Flower: load → train → select what leaves the node.
+
+The ClientApp (``clients/app.py``) only moves records in and out of these functions. A process
+caches the frozen base model (:class:`~fedlora.lora.ModelCache`) and each partition's tokenized
+examples; nothing client-specific (adapters, optimizer state) is cached here, because one
+simulation worker serves many virtual clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlora import builders, data, lora, training
+from fedlora.aggregation import LoraFactors
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError
+from fedlora.federation import stack
+
+MODELS = lora.ModelCache()
+_EXAMPLES: dict[tuple, tuple[list[dict], list[dict]]] = {}
+
+
+@dataclass(frozen=True)
+class Node:
+    """Facts about this client, from the node config (deployment) or run config (simulation)."""
+
+    partition_id: int
+    num_partitions: int
+    rank: int
+    data_path: str = ""
+
+    @classmethod
+    def from_configs(cls, cfg: RunConfig, node_config: Mapping[str, Any]) -> Node:
+        try:
+            pid = int(node_config["partition-id"])
+            num = int(node_config["num-partitions"])
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(
+                f"node config needs integer partition-id and num-partitions; got "
+                f"{dict(node_config)} (start SuperNodes with --node-config "
+                f"\"partition-id=0 num-partitions=2\")"
+            ) from exc
+        rank = int(node_config.get("lora-rank", cfg.rank_for_partition(pid)))
+        if not 0 < rank <= cfg.fl.max_rank:
+            raise ConfigError(f"lora-rank {rank} of node {pid} is outside 1..{cfg.fl.max_rank}")
+        return cls(pid, num, rank, str(node_config.get("data-path", "")))
+
+
+def load_model(cfg: RunConfig, node: Node) -> tuple[Any, Any]:
+    """The node's PEFT model (cached frozen base) and tokenizer."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    return MODELS.get(builders.model_spec(cfg), builders.adapter_spec(cfg, node.rank))
+
+
+def examples(cfg: RunConfig, node: Node, tokenizer: Any) -> tuple[list[dict], list[dict]]:
+    """Tokenized (train, held-out) examples of this node, tokenized once per process."""
+    spec = builders.data_spec(cfg)
+    key = (spec, node.partition_id, node.num_partitions, node.data_path,
+           tokenizer.name_or_path, cfg.data.max_length)
+    if key not in _EXAMPLES:
+        train, test = data.client_split(spec, node.partition_id, node.num_partitions,
+                                        node.data_path or None)
+        _EXAMPLES[key] = (data.tokenize(train, tokenizer, spec.task, cfg.data.max_length),
+                          data.tokenize(test, tokenizer, spec.task, cfg.data.max_length))
+    return _EXAMPLES[key]
+
+
+@dataclass
+class BaseState:
+    """The base correction this client has applied (kept in ``context.state``)."""
+
+    version: int = 0
+    factors: dict[str, LoraFactors] | None = None
+
+    def advance(self, increment: Mapping[str, tuple[np.ndarray, np.ndarray]], start: int,
+                end: int) -> BaseState:
+        if start != self.version:
+            raise ConfigError(f"base correction out of sync: the server sent versions "
+                              f"{start}..{end}, this client has applied {self.version}")
+        merged = dict(self.factors or {})
+        for module, (b, a) in increment.items():
+            parts = [merged[module]] if module in merged else []
+            merged[module] = stack([*parts, LoraFactors(a=a, b=b, scale=1.0)])
+        return BaseState(end, merged)
+
+    def apply_to(self, model: Any) -> None:
+        deltas = {m: (f.b, f.a) for m, f in (self.factors or {}).items()}
+        lora.set_base_delta(model, deltas, tag=self.version)
+
+
+def train_round(model: Any, tokenizer: Any, train_examples: list[dict],
+                arrays: Mapping[str, np.ndarray], spec: training.TrainSpec,
+                trainable: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Load the incoming adapter, train the ``trainable`` factors ("ab", "a" or "b").
+
+    Returns the whole trained adapter (the caller selects what is sent) and the metrics.
+    """
+    lora.load_adapter_arrays(model, arrays)
+    lora.set_trainable(model, train_a="a" in trainable, train_b="b" in trainable)
+    anchors = None
+    if spec.proximal_mu > 0:
+        anchors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    metrics = training.train(model, train_examples, spec, tokenizer.pad_token_id, anchors)
+    return lora.adapter_arrays(model), metrics
+
+
+def select_outgoing(arrays: Mapping[str, np.ndarray], send: str) -> dict[str, np.ndarray]:
+    """Keep the factors named in ``send`` ("ab", "a" or "b") and every declared head."""
+    keep = {}
+    for key, value in arrays.items():
+        if key.endswith(lora.LORA_A) and "a" not in send:
+            continue
+        if key.endswith(lora.LORA_B) and "b" not in send:
+            continue
+        keep[key] = value
+    return keep

@@ -1,0 +1,349 @@
+"""Typed run configuration, built once from Flower's flat ``run_config``.
+
+Flower hands apps a flat mapping such as ``{"lora.r": 8, "strategy": "fedit"}``. Every key
+belongs to a dataclass field: top-level keys to :class:`FederationConfig`, ``model.*`` to
+:class:`ModelConfig`, and so on (kebab-case keys, snake_case fields). :func:`from_flat` rejects
+unknown keys (listing the valid ones) and wrong types, then each dataclass checks its values.
+Components never see this module's classes: builders turn them into plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+from fedlora.errors import ConfigError
+
+TASKS = ("seq-cls", "causal-lm")
+DTYPES = ("float32", "bfloat16", "float16")
+DATA_SOURCES = ("bbc-news", "chatterbot", "files")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
+LORA_BIASES = ("none", "all", "lora_only")
+LORA_INITS = ("default", "gaussian")
+SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best in the tables below
+    return field(default=default, metadata={"help": help})
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigError(f"{key} must be {bound}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_server_rounds: int = _f(3, "federated rounds")
+    seed: int = _f(0, "seed of adapter init, data splits, client sampling and local training")
+    output_dir: str = _f("", "where the ServerApp writes config.json, metrics.jsonl, adapter/ "
+                         "('' = runs/<timestamp> under the working directory)")
+    strategy: str = _f("fedit", "aggregation rule (see `fedlora strategies`)")
+    server_optimizer: str = _f("none", "server optimizer on the pseudo-gradient: "
+                               + ", ".join(SERVER_OPTIMIZERS))
+    server_lr: float = _f(0.0, "server learning rate (0 = the optimizer's default)")
+    server_momentum: float = _f(0.0, "FedAvgM momentum")
+    server_beta_1: float = _f(0.9, "FedAdam/FedYogi first-moment decay")
+    server_beta_2: float = _f(0.99, "FedAdam/FedYogi second-moment decay")
+    server_tau: float = _f(0.001, "adaptivity of FedAdam/FedYogi/FedAdagrad")
+    fraction_train: float = _f(1.0, "fraction of available nodes sampled for training each round")
+    fraction_evaluate: float = _f(0.0, "fraction of nodes evaluating the global adapter on their "
+                                  "own held-out data each round (0 = central evaluation only)")
+    min_available_nodes: int = _f(2, "nodes to wait for before the first round")
+    min_train_nodes: int = _f(2, "minimum nodes sampled per round")
+    round_timeout: float = _f(3600.0, "seconds to wait for the replies of one round")
+    rank_by_partition: str = _f("", "LoRA rank per partition id in simulation, e.g. '4,8,16' "
+                                "('' = lora.r for all; deployment nodes set lora-rank)")
+    max_rank: int = _f(64, "largest LoRA rank the server accepts from a client")
+    hetlora_weight_by_examples: bool = _f(False, "hetlora: multiply norm weights by examples")
+    rolora_first_phase: str = _f("b", "rolora: factor trained in round 1 ('b' or 'a')")
+
+    def __post_init__(self) -> None:
+        _positive("num-server-rounds", self.num_server_rounds)
+        _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        _choice("rolora-first-phase", self.rolora_first_phase, ("a", "b"))
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction-train must be in (0, 1]; got {self.fraction_train}")
+        if not 0 <= self.fraction_evaluate <= 1:
+            raise ConfigError(f"fraction-evaluate must be in [0, 1]; got {self.fraction_evaluate}")
+        _positive("server-lr", self.server_lr, zero_ok=True)
+        _positive("min-available-nodes", self.min_available_nodes)
+        _positive("min-train-nodes", self.min_train_nodes)
+        _positive("round-timeout", self.round_timeout)
+        _positive("max-rank", self.max_rank)
+        self.ranks()  # validates the mapping
+
+    def ranks(self) -> tuple[int, ...]:
+        """Parsed ``rank-by-partition`` (empty when every client uses ``lora.r``)."""
+        try:
+            ranks = tuple(int(r) for r in _csv(self.rank_by_partition))
+        except ValueError as exc:
+            raise ConfigError(
+                f"rank-by-partition must be comma-separated integers like '4,8,16'; "
+                f"got {self.rank_by_partition!r}"
+            ) from exc
+        for r in ranks:
+            if not 0 < r <= self.max_rank:
+                raise ConfigError(
+                    f"rank-by-partition has rank {r}; ranks must be in 1..max-rank "
+                    f"({self.max_rank})"
+                )
+        return ranks
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("minilm", "'minilm', 'smollm2', a local model directory or a hub id")
+    task: str = _f("seq-cls", "seq-cls (sequence classification) or causal-lm")
+    dtype: str = _f("float32", "dtype of the frozen base weights: " + ", ".join(DTYPES))
+    num_hidden_layers: int = _f(0, "truncate the model to this many layers (0 = all; tests)")
+    num_labels: int = _f(0, "classes of a seq-cls task (0 = from the packaged corpus)")
+
+    def __post_init__(self) -> None:
+        _choice("model.task", self.task, TASKS)
+        _choice("model.dtype", self.dtype, DTYPES)
+        _positive("model.num-hidden-layers", self.num_hidden_layers, zero_ok=True)
+        _positive("model.num-labels", self.num_labels, zero_ok=True)
+        if not self.name:
+            raise ConfigError("model.name is empty; give 'minilm', 'smollm2', a path or a hub id")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _f(8, "LoRA rank (default for every client)")
+    alpha: float = _f(16.0, "lora_alpha; scaling is alpha/r (alpha/sqrt(r) with rsLoRA)")
+    dropout: float = _f(0.05, "lora_dropout")
+    target_modules: str = _f("query,value", "comma-separated module names to adapt, or "
+                             "'all-linear'")
+    bias: str = _f("none", "bias training: none, all, lora_only")
+    modules_to_save: str = _f("", "comma-separated extra modules trained and sent in full "
+                              "(the classification head is added for seq-cls)")
+    use_rslora: bool = _f(False, "rank-stabilised scaling alpha/sqrt(r)")
+    init: str = _f("default", "init of lora_A: default (kaiming-uniform) or gaussian")
+
+    def __post_init__(self) -> None:
+        _positive("lora.r", self.r)
+        _positive("lora.alpha", self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1); got {self.dropout}")
+        if not _csv(self.target_modules):
+            raise ConfigError("lora.target-modules is empty; name modules like 'query,value'")
+        _choice("lora.bias", self.bias, LORA_BIASES)
+        _choice("lora.init", self.init, LORA_INITS)
+
+    @property
+    def target_module_list(self) -> list[str] | str:
+        names = list(_csv(self.target_modules))
+        return "all-linear" if names == ["all-linear"] else names
+
+    @property
+    def modules_to_save_list(self) -> list[str]:
+        return list(_csv(self.modules_to_save))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = _f("bbc-news", "bbc-news, chatterbot, or files (your own, see data.path)")
+    path: str = _f("", "files source: a .jsonl/.json/.csv/.parquet file or a directory of them "
+                   "({partition-id} is replaced; a node's data-path overrides it)")
+    partitioner: str = _f("iid", "iid, dirichlet, pathological, or natural (topic = client)")
+    dirichlet_alpha: float = _f(0.5, "concentration of the dirichlet partitioner")
+    classes_per_partition: int = _f(2, "labels per client for the pathological partitioner")
+    samples_per_client: int = _f(160, "cap on a client's training examples (0 = no cap)")
+    eval_samples: int = _f(300, "cap on held-out examples evaluated by the server (0 = all)")
+    test_fraction: float = _f(0.2, "held-out fraction of the corpus kept for evaluation")
+    max_length: int = _f(48, "tokens per example (longer ones are truncated)")
+
+    def __post_init__(self) -> None:
+        _choice("data.source", self.source, DATA_SOURCES)
+        _choice("data.partitioner", self.partitioner, PARTITIONERS)
+        _positive("data.dirichlet-alpha", self.dirichlet_alpha)
+        _positive("data.classes-per-partition", self.classes_per_partition)
+        _positive("data.samples-per-client", self.samples_per_client, zero_ok=True)
+        _positive("data.eval-samples", self.eval_samples, zero_ok=True)
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"data.test-fraction must be in (0, 1); got {self.test_fraction}")
+        _positive("data.max-length", self.max_length)
+        if self.source == "files" and not self.path:
+            raise ConfigError(
+                "data.source = 'files' needs data.path (or a node's data-path); "
+                "point it at a .jsonl/.csv/.parquet file"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int = _f(10, "optimizer steps per client per round")
+    batch_size: int = _f(16, "examples per step")
+    lr: float = _f(0.003, "AdamW learning rate of the adapter")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)")
+    proximal_mu: float = _f(0.0, "FedProx: mu/2 * ||theta - theta_global||^2 on the adapter")
+    num_threads: int = _f(0, "torch threads per client process (0 = torch default)")
+
+    def __post_init__(self) -> None:
+        _positive("train.local-steps", self.local_steps)
+        _positive("train.batch-size", self.batch_size)
+        _positive("train.lr", self.lr)
+        _positive("train.weight-decay", self.weight_decay, zero_ok=True)
+        _positive("train.max-grad-norm", self.max_grad_norm, zero_ok=True)
+        _positive("train.proximal-mu", self.proximal_mu, zero_ok=True)
+        _positive("train.num-threads", self.num_threads, zero_ok=True)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = _f(64, "examples per evaluation batch")
+
+    def __post_init__(self) -> None:
+        _positive("eval.batch-size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run: one section per concern."""
+
+    fl: FederationConfig = field(default_factory=FederationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.task == "seq-cls" and self.data.source == "chatterbot":
+            raise ConfigError(
+                "model.task 'seq-cls' needs labelled data; the chatterbot corpus is Q/A pairs "
+                "(use model.task = 'causal-lm', or data.source = 'bbc-news')"
+            )
+        if self.model.task == "causal-lm" and self.data.source == "bbc-news":
+            raise ConfigError(
+                "model.task 'causal-lm' needs instruction/response pairs; bbc-news is labelled "
+                "text (use data.source = 'chatterbot' or your own files)"
+            )
+        ranks = self.fl.ranks() or (self.lora.r,)
+        if max(ranks) > self.fl.max_rank:
+            raise ConfigError(f"lora.r {self.lora.r} exceeds max-rank {self.fl.max_rank}")
+
+    def rank_for_partition(self, partition_id: int) -> int:
+        """LoRA rank of a simulated client (``rank-by-partition`` cycles over partitions)."""
+        ranks = self.fl.ranks()
+        return ranks[partition_id % len(ranks)] if ranks else self.lora.r
+
+
+# Top-level keys live in FederationConfig; every other section is a key prefix.
+_SECTIONS: dict[str, str] = {"fl": "", "model": "model", "lora": "lora", "data": "data",
+                             "train": "train", "eval": "eval"}
+
+
+def _section_types() -> dict[str, type]:
+    hints = get_type_hints(RunConfig)
+    return {name: hints[name] for name in _SECTIONS}
+
+
+def _key(prefix: str, field_name: str) -> str:
+    kebab = field_name.replace("_", "-")
+    return f"{prefix}.{kebab}" if prefix else kebab
+
+
+def schema() -> dict[str, tuple[type, Any, str]]:
+    """Every valid flat key → (type, default, help)."""
+    out: dict[str, tuple[type, Any, str]] = {}
+    for section, cls in _section_types().items():
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            out[_key(_SECTIONS[section], f.name)] = (hints[f.name], f.default, f.metadata["help"])
+    return out
+
+
+def defaults() -> dict[str, Any]:
+    """The flat default configuration (what ``[tool.flwr.app.config]`` must declare)."""
+    return {key: default for key, (_, default, _) in schema().items()}
+
+
+def _check_type(key: str, value: Any, expected: type) -> Any:
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif expected is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif expected is str and isinstance(value, str):
+        return value
+    raise ConfigError(
+        f"config key {key!r} expects {expected.__name__}; got {type(value).__name__} "
+        f"{value!r}"
+    )
+
+
+def from_flat(flat: Mapping[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a flat Flower ``run_config``.
+
+    Missing keys take their defaults; unknown keys and wrong types raise :class:`ConfigError`.
+    """
+    known = schema()
+    unknown = sorted(set(flat) - set(known))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(hints)}. Valid keys: {', '.join(sorted(known))}"
+        )
+    values: dict[str, dict[str, Any]] = {section: {} for section in _SECTIONS}
+    for section, cls in _section_types().items():
+        for f in fields(cls):
+            key = _key(_SECTIONS[section], f.name)
+            if key in flat:
+                values[section][f.name] = _check_type(key, flat[key], known[key][0])
+    sections = {name: cls(**values[name]) for name, cls in _section_types().items()}
+    return RunConfig(**sections)
+
+
+def to_flat(cfg: RunConfig) -> dict[str, Any]:
+    """Inverse of :func:`from_flat` (used for ``config.json`` and run submission)."""
+    out: dict[str, Any] = {}
+    for section in _SECTIONS:
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
+            out[_key(_SECTIONS[section], name)] = value
+    return out
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse ``-c "key=value key2='text'"`` overrides with TOML value syntax.
+
+    Bare words that are not TOML values are taken as strings (``strategy=flexlora``).
+    """
+    import shlex
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in shlex.split(text):
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw
+    return out

@@ -1,0 +1,302 @@
+"""Client data: load a corpus, keep a held-out split, partition, tokenize, collate.
+
+Every client reads only its own partition. The packaged corpora are split the same way on every
+process (seeded), so a client computes its partition locally and nothing but adapter factors
+ever leaves it. A user's own files are read per node (``data-path`` in the node config or
+``data.path`` with ``{partition-id}``), and their held-out split stays on that node.
+
+Columns: classification corpora have ``text`` and ``label`` (int); instruction corpora have
+``instruction`` and ``response``; both may carry ``topic`` for natural (by-topic) splits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from fedlora import assets
+from fedlora.errors import DataError
+
+datasets.disable_progress_bars()
+
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Plain arguments of the data pipeline (built from ``DataConfig`` by the apps)."""
+
+    source: str
+    task: str
+    path: str = ""
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    classes_per_partition: int = 2
+    samples_per_client: int = 160
+    eval_samples: int = 500
+    test_fraction: float = 0.2
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _bbc_news() -> datasets.Dataset:
+    root = assets.bbc_news_dir()
+    labels = sorted(p.name for p in root.iterdir() if p.is_dir())
+    rows: dict[str, list[Any]] = {"text": [], "label": [], "topic": []}
+    for idx, name in enumerate(labels):
+        for file in sorted((root / name).glob("*.txt")):
+            rows["text"].append(file.read_text(encoding="utf-8", errors="replace").strip())
+            rows["label"].append(idx)
+            rows["topic"].append(name)
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=labels),
+         "topic": datasets.Value("string")}
+    )
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def _chatterbot() -> datasets.Dataset:
+    import yaml
+
+    rows: dict[str, list[str]] = {"instruction": [], "response": [], "topic": []}
+    for file in sorted(assets.chatterbot_dir().glob("*.yml")):
+        doc = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        for conv in doc.get("conversations") or []:
+            turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
+            # A conversation lists a prompt then alternative answers: pair the prompt with each.
+            for answer in turns[1:]:
+                rows["instruction"].append(turns[0])
+                rows["response"].append(answer)
+                rows["topic"].append(file.stem)
+    return datasets.Dataset.from_dict(rows)
+
+
+def _resolve_files(path: str, partition_id: int | None) -> list[Path]:
+    text = path.replace("{partition-id}", str(partition_id)) if partition_id is not None else path
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise DataError(f"data file {str(p)!r} does not exist; check data.path / data-path")
+    files = sorted(f for f in p.iterdir() if f.suffix in FILE_FORMATS) if p.is_dir() else [p]
+    if not files:
+        raise DataError(f"directory {str(p)!r} holds no {'/'.join(FILE_FORMATS)} file")
+    bad = [f.name for f in files if f.suffix not in FILE_FORMATS]
+    if bad or len({FILE_FORMATS[f.suffix] for f in files}) > 1:
+        raise DataError(
+            f"data files must share one format among {', '.join(FILE_FORMATS)}; got {bad or files}"
+        )
+    return files
+
+
+def _holds_no_rows(file: Path) -> bool:
+    """True for an empty file, a CSV with only a header, or a parquet file of zero rows."""
+    if file.stat().st_size == 0:
+        return True
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_metadata(file).num_rows == 0
+        except Exception:  # not parquet at all: unreadable, not empty
+            return False
+    lines = [line for line in file.read_text(errors="replace").splitlines() if line.strip()]
+    return len(lines) <= (1 if file.suffix == ".csv" else 0)
+
+
+def load_files(path: str, task: str, partition_id: int | None = None) -> datasets.Dataset:
+    """Load a user's own jsonl/json/csv/parquet file(s) and check the columns of ``task``."""
+    files = _resolve_files(path, partition_id)
+    try:
+        ds = datasets.load_dataset(
+            FILE_FORMATS[files[0].suffix], data_files=[str(f) for f in files], split="train"
+        )
+    except Exception as exc:  # datasets raises many types for unreadable input
+        if all(_holds_no_rows(f) for f in files):
+            raise DataError(f"data file(s) {[str(f) for f in files]} hold no rows") from exc
+        raise DataError(f"cannot read data file(s) {[str(f) for f in files]}: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    need = ("text", "label") if task == "seq-cls" else ("instruction", "response")
+    missing = [c for c in need if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"{files[0].name} lacks column(s) {missing} for task {task!r}; it has "
+            f"{ds.column_names}. Rename columns to {list(need)}"
+        )
+    if len(ds) == 0:
+        raise DataError(f"data file(s) {[str(f) for f in files]} hold no rows")
+    if task == "seq-cls" and not isinstance(ds.features["label"], datasets.ClassLabel):
+        if ds.features["label"].dtype.startswith("int"):
+            return ds
+        ds = ds.class_encode_column("label")
+    return ds
+
+
+def load_corpus(spec: DataSpec, partition_id: int | None = None) -> datasets.Dataset:
+    """The whole corpus of ``spec.source`` (a node's own files for ``files``)."""
+    if spec.source == "bbc-news":
+        return _bbc_news()
+    if spec.source == "chatterbot":
+        return _chatterbot()
+    return load_files(spec.path, spec.task, partition_id)
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def train_test_split(ds: datasets.Dataset, spec: DataSpec) -> tuple[datasets.Dataset,
+                                                                        datasets.Dataset]:
+    """Seeded held-out split; the same on every process."""
+    split = ds.train_test_split(test_size=spec.test_fraction, seed=spec.seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def _partitioner(spec: DataSpec, num_partitions: int, ds: datasets.Dataset) -> Any:
+    from flwr_datasets import partitioner as fp
+
+    key = "label" if spec.task == "seq-cls" else "topic"
+    if spec.partitioner == "iid":
+        return fp.IidPartitioner(num_partitions)
+    if key not in ds.column_names:
+        raise DataError(
+            f"data.partitioner {spec.partitioner!r} needs a {key!r} column; the data has "
+            f"{ds.column_names}. Use data.partitioner = 'iid'"
+        )
+    if spec.partitioner == "dirichlet":
+        return fp.DirichletPartitioner(
+            num_partitions, partition_by=key, alpha=spec.dirichlet_alpha,
+            min_partition_size=1, self_balancing=False, seed=spec.seed,
+        )
+    if spec.partitioner == "pathological":
+        return fp.PathologicalPartitioner(
+            num_partitions, partition_by=key,
+            num_classes_per_partition=spec.classes_per_partition, seed=spec.seed,
+        )
+    return fp.NaturalIdPartitioner(partition_by="group")
+
+
+def _with_groups(ds: datasets.Dataset, num_partitions: int, task: str) -> datasets.Dataset:
+    """Natural split: topic i goes to client i mod N (sorted so group ids map to partitions)."""
+    key = "label" if task == "seq-cls" else "topic"
+    topics = sorted(set(ds[key]))
+    if len(topics) < num_partitions:
+        raise DataError(
+            f"natural split has {len(topics)} topics for {num_partitions} clients; use at most "
+            f"{len(topics)} clients or another data.partitioner"
+        )
+    index = {t: i % num_partitions for i, t in enumerate(topics)}
+    ds = ds.map(lambda row: {"group": index[row[key]]})
+    return ds.sort("group")
+
+
+def client_split(spec: DataSpec, partition_id: int, num_partitions: int,
+                 data_path: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, held-out) examples of one client.
+
+    For the packaged corpora the training part of the global split is partitioned with a
+    ``flwr_datasets`` partitioner and capped at ``samples_per_client``; the held-out part is the
+    server's. For a user's own files, the node's file is split into its train/held-out parts.
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
+    if spec.source == "files" or data_path:
+        local = load_files(data_path or spec.path, spec.task, partition_id)
+        train, test = (train_test_split(local, spec) if len(local) > 1 else (local, local))
+        return _cap(train, spec.samples_per_client), _cap(test, spec.eval_samples)
+    train, test = train_test_split(load_corpus(spec), spec)
+    train = train.shuffle(seed=spec.seed)
+    if spec.partitioner == "natural":
+        train = _with_groups(train, num_partitions, spec.task)
+    part = _partitioner(spec, num_partitions, train)
+    part.dataset = train
+    mine = part.load_partition(partition_id)
+    if len(mine) == 0:
+        raise DataError(
+            f"partition {partition_id} of {num_partitions} ({spec.partitioner}) has no rows; use "
+            f"fewer clients, a larger data.dirichlet-alpha, or data.partitioner = 'iid'"
+        )
+    return _cap(mine, spec.samples_per_client), _cap(test, spec.eval_samples)
+
+
+def heldout(spec: DataSpec) -> datasets.Dataset | None:
+    """The server's held-out split (``None`` when the data lives only on the clients)."""
+    if spec.source == "files":
+        try:
+            corpus = load_files(spec.path, spec.task, partition_id=None)
+        except DataError:
+            return None
+    else:
+        corpus = load_corpus(spec)
+    return _cap(train_test_split(corpus, spec)[1], spec.eval_samples)
+
+
+def _cap(ds: datasets.Dataset, n: int) -> datasets.Dataset:
+    return ds.select(range(min(n, len(ds)))) if n else ds
+
+
+def label_names(spec: DataSpec) -> list[str] | None:
+    """Class names for classification corpora that define them."""
+    if spec.task != "seq-cls":
+        return None
+    if spec.source == "bbc-news":
+        return sorted(p.name for p in assets.bbc_news_dir().iterdir() if p.is_dir())
+    return None
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def _prompt(tokenizer: Any, instruction: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], tokenize=False,
+            add_generation_prompt=True,
+        )
+    return f"### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def tokenize(ds: datasets.Dataset, tokenizer: Any, task: str, max_length: int) -> list[dict]:
+    """Token ids per example (no padding: batches are padded dynamically by :func:`collate`).
+
+    Causal LM examples are prompt + response + EOS with the prompt's labels masked, so the loss
+    is the answer's.
+    """
+    examples: list[dict] = []
+    if task == "seq-cls":
+        enc = tokenizer(list(ds["text"]), truncation=True, max_length=max_length)
+        for ids, label in zip(enc["input_ids"], list(ds["label"]), strict=True):
+            examples.append({"input_ids": ids, "labels": int(label)})
+        return examples
+    eos = tokenizer.eos_token or ""
+    for instruction, response in zip(list(ds["instruction"]), list(ds["response"]), strict=True):
+        prompt = _prompt(tokenizer, instruction)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
+        ids = (prompt_ids + answer_ids)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
+        if any(label != IGNORE_INDEX for label in labels):
+            examples.append({"input_ids": ids, "labels": labels})
+    return examples
+
+
+def collate(batch: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest example (right padding)."""
+    width = max(len(ex["input_ids"]) for ex in batch)
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    seq_labels = not isinstance(batch[0]["labels"], int)
+    labels = (torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long) if seq_labels
+              else torch.tensor([ex["labels"] for ex in batch], dtype=torch.long))
+    for i, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        ids[i, :n] = torch.tensor(ex["input_ids"])
+        mask[i, :n] = 1
+        if seq_labels:
+            labels[i, :n] = torch.tensor(ex["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

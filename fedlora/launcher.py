@@ -1,0 +1,205 @@
+"""Run the Flower App on Flower's simulation engine, with everything handled for the user.
+
+:func:`run_simulation` starts a private ``flower-superlink --simulation`` on a free loopback
+port (its PID is ours: it and its children are stopped when the run ends, however it ends),
+submits the app with ``flwr run``, follows ``metrics.jsonl`` for progress, and reads the run's
+real final status with ``flwr ls`` (``flwr run --stream`` exits 0 even when a run fails).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.errors import FedLoraError
+from fedlora.outputs import read_metrics
+from fedlora.reaper import Guarded
+
+CONNECTION = "fedlora-sim"
+
+
+class RunFailed(FedLoraError):
+    """The federated run did not complete."""
+
+
+def app_dir() -> Path:
+    """The Flower App directory (the checkout holding pyproject.toml with [tool.flwr.app])."""
+    here = Path(__file__).resolve().parent.parent
+    pyproject = here / "pyproject.toml"
+    if pyproject.exists() and "flwr" in tomllib.loads(pyproject.read_text()).get("tool", {}):
+        return here
+    raise FedLoraError(f"cannot find the fedlora Flower App next to {here}; install fedlora from "
+                       f"a checkout with `pip install -e .`")
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    """Environment for every Flower process: project-local home, offline, quiet."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # no `uv sync` per run
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "RAY_DEDUP_LOGS": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    })
+    return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """Console script next to this interpreter (works inside venvs not on PATH)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+@dataclass
+class ManagedSuperLink:
+    """A ``flower-superlink --simulation`` we started, under a :class:`~fedlora.reaper.Guarded`
+    reaper: it, SuperExec, the simulation and Ray are all stopped when the run ends, however the
+    launcher ends (return, exception, Ctrl-C, SIGTERM or SIGKILL)."""
+
+    process: Guarded
+    port: int
+    log_path: Path
+
+    @classmethod
+    def start(cls, home: Path, env: Mapping[str, str], timeout: float = 60.0) -> ManagedSuperLink:
+        port = free_port()
+        home.mkdir(parents=True, exist_ok=True)
+        log_path = home / "superlink.log"
+        log_path.write_text("")
+        cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+               "--host", "127.0.0.1", "--port", str(port),
+               "--disable-runtime-dependency-installation"]
+        link = cls(Guarded(cmd, env=dict(env), log_path=log_path), port, log_path)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if link.process.poll() is not None:
+                raise RunFailed(f"flower-superlink exited ({link.process.poll()}); see {log_path}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return link
+            except OSError:
+                time.sleep(0.2)
+        link.stop()
+        raise RunFailed(f"flower-superlink did not listen on 127.0.0.1:{port} within {timeout}s")
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def write_connection(home: Path, port: int) -> None:
+    """Register our SuperLink as a connection in ``$FLWR_HOME/config.toml``."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        "[superlink]\n"
+        f'default = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f'address = "127.0.0.1:{port}"\n'
+        "insecure = true\n"
+    )
+
+
+def _flwr(args: list[str], env: Mapping[str, str], cwd: Path, timeout: float = 120
+          ) -> subprocess.CompletedProcess:
+    return subprocess.run([_bin("flwr"), *args], env=dict(env), cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _json_tail(text: str) -> Any:
+    start = text.find("{")
+    if start < 0:
+        raise RunFailed(f"unexpected flwr output: {text.strip()[-500:]}")
+    return json.loads(text[start:])
+
+
+def run_status(run_id: int, env: Mapping[str, str], cwd: Path) -> str:
+    res = _flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env, cwd)
+    if res.returncode != 0:
+        return "unknown"
+    payload = _json_tail(res.stdout)
+    runs = payload.get("runs") or []
+    return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+
+def run_logs(run_id: int, env: Mapping[str, str], cwd: Path) -> str:
+    res = _flwr(["log", str(run_id), CONNECTION, "--show"], env, cwd, timeout=60)
+    return res.stdout + res.stderr
+
+
+def run_simulation(run_config_file: Path, output_dir: Path, num_supernodes: int,
+                   cpus_per_client: float, home: Path,
+                   on_round: Callable[[dict[str, Any]], None] | None = None,
+                   poll_s: float = 1.0) -> list[dict[str, Any]]:
+    """Run one simulation to completion; return the metrics records.
+
+    Raises :class:`RunFailed` with the reason (and the tail of the run's log) on failure.
+    """
+    env = flwr_env(home)
+    cwd = app_dir()
+    link = ManagedSuperLink.start(home, env)
+    try:
+        write_connection(home, link.port)
+        cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client
+        federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
+        submitted = _flwr(["run", ".", CONNECTION, "--run-config", str(run_config_file),
+                           "--federation-config", federation, "--format", "json"], env, cwd)
+        if submitted.returncode != 0:
+            raise RunFailed(f"flwr run failed: {(submitted.stdout + submitted.stderr)[-2000:]}")
+        payload = _json_tail(submitted.stdout)
+        if "run-id" not in payload:
+            raise RunFailed(f"flwr run was refused: {payload.get('error-message', payload)}")
+        run_id = int(payload["run-id"])
+        (output_dir / "flwr-run-id").write_text(str(run_id))
+        records: list[dict[str, Any]] = []
+
+        def forward_new_rounds() -> None:
+            fresh = read_metrics(output_dir)
+            for record in fresh[len(records):]:
+                if on_round:
+                    on_round(record)
+            records[:] = fresh
+
+        while True:
+            forward_new_rounds()
+            status = run_status(run_id, env, cwd)
+            if status.startswith("finished"):
+                break
+            if link.process.poll() is not None:
+                raise RunFailed(f"the SuperLink exited during the run; see {link.log_path}")
+            time.sleep(poll_s)
+        forward_new_rounds()
+        logs = run_logs(run_id, env, cwd)
+        (output_dir / "run.log").write_text(logs)
+        if status != "finished:completed":
+            raise RunFailed(f"run {run_id} ended with status {status!r}:\n{_reason(logs)}")
+        return records
+    finally:
+        link.stop()
+
+
+def _reason(logs: str, lines: int = 12) -> str:
+    """The exception that ended the run (from the run's log), with the lines before it."""
+    kept = [line for line in logs.splitlines() if line.strip()]
+    errors = [i for i, line in enumerate(kept)
+              if re.match(r"^[\w.]+(Error|Exception|Exit\w*): ", line.strip())]
+    end = errors[-1] + 1 if errors else len(kept)
+    return "\n".join(kept[max(0, end - lines):end])

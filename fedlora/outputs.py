@@ -1,0 +1,64 @@
+"""The run's output directory: ``config.json``, ``metrics.jsonl``, ``adapter/``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import RunConfig, to_flat
+
+
+def output_dir(cfg: RunConfig) -> Path:
+    if cfg.fl.output_dir:
+        return Path(cfg.fl.output_dir).expanduser().resolve()
+    return Path.cwd() / "runs" / time.strftime("%Y%m%d-%H%M%S")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN/Inf
+    if isinstance(value, Mapping):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+class RunOutputs:
+    """Writes one run's files; each metrics line is flushed and synced as it is written."""
+
+    def __init__(self, directory: Path, cfg: RunConfig) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        (self.dir / "config.json").write_text(json.dumps(to_flat(cfg), indent=2, sort_keys=True))
+
+    def log_round(self, record: Mapping[str, Any]) -> None:
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(_clean(record), sort_keys=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def write_json(self, name: str, payload: Mapping[str, Any]) -> Path:
+        path = self.dir / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(_clean(payload), indent=2))
+        tmp.replace(path)
+        return path
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.dir / "adapter"
+
+
+def read_metrics(directory: str | Path) -> list[dict[str, Any]]:
+    path = Path(directory) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,362 @@
+"""Thin Flower adapter around fedlora's pure aggregation rules.
+
+One round: sample nodes (seeded) → one Message per node with the arrays of *its* rank and its own
+config copy → ``grid.send_and_receive`` → validate and decode each reply (a bad reply is
+rejected with a reason, never the run) → ``fedlora.aggregation.aggregate`` in partition order →
+adopt the result (optionally through a server optimizer) → evaluate → one metrics line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from fedlora.aggregation import (
+    ClientUpdate,
+    ServerOptimizer,
+    UpdateRejected,
+    aggregate,
+    mixed_rank_strategies,
+    scale_for_rank,
+    strategy_info,
+    validate_update,
+)
+from fedlora.client import select_outgoing
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError, PayloadError
+from fedlora.federation import GlobalAdapter, aggregate_heads, split_arrays
+from fedlora.transport import nbytes, pack, pack_correction, unpack
+
+MAX_FAILED_ROUNDS = 3  # consecutive rounds without an accepted update before the run ends
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: int
+    partition_id: int
+    rank: int
+
+
+@dataclass
+class RoundPlan:
+    """What one round asks of the clients (by rule and round)."""
+
+    trainable: str = "ab"
+    send: str = "ab"
+    personal: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def round_plan(cfg: RunConfig, server_round: int) -> RoundPlan:
+    name = cfg.fl.strategy
+    if name == "ffa":
+        return RoundPlan(trainable="b", send="b")
+    if name == "fedsa":
+        return RoundPlan(send="a", personal="b")
+    if name == "rolora":
+        first = cfg.fl.rolora_first_phase
+        phase = first if server_round % 2 == 1 else ("a" if first == "b" else "b")
+        return RoundPlan(trainable=phase, send=phase, options={"phase": phase})
+    if name == "hetlora":
+        return RoundPlan(options={"weight_by_examples": cfg.fl.hetlora_weight_by_examples})
+    return RoundPlan()
+
+
+def build_optimizer(cfg: RunConfig) -> ServerOptimizer | None:
+    fl = cfg.fl
+    if fl.server_optimizer == "none":
+        return None
+    info = strategy_info(fl.strategy)
+    if not info.linear or not info.equal_ranks:
+        raise ConfigError(
+            f"server-optimizer {fl.server_optimizer!r} works on the weighted mean of equal-rank "
+            f"factors; strategy {fl.strategy!r} is not such a rule (use fedit, ffa, fedsa or "
+            f"rolora, or server-optimizer = 'none')"
+        )
+    return ServerOptimizer(
+        fl.server_optimizer, lr=fl.server_lr or None,
+        momentum=fl.server_momentum if fl.server_optimizer == "fedavgm" else 0.0,
+        beta_1=fl.server_beta_1, beta_2=fl.server_beta_2, tau=fl.server_tau,
+    )
+
+
+class FederatedLora:
+    """Runs the federated rounds of one strategy on a Flower ``Grid``.
+
+    Parameters
+    ----------
+    cfg
+        The validated run configuration.
+    glob
+        The global adapter (initial state), updated in place round by round.
+    evaluate_fn
+        Central evaluation of the global model, or ``None`` when the server has no data.
+    log_round
+        Receives one metrics record per round (``metrics.jsonl``).
+    """
+
+    def __init__(self, cfg: RunConfig, glob: GlobalAdapter,
+                 evaluate_fn: Callable[[GlobalAdapter], dict[str, float] | None],
+                 log_round: Callable[[dict[str, Any]], None]) -> None:
+        self.cfg = cfg
+        self.glob = glob
+        self.evaluate_fn = evaluate_fn
+        self.log_round = log_round
+        self.optimizer = build_optimizer(cfg)
+        self.info = strategy_info(cfg.fl.strategy)
+        self.base_version: dict[int, int] = {}  # partition -> corrections applied
+
+    # ------------------------------------------------------------------ discovery
+
+    def discover(self, grid: Grid) -> list[NodeInfo]:
+        """Wait for the nodes and ask each for its partition and LoRA rank."""
+        deadline = time.monotonic() + self.cfg.fl.round_timeout
+        node_ids: list[int] = []
+        while time.monotonic() < deadline:
+            node_ids = sorted(grid.get_node_ids())
+            if len(node_ids) >= self.cfg.fl.min_available_nodes:
+                break
+            log(INFO, "Waiting for nodes: %d of %d connected", len(node_ids),
+                self.cfg.fl.min_available_nodes)
+            time.sleep(2.0)
+        if not node_ids:
+            raise RuntimeError("no node connected before round-timeout")
+        msgs = [Message(RecordDict({"q": ConfigRecord({})}), dst_node_id=n,
+                        message_type="query.capabilities") for n in node_ids]
+        nodes, errors = [], []
+        for reply in grid.send_and_receive(msgs, timeout=self.cfg.fl.round_timeout):
+            if reply.has_error():
+                errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            caps = reply.content["caps"]
+            nodes.append(NodeInfo(reply.metadata.src_node_id, int(caps["partition-id"]),
+                                  int(caps["lora-rank"])))
+        for err in errors:
+            log(WARNING, "Capability query failed on %s", err)
+        if not nodes:
+            raise RuntimeError(f"no node answered the capability query: {errors}")
+        nodes.sort(key=lambda n: (n.partition_id, n.node_id))
+        self.check_ranks(nodes)
+        return nodes
+
+    def check_ranks(self, nodes: Iterable[NodeInfo]) -> None:
+        ranks = sorted({n.rank for n in nodes})
+        too_big = [r for r in ranks if r > self.cfg.fl.max_rank]
+        if too_big:
+            raise ConfigError(f"node ranks {too_big} exceed max-rank {self.cfg.fl.max_rank}")
+        if len(ranks) > 1 and self.info.equal_ranks:
+            raise ConfigError(
+                f"strategy {self.cfg.fl.strategy!r} needs every client at the same LoRA rank, "
+                f"but the nodes have ranks {ranks}; use one rank or a rule that accepts mixed "
+                f"ranks: {', '.join(mixed_rank_strategies())}"
+            )
+
+    # ------------------------------------------------------------------ rounds
+
+    def sample(self, nodes: list[NodeInfo], server_round: int) -> list[NodeInfo]:
+        k = max(int(round(len(nodes) * self.cfg.fl.fraction_train)), self.cfg.fl.min_train_nodes)
+        k = min(k, len(nodes))
+        if k == len(nodes):
+            return nodes
+        rng = np.random.default_rng([self.cfg.fl.seed, server_round])
+        picked = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
+        return [nodes[i] for i in picked]
+
+    def _message(self, node: NodeInfo, server_round: int, plan: RoundPlan,
+                 message_type: str) -> tuple[Message, dict[str, np.ndarray]]:
+        arrays = self.glob.arrays_for(node.rank)
+        content = RecordDict({"arrays": pack(arrays)})
+        config = ConfigRecord({"server-round": server_round, "trainable": plan.trainable,
+                               "send": plan.send, "personal": plan.personal})
+        have = self.base_version.get(node.partition_id, 0)
+        if have < self.glob.version:
+            content["correction"] = pack_correction(self.glob.correction_since(have))
+            config["base-from"], config["base-to"] = have, self.glob.version
+        content["config"] = config  # one copy per node: nodes get different arrays and configs
+        return (Message(content, dst_node_id=node.node_id, message_type=message_type,
+                        group_id=str(server_round)), arrays)
+
+    def decode(self, reply: Message, node: NodeInfo, sent: Mapping[str, np.ndarray],
+               send: str = "ab") -> tuple[ClientUpdate, dict[str, np.ndarray], dict[str, float]]:
+        """Validate one reply; raises UpdateRejected/PayloadError with a reason code."""
+        if "arrays" not in reply.content or "metrics" not in reply.content:
+            raise PayloadError("MALFORMED", "reply lacks 'arrays' or 'metrics'")
+        metrics = dict(reply.content["metrics"])
+        n = metrics.get("num-examples")
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise PayloadError("BAD_EXAMPLE_COUNT",
+                               f"num-examples must be a positive int, got {n!r}")
+        arrays = unpack(reply.content["arrays"])
+        expected = set(select_outgoing(sent, send))
+        extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
+        if extra or missing:
+            raise PayloadError("KEY_MISMATCH", f"expected the {send!r} factors and heads; "
+                               f"missing {missing[:3]}, unexpected {extra[:3]}")
+        # frozen or personal factors were not sent back: they are what this node received
+        full = {**sent, **arrays}
+        scale = scale_for_rank(node.rank, self.glob.lora_alpha, self.glob.rslora)
+        factors, heads = split_arrays(full, scale)
+        sent_factors, sent_heads = split_arrays(sent, scale)
+        for key, value in heads.items():
+            if value.shape != sent_heads[key].shape or not np.all(np.isfinite(value)):
+                raise PayloadError("BAD_HEAD", f"head {key}: shape {value.shape} or non-finite")
+        update = ClientUpdate(factors=factors, num_examples=n)
+        validate_update(update, {m: (f.b.shape[0], f.a.shape[1]) for m, f in sent_factors.items()},
+                        max_rank=self.cfg.fl.max_rank, declared_rank=node.rank)
+        return update, heads, metrics
+
+    def run(self, grid: Grid) -> GlobalAdapter:
+        nodes = self.discover(grid)
+        log(INFO, "fedlora: %d nodes, ranks %s, strategy %s", len(nodes),
+            {n.partition_id: n.rank for n in nodes}, self.cfg.fl.strategy)
+        self._evaluate_and_log(0, grid, nodes, {"duration_s": 0.0})
+        failures = 0
+        for server_round in range(1, self.cfg.fl.num_server_rounds + 1):
+            record = self.train_round(grid, nodes, server_round)
+            failures = failures + 1 if record["num_accepted"] == 0 else 0
+            self._evaluate_and_log(server_round, grid, nodes, record)
+            if failures >= MAX_FAILED_ROUNDS or (failures and self.glob.updates == 0 and
+                                                 server_round == self.cfg.fl.num_server_rounds):
+                raise RuntimeError(
+                    f"{failures} round(s) in a row without an accepted update; rejections "
+                    f"{record['rejected']}; first client error: {record.get('errors', ['-'])[0]}")
+        return self.glob
+
+    def train_round(self, grid: Grid, nodes: list[NodeInfo], server_round: int) -> dict:
+        start = time.perf_counter()
+        plan = round_plan(self.cfg, server_round)
+        sampled = self.sample(nodes, server_round)
+        by_id = {n.node_id: n for n in sampled}
+        messages, sent = [], {}
+        for node in sampled:
+            msg, arrays = self._message(node, server_round, plan, MessageType.TRAIN)
+            messages.append(msg)
+            sent[node.node_id] = arrays
+        bytes_down = sum(nbytes(m.content["arrays"]) + (nbytes(m.content["correction"]) if
+                         "correction" in m.content else 0) for m in messages)
+        start_version = self.glob.version
+        replies = list(grid.send_and_receive(messages, timeout=self.cfg.fl.round_timeout))
+
+        accepted: list[tuple[NodeInfo, ClientUpdate, dict, dict]] = []
+        rejected: Counter[str] = Counter()
+        errors: list[str] = []
+        seen: set[int] = set()
+        bytes_up = 0
+        for reply in replies:
+            node = by_id.get(reply.metadata.src_node_id)
+            if reply.has_error():
+                rejected["CLIENT_ERROR"] += 1
+                errors.append(_last_line(reply.error.reason))
+                log(WARNING, "Round %d: node %s failed: %s", server_round,
+                    reply.metadata.src_node_id, reply.error.reason)
+                continue
+            bytes_up += nbytes(reply.content["arrays"]) if "arrays" in reply.content else 0
+            if node is None or node.node_id in seen:
+                rejected["DUPLICATE_OR_UNKNOWN"] += 1
+                continue
+            seen.add(node.node_id)
+            # the node finished its round, so it now holds every correction it was sent
+            self.base_version[node.partition_id] = start_version
+            try:
+                update, heads, metrics = self.decode(reply, node, sent[node.node_id], plan.send)
+            except (UpdateRejected, PayloadError) as exc:
+                rejected[exc.reason] += 1
+                log(WARNING, "Round %d: rejected update of partition %d: %s", server_round,
+                    node.partition_id, exc)
+                continue
+            accepted.append((node, update, heads, metrics))
+        rejected["NO_REPLY"] += len(sampled) - len(replies)
+
+        accepted.sort(key=lambda item: item[0].partition_id)  # fixed order → reproducible sums
+        record: dict[str, Any] = {
+            "num_sampled": len(sampled), "num_accepted": len(accepted),
+            "clients": [n.partition_id for n, *_ in accepted],
+            "rejected": {k: v for k, v in sorted(rejected.items()) if v},
+            "bytes_up": bytes_up, "bytes_down": bytes_down,
+        }
+        if errors:
+            record["errors"] = errors[:5]
+        if not accepted:
+            log(WARNING, "Round %d: no accepted update; the global adapter is unchanged",
+                server_round)
+            record["duration_s"] = time.perf_counter() - start
+            return record
+
+        updates = [u for _, u, _, _ in accepted]
+        weights = [u.num_examples for u in updates]
+        result = aggregate(self.cfg.fl.strategy, updates, lora_alpha=self.glob.lora_alpha,
+                           rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
+                           seed=self.cfg.fl.seed * 100_003 + server_round, **plan.options)
+        diagnostics = result.diagnostics(updates)
+        heads = aggregate_heads([h for _, _, h, _ in accepted], weights)
+        self.glob.apply(result, heads, self.optimizer, rank=accepted[0][0].rank)
+        total = float(sum(weights))
+        record.update({
+            "train_loss": sum(m["train-loss"] * w for (*_, m), w in zip(accepted, weights,
+                                                                       strict=True)) / total,
+            "num_examples": int(total),
+            "agg_error": diagnostics["agg_error"],
+            "agg_error_mean": diagnostics["agg_error_mean"],
+            "agg_error_max": diagnostics["agg_error_max"],
+            "effective_rank_mean": diagnostics["effective_rank_mean"],
+            "base_version": self.glob.version,
+        })
+        if "phase" in plan.options:
+            record["phase"] = plan.options["phase"]
+        record["duration_s"] = time.perf_counter() - start
+        return record
+
+    def _evaluate_and_log(self, server_round: int, grid: Grid, nodes: list[NodeInfo],
+                          record: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        metrics = self.evaluate_fn(self.glob) or {}
+        # with personal factors (FedSA's B) only the clients can evaluate the model they use
+        personal = bool(round_plan(self.cfg, max(server_round, 1)).personal)
+        if self.cfg.fl.fraction_evaluate > 0 or personal:
+            metrics.update(self.federated_evaluate(grid, nodes, server_round))
+        line = {"round": server_round, "strategy": self.cfg.fl.strategy}
+        line.update({k.replace("-", "_"): v for k, v in metrics.items()})
+        line.update(record)
+        line["eval_s"] = time.perf_counter() - start
+        log(INFO, "fedlora round %d: %s", server_round,
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()})
+        self.log_round(line)
+
+    def federated_evaluate(self, grid: Grid, nodes: list[NodeInfo], server_round: int
+                           ) -> dict[str, float]:
+        """Clients evaluate the global adapter (with their personal factors) on local data."""
+        fraction = self.cfg.fl.fraction_evaluate or 1.0
+        k = max(1, int(round(len(nodes) * fraction)))
+        chosen = nodes[:k] if k == len(nodes) else [
+            nodes[i] for i in sorted(np.random.default_rng([self.cfg.fl.seed, server_round, 1])
+                                     .choice(len(nodes), size=k, replace=False).tolist())]
+        plan = round_plan(self.cfg, max(server_round, 1))
+        msgs = [self._message(n, server_round, plan, MessageType.EVALUATE)[0] for n in chosen]
+        results = [r.content["metrics"] for r in grid.send_and_receive(
+            msgs, timeout=self.cfg.fl.round_timeout) if not r.has_error()]
+        if not results:
+            return {}
+        total = sum(int(m["num-examples"]) for m in results)
+        keys = [k for k in results[0] if k.startswith("eval-")]
+        out = {f"fed_{k.replace('-', '_')}": sum(float(m[k]) * int(m["num-examples"])
+                                                 for m in results) / total for k in keys
+               if k != "eval-examples"}
+        out["fed_eval_clients"] = len(results)
+        return out
+
+
+
+def _last_line(reason: str) -> str:
+    """The exception line of a client's error reason (Flower sends the whole traceback)."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    hits = [line for line in lines if "Error: " in line or "Exception: " in line]
+    return (hits[-1] if hits else lines[-1] if lines else "")[:500]

@@ -1,0 +1,45 @@
+"""Run the real ServerApp strategy against the real ClientApp, in process (no Ray, no SuperLink)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from clients.app import app as client_app
+from fedlora import config
+from fedlora.evaluator import ServerModel
+from server.inprocess import InProcessGrid
+from server.strategy import FederatedLora
+
+TINY = {
+    "model.num-hidden-layers": 1,
+    "data.samples-per-client": 24,
+    "data.eval-samples": 32,
+    "data.max-length": 32,
+    "train.local-steps": 2,
+    "train.batch-size": 8,
+    "num-server-rounds": 2,
+}
+
+
+def tiny_config(**overrides: Any) -> dict[str, Any]:
+    flat = {**config.defaults(), **TINY}
+    flat.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return flat
+
+
+def run_rounds(flat: dict[str, Any], num_nodes: int = 3, *,
+               on_reply: Callable | None = None, fail: Callable | None = None,
+               node_extra: Callable[[int], dict] | None = None):
+    """Returns (records, grid, global adapter, server model)."""
+    cfg = config.from_flat(flat)
+    nodes = [{"partition-id": i, "num-partitions": num_nodes, **(node_extra(i) if node_extra
+                                                               else {})}
+             for i in range(num_nodes)]
+    grid = InProcessGrid(client_app, nodes, flat, on_reply=on_reply, fail=fail)
+    server_model = ServerModel(cfg, cfg.fl.max_rank)
+    glob = server_model.initial_global()
+    records: list[dict] = []
+    strategy = FederatedLora(cfg, glob, server_model.evaluate, records.append)
+    strategy.run(grid)
+    return records, grid, glob, server_model

@@ -1,0 +1,165 @@
+"""Every aggregation rule end to end through the real ServerApp strategy and ClientApp handlers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fl_harness import run_rounds, tiny_config
+
+from clients.app import app as client_app
+from fedlora import builders, client, config
+from fedlora.aggregation import available_strategies, requires_equal_ranks
+from fedlora.errors import ConfigError
+from fedlora.evaluator import ServerModel
+from server.inprocess import InProcessGrid
+from server.strategy import FederatedLora
+
+MIXED = "2,4,8"
+
+
+@pytest.mark.parametrize("strategy", available_strategies())
+def test_every_rule_runs_end_to_end(strategy):
+    ranks = "" if requires_equal_ranks(strategy) else MIXED
+    records, *_ = run_rounds(tiny_config(strategy=strategy, rank_by_partition=ranks))
+
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for rec in records[1:]:
+        assert rec["num_accepted"] == 3 and rec["rejected"] == {}
+        assert rec["clients"] == [0, 1, 2]
+        assert np.isfinite(rec["train_loss"]) and np.isfinite(rec["eval_loss"])
+        assert rec["bytes_up"] > 0 and rec["bytes_down"] > 0
+        assert 0.0 <= rec["agg_error_mean"] <= rec["agg_error_max"]
+
+
+@pytest.mark.parametrize("strategy", ["flora", "fedex", "flexlora"])
+def test_exact_rules_report_zero_aggregation_error(strategy):
+    ranks = "" if requires_equal_ranks(strategy) else MIXED
+    records, *_ = run_rounds(tiny_config(strategy=strategy, rank_by_partition=ranks))
+    assert max(r["agg_error_max"] for r in records[1:]) < 1e-5
+
+
+def test_fedit_reports_its_cross_term_error():
+    records, *_ = run_rounds(tiny_config(strategy="fedit"))
+    assert records[1]["agg_error_mean"] > 1e-3
+
+
+@pytest.mark.parametrize("strategy", [s for s in available_strategies() if requires_equal_ranks(s)])
+def test_equal_rank_rules_refuse_mixed_ranks_naming_alternatives(strategy):
+    with pytest.raises(ConfigError, match="flexlora") as err:
+        run_rounds(tiny_config(strategy=strategy, rank_by_partition=MIXED))
+    assert "flora" in str(err.value) and "hetlora" in str(err.value)
+
+
+def test_deployment_node_rank_comes_from_node_config():
+    replies = []
+    run_rounds(tiny_config(strategy="hetlora", num_server_rounds=1), num_nodes=2,
+               on_reply=replies.append, node_extra=lambda i: {"lora-rank": 3 + i})
+    ranks = {int(r.content["metrics"]["partition-id"]): int(r.content["metrics"]["lora-rank"])
+             for r in replies if r.metadata.message_type == "train"}
+    assert ranks == {0: 3, 1: 4}
+
+
+def test_failing_client_is_excluded_and_the_round_goes_on():
+    def fail(pid, msg):
+        return pid == 1 and msg.metadata.message_type == "train"
+
+    records, *_ = run_rounds(tiny_config(), fail=fail)
+    for rec in records[1:]:
+        assert rec["num_accepted"] == 2 and rec["clients"] == [0, 2]
+        assert rec["rejected"] == {"CLIENT_ERROR": 1}
+
+
+def test_poisoned_reply_is_rejected_with_a_reason():
+    def poison(reply):
+        if reply.metadata.message_type == "train" and reply.content["metrics"]["partition-id"] == 2:
+            key = next(k for k in reply.content["arrays"] if k.endswith("lora_B.weight"))
+            array = reply.content["arrays"][key].numpy().copy()
+            array[0, 0] = np.nan
+            from flwr.app import Array
+
+            reply.content["arrays"][key] = Array(array)
+
+    records, *_ = run_rounds(tiny_config(), on_reply=poison)
+    assert records[1]["rejected"] == {"NON_FINITE": 1} and records[1]["clients"] == [0, 1]
+    assert np.isfinite(records[-1]["eval_loss"])
+
+
+def test_reply_missing_a_factor_is_rejected():
+    def drop_b(reply):
+        if reply.metadata.message_type == "train" and reply.content["metrics"]["partition-id"] == 0:
+            key = next(k for k in reply.content["arrays"] if k.endswith("lora_B.weight"))
+            del reply.content["arrays"][key]
+
+    records, *_ = run_rounds(tiny_config(num_server_rounds=1), on_reply=drop_b)
+    assert records[1]["rejected"] == {"KEY_MISMATCH": 1} and records[1]["clients"] == [1, 2]
+
+
+@pytest.mark.parametrize("strategy", ["flora", "fedex"])
+def test_client_absent_in_a_round_trains_on_the_caught_up_base(strategy):
+    """Sampling < 1: every trained client's frozen base equals W0 + all corrections so far."""
+    flat = tiny_config(strategy=strategy, num_server_rounds=4, fraction_train=0.34,
+                       min_train_nodes=1)
+    cfg = config.from_flat(flat)
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    checked = []
+
+    def check_base(reply):
+        if reply.metadata.message_type != "train":
+            return
+        pid = int(reply.content["metrics"]["partition-id"])
+        model, _ = client.MODELS.get(builders.model_spec(cfg), builders.adapter_spec(cfg, 8))
+        expected = strategy_obj.glob.correction_since(0)  # everything before this round
+        for module, w0 in model._fedlora_base_w0.items():
+            weight = model.get_submodule(module).base_layer.weight.detach().numpy()
+            want = w0.numpy() + (expected[module].b @ expected[module].a if module in expected
+                                 else 0.0)
+            np.testing.assert_allclose(weight, want, rtol=1e-5, atol=1e-6)
+        checked.append((pid, int(reply.content["metrics"]["base-version"])))
+
+    grid = InProcessGrid(client_app, nodes, flat, on_reply=check_base)
+    server_model = ServerModel(cfg, cfg.fl.max_rank)
+    strategy_obj = FederatedLora(cfg, server_model.initial_global(), server_model.evaluate,
+                                 lambda rec: None)
+    strategy_obj.run(grid)
+
+    # one client per round; someone skipped at least one round and still matched the base
+    assert [v for _, v in checked] == [0, 1, 2, 3]
+    first_round_of = {}
+    for rnd, (pid, _) in enumerate(checked, start=1):
+        first_round_of.setdefault(pid, rnd)
+    assert any(rnd > 1 for rnd in first_round_of.values())
+
+
+@pytest.mark.parametrize("optimizer", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_server_optimizers_compose_with_linear_rules(optimizer):
+    records, _, glob, _ = run_rounds(tiny_config(strategy="fedit", server_optimizer=optimizer))
+    assert records[-1]["num_accepted"] == 3 and np.isfinite(records[-1]["eval_loss"])
+    assert glob.updates == 2
+
+
+def test_server_optimizer_refused_for_nonlinear_rules():
+    with pytest.raises(ConfigError, match="server-optimizer"):
+        run_rounds(tiny_config(strategy="flexlora", server_optimizer="fedadam"))
+
+
+def test_rolora_alternates_the_trained_factor():
+    replies = []
+    records, *_ = run_rounds(tiny_config(strategy="rolora", num_server_rounds=3),
+                             on_reply=replies.append)
+    assert [r["phase"] for r in records[1:]] == ["b", "a", "b"]
+    sent = [{k.rsplit(".", 2)[-2] for k in r.content["arrays"] if ".lora_" in k}
+            for r in replies if r.metadata.message_type == "train"]
+    assert sent == [{"lora_B"}] * 3 + [{"lora_A"}] * 3 + [{"lora_B"}] * 3
+
+
+def test_fedprox_term_keeps_clients_closer_to_the_global_adapter():
+    def drift(mu):
+        replies = []
+        run_rounds(tiny_config(num_server_rounds=1, **{"train.proximal-mu": mu,
+                                                       "train.lr": 0.05}),
+                   on_reply=replies.append)
+        arrays = [r.content["arrays"] for r in replies if r.metadata.message_type == "train"]
+        return sum(float(np.linalg.norm(a[k].numpy())) for a in arrays for k in a
+                   if k.endswith("lora_B.weight"))  # B starts at 0: its norm is the drift
+
+    assert drift(100.0) < 0.9 * drift(0.0)

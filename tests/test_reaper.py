@@ -1,0 +1,83 @@
+"""The reaper stops a whole process tree, including descendants that left the session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from fedlora.reaper import Guarded, descendants
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
+
+# a parent that starts a grandchild in its own session (as Flower's SuperExec and Ray do)
+TREE = ["sh", "-c", "setsid sleep 300 & sleep 300 & wait"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_stop_ends_every_descendant_including_other_sessions():
+    guarded = Guarded(TREE, grace=2)
+    assert wait_for(lambda: len(descendants(guarded.pid)) >= 3)  # sh, 2 × sleep
+    tree = descendants(guarded.pid)
+    sessions = {os.getsid(pid) for pid in tree}
+    assert len(sessions) == 2  # the setsid'd sleep is in a session of its own
+    guarded.stop()
+    assert guarded.poll() is not None
+    assert not any(alive(pid) for pid in tree)
+
+
+def test_command_exit_stops_its_leftovers_and_keeps_its_status():
+    guarded = Guarded(["sh", "-c", "setsid sleep 300 & sleep 0.5; exit 3"], grace=2)
+    assert wait_for(lambda: guarded.poll() is not None)
+    assert guarded.poll() == 3
+    # the orphaned sleep was re-parented to the reaper and stopped with it
+    assert not [pid for pid in descendants(guarded.pid) if alive(pid)]
+
+
+def test_sigkilled_launcher_leaves_nothing_behind(tmp_path):
+    """The launcher is SIGKILLed: its end of the pipe closes and the reaper cleans up."""
+    pid_file = tmp_path / "reaper.pid"
+    script = textwrap.dedent(f"""
+        import time
+        from fedlora.reaper import Guarded
+        g = Guarded({TREE!r}, grace=2)
+        open({str(pid_file)!r}, "w").write(str(g.pid))
+        time.sleep(300)
+    """)
+    launcher = subprocess.Popen([sys.executable, "-c", script])
+    assert wait_for(lambda: pid_file.exists() and pid_file.read_text() != "")
+    reaper = int(pid_file.read_text())
+    assert wait_for(lambda: len(descendants(reaper)) >= 3)
+    tree = [reaper, *descendants(reaper)]
+    launcher.kill()
+    launcher.wait()
+    assert wait_for(lambda: not any(alive(pid) for pid in tree)), \
+        [Path(f"/proc/{p}/cmdline").read_bytes() for p in tree if alive(p)]
+
+
+def test_usage_error_without_a_command():
+    res = subprocess.run([sys.executable, "-m", "fedlora.reaper", "sleep", "1"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2
+    assert "usage" in res.stderr

@@ -1,0 +1,163 @@
+"""Real runs on Flower's simulation engine through the `fedlora` CLI (SuperLink + Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedlora import builders, config, data, training
+from fedlora.aggregation import available_strategies, requires_equal_ranks
+from fedlora.evaluator import load_exported
+from fedlora.outputs import read_metrics
+
+REQUIRED = {"round", "strategy", "train_loss", "eval_loss", "eval_accuracy", "bytes_up",
+            "bytes_down", "duration_s"}
+
+
+def fedlora_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedlora", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def our_processes(marker: str) -> list[str]:
+    """Live processes whose command line or environment (FLWR_HOME) mentions ``marker``.
+
+    Every process a run starts — CLI, SuperLink, SuperExec, simulation, Ray — inherits
+    FLWR_HOME=<out>/.flwr, so this finds all of them and nothing else.
+    """
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or proc.name == str(os.getpid()):
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = (proc / "environ").read_bytes().decode(errors="replace")
+            state = (proc / "stat").read_text().split(") ", 1)[1][0]
+        except OSError:
+            continue
+        if state != "Z" and (marker in cmd or marker in env):
+            found.append(cmd)
+    return found
+
+
+def reevaluate(out: Path) -> dict[str, float]:
+    """Accuracy of the saved adapter loaded with PeftModel.from_pretrained on a fresh base."""
+    cfg = config.from_flat(json.loads((out / "config.json").read_text()))
+    model, tokenizer = load_exported(out / "adapter", cfg)
+    heldout = data.heldout(builders.data_spec(cfg))
+    examples = data.tokenize(heldout, tokenizer, cfg.model.task, cfg.data.max_length)
+    return training.evaluate(model, examples, 64, tokenizer.pad_token_id, cfg.model.task)
+
+
+def check_run(out: Path, rounds: int) -> list[dict]:
+    records = read_metrics(out)
+    assert [r["round"] for r in records] == list(range(rounds + 1))
+    for rec in records[1:]:
+        assert set(rec) >= REQUIRED, REQUIRED - set(rec)
+        assert rec["num_accepted"] == rec["num_sampled"]
+    assert json.loads((out / "config.json").read_text())["num-server-rounds"] == rounds
+    assert (out / "adapter" / "adapter_config.json").exists()
+    again = reevaluate(out)
+    assert again["eval-accuracy"] == pytest.approx(records[-1]["eval_accuracy"], abs=0.01)
+    assert again["eval-loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-3)
+    return records
+
+
+def test_simulation_two_clients_two_rounds(tmp_path):
+    out = tmp_path / "run"
+    res = fedlora_cli("run", "--num-clients", "2", "--rounds", "2", "--out", str(out), "-c",
+                      "model.num-hidden-layers=1 data.samples-per-client=32 data.eval-samples=64 "
+                      "train.local-steps=3")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "round 2/2" in res.stderr
+    check_run(out, rounds=2)
+    assert our_processes(str(out)) == []  # SuperLink, SuperExec, simulation, Ray: all gone
+
+
+def test_failed_run_exits_nonzero_with_the_reason(tmp_path):
+    """Clients fail (their files lack the label column): the CLI reports it and exits 1."""
+    bad = tmp_path / "notes.jsonl"
+    bad.write_text('{"text": "no label here"}\n{"text": "nor here"}\n')
+    out = tmp_path / "bad"
+    res = fedlora_cli("run", "--num-clients", "2", "--rounds", "1", "--out", str(out), "-c",
+                      f"model.num-hidden-layers=1 model.num-labels=5 data.source=files "
+                      f"data.path='{bad}'")
+    assert res.returncode == 1
+    assert "without an accepted update" in res.stderr
+    assert "lacks column(s) ['label']" in res.stderr
+    assert our_processes(str(out)) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["-c", "lora.rank=8"], "did you mean 'lora.r'"),
+     (["-c", "lora.r=eight"], "expects int"),
+     (["--preset", "nope"], "available: bbc-minilm"),
+     (["-c", "model.name=./no/such/model"], "does not exist"),
+     (["-c", "data.source=files data.path=/no/such.jsonl"], "do not exist"),
+     (["-c", "rank-by-partition='4,8'"], "needs equal LoRA ranks"),
+     (["-c", "strategy=fedavg"], "available: fedex, fedit")],
+)
+def test_bad_input_fails_fast_with_a_clear_error(tmp_path, args, message):
+    res = fedlora_cli("run", "--out", str(tmp_path / "x"), *args, timeout=60)
+    assert res.returncode == 2
+    assert message in res.stderr
+
+
+@pytest.mark.slow
+def test_default_job_end_to_end(tmp_path):
+    """`fedlora run` with no options: 3 clients × 3 rounds on BBC News with MiniLM."""
+    out = tmp_path / "default"
+    res = fedlora_cli("run", "--out", str(out), timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    records = check_run(out, rounds=3)
+    assert records[-1]["eval_accuracy"] >= 0.85
+
+
+# Every rule runs through the real ClientApp/ServerApp in-process (test_federated_rounds.py);
+# on Ray we run the three whose node state matters most across rounds in actor processes:
+# fedsa (personal B), fedex (base corrections) and flexlora (mixed ranks, SVD re-projection).
+ON_RAY = ["fedsa", "fedex", "flexlora"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ON_RAY)
+def test_rules_on_flowers_simulation_engine(tmp_path, strategy):
+    """3 clients × 2 rounds on Ray; ranks 4/8/16 for the rules that accept mixed ranks."""
+    assert strategy in available_strategies()
+    ranks = "" if requires_equal_ranks(strategy) else "4,8,16"
+    out = tmp_path / strategy
+    res = fedlora_cli("run", "--num-clients", "3", "--rounds", "2", "--out", str(out), "-c",
+                      f"strategy={strategy} rank-by-partition='{ranks}' model.num-hidden-layers=1 "
+                      "data.samples-per-client=16 data.eval-samples=32 data.max-length=32 "
+                      "train.local-steps=2 train.batch-size=8")
+    assert res.returncode == 0, res.stdout + res.stderr
+    records = read_metrics(out)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(r["num_accepted"] == 3 for r in records[1:])
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_launcher_leaves_no_process_behind(tmp_path, sig):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "fedlora", "run", "--out", str(out),
+                             "--num-clients", "2", "-c", "model.num-hidden-layers=1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)  # wait until the ServerApp is running
+    assert our_processes(str(out)), "the simulation never started"
+    proc.send_signal(sig)
+    proc.wait(60)
+    deadline = time.monotonic() + 30  # the reaper's grace period is 10 s
+    while our_processes(str(out)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert our_processes(str(out)) == []
