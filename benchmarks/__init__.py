@@ -1,4 +1,5 @@
-"""Performance comparisons against peer implementations.
+"""Performance comparisons against peer implementations (``python -m benchmarks``).
 
-Each module exposes ``run(quick: bool = False) -> dict``.
+Each benchmark module exposes ``ID``, ``TITLE`` and ``run(quick: bool = False) -> dict``
+returning :func:`benchmarks.common.result`'s object; see ``benchmarks/README.md``.
 """

@@ -8,7 +8,7 @@ Both sides start from the same 8 client updates of one 4096 × 4096 module
 * peer: form ``ΔW* = Σ p_k s_k B_k A_k`` densely (float64),
   ``np.linalg.svd(full_matrices=False)``, truncate to rank 16.
 
-Run ``python -m benchmarks.flexlora_svd [--quick]``.
+Run ``python -m benchmarks --only P2 [--quick]`` (or ``python -m benchmarks.flexlora_svd``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.common import at_most, result
 from fedlora.aggregation import ClientUpdate, LoraFactors, aggregate, scale_for_rank
 
+ID = "P2"
+TITLE = "flexlora factored vs dense SVD"
+TARGET_RATIO, TOLERANCE = 100.0, 1e-5
 MODULE = "model.layers.0.self_attn.q_proj"
 CLIENTS, RANK, ALPHA = 8, 16, 32.0
 
@@ -56,16 +60,16 @@ def run(quick: bool = False) -> dict[str, Any]:
     Parameters
     ----------
     quick
-        Use a 1024 × 1024 module instead of 4096 × 4096.
+        Use a 512 × 512 module instead of 4096 × 4096.
 
     Returns
     -------
     dict[str, Any]
-        ``name``, ``ours_s`` (best of 3), ``peer``, ``peer_s``, ``ratio``
-        (``peer_s / ours_s``), ``max_abs_diff`` (here the relative Frobenius
-        error between the two rank-16 updates) and ``params``.
+        :func:`benchmarks.common.result`'s object: ``ours_s`` is the best of 3,
+        ``peer_s`` one run, ``max_abs_diff`` here the relative Frobenius error
+        between the two rank-16 updates.
     """
-    size = 1024 if quick else 4096
+    size = 512 if quick else 4096
     updates = _updates(np.random.default_rng(0), size)
 
     ours_times = []
@@ -81,14 +85,15 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     ours = sent[MODULE].delta()  # (m, n), float64
     relative = float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
-    result = {
-        "name": "P2 flexlora factored vs dense SVD",
-        "ours_s": ours_s,
-        "peer": "dense numpy SVD",
-        "peer_s": peer_s,
-        "ratio": peer_s / ours_s,
-        "max_abs_diff": relative,
-        "params": {
+    ratio = peer_s / ours_s
+    out = result(
+        bench_id=ID,
+        name=f"{ID} {TITLE}",
+        ours_s=ours_s,
+        peer="dense numpy SVD",
+        peer_s=peer_s,
+        max_abs_diff=relative,
+        params={
             "out_features": size,
             "in_features": size,
             "clients": CLIENTS,
@@ -97,20 +102,25 @@ def run(quick: bool = False) -> dict[str, Any]:
             "input_dtype": "float32",
             "peer_dtype": "float64",
             "ours_repeats": len(ours_times),
+            "peer_repeats": 1,
             "cpu_count": os.cpu_count(),
             "max_abs_diff_meaning": "relative Frobenius error ||ours - dense|| / ||dense|| "
             "of the rank-16 update s_r * B @ A",
         },
-    }
-    print(
-        f"{result['name']}: ours {ours_s:.3f} s, dense {peer_s:.2f} s, "
-        f"ratio {result['ratio']:.0f}x, relative error {relative:.1e} ({size}x{size}, "
-        f"{CLIENTS} clients, r={RANK})"
+        target=f"ratio >= {TARGET_RATIO:g} at 4096 x 4096",
+        target_met=None if quick else ratio >= TARGET_RATIO,
+        checks=[at_most("relative error vs dense SVD", relative, TOLERANCE)],
+        summary=f"{size}x{size}, {CLIENTS} clients, r={RANK}",
     )
-    return result
+    return out
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1024 x 1024 instead of 4096 x 4096")
-    run(quick=parser.parse_args().quick)
+    parser.add_argument("--quick", action="store_true", help="512 x 512 instead of 4096 x 4096")
+    out = run(quick=parser.parse_args().quick)
+    print(
+        f"{out['name']}: ours {out['ours_s']:.3f} s, dense {out['peer_s']:.2f} s, "
+        f"ratio {out['ratio']:.0f}x, relative error {out['max_abs_diff']:.1e} "
+        f"({out['summary']})"
+    )
