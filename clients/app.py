@@ -7,7 +7,8 @@ Wire contract (see ``server/strategy.py`` for the other side)
   ``personal`` ("b" for FedSA: B never leaves the node), ``base-from``/``base-to``
 * in  ``correction``  ArrayRecord, optional — base correction versions base-from..base-to
 * out ``arrays``      ArrayRecord — only the LoRA factors in ``send`` and the declared heads
-* out ``metrics``     MetricRecord — ``num-examples``, ``train-loss`` and other numbers
+* out ``metrics``     MetricRecord — ``num-examples``, ``train-loss``, ``server-round`` (the
+  round this reply answers: stale replies are rejected) and other numbers
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def train(msg: Message, context: Context) -> Message:
         context.state[BASE_META] = ConfigRecord({"version": base.version})
     outgoing = client.select_outgoing(trained, str(instructions.get("send", "ab")))
     metrics.update({"partition-id": node.partition_id, "lora-rank": node.rank,
-                    "base-version": base.version})
+                    "base-version": base.version,
+                    "server-round": int(instructions["server-round"])})
     return Message(RecordDict({"arrays": pack(outgoing), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 

@@ -70,9 +70,31 @@ class FederationConfig:
     max_rank: int = _f(64, "largest LoRA rank the server accepts from a client")
     hetlora_weight_by_examples: bool = _f(False, "hetlora: multiply norm weights by examples")
     rolora_first_phase: str = _f("b", "rolora: factor trained in round 1 ('b' or 'a')")
+    min_accepted: int = _f(1, "accepted replies a round needs; with fewer the round is "
+                           "abandoned and the previous global adapter kept")
+    min_accepted_fraction: float = _f(0.0, "the same as a fraction of the sampled nodes")
+    max_failed_rounds: int = _f(3, "abandoned rounds in a row that end the run with an error")
+    max_examples: int = _f(10_000_000, "largest example count a reply may declare (its weight)")
+    max_update_norm: float = _f(1000.0, "a reply whose factors moved farther than this "
+                                "(Frobenius norm over all modules) is rejected (0 = no limit)")
+    clip_update_norm: float = _f(0.0, "scale each reply's factor update down to this norm "
+                                 "before aggregation (0 = no clipping)")
+    checkpoint_every: int = _f(1, "write a server checkpoint every N rounds (0 = never)")
+    checkpoint_keep: int = _f(2, "checkpoints kept (older ones are deleted)")
+    resume: bool = _f(False, "continue from the newest intact checkpoint in output-dir")
 
     def __post_init__(self) -> None:
         _positive("num-server-rounds", self.num_server_rounds)
+        _positive("min-accepted", self.min_accepted)
+        if not 0 <= self.min_accepted_fraction <= 1:
+            raise ConfigError(f"min-accepted-fraction must be in [0, 1]; got "
+                              f"{self.min_accepted_fraction}")
+        _positive("max-failed-rounds", self.max_failed_rounds)
+        _positive("max-examples", self.max_examples)
+        _positive("max-update-norm", self.max_update_norm, zero_ok=True)
+        _positive("clip-update-norm", self.clip_update_norm, zero_ok=True)
+        _positive("checkpoint-every", self.checkpoint_every, zero_ok=True)
+        _positive("checkpoint-keep", self.checkpoint_keep)
         _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _choice("rolora-first-phase", self.rolora_first_phase, ("a", "b"))
         if not 0 < self.fraction_train <= 1:

@@ -11,6 +11,7 @@ it last applied.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from fedlora.aggregation import (
     weighted_mean,
 )
 from fedlora.aggregation.linalg import factored_svd
+from fedlora.aggregation.views import FreshInitView, PrefixView
 from fedlora.lora import LORA_A, LORA_B
 
 View = Callable[[int], Mapping[str, LoraFactors]]
@@ -114,6 +116,7 @@ class GlobalAdapter:
         self.lora_alpha = lora_alpha
         self.rslora = rslora
         self.view: View = initial_view(factors, lora_alpha, rslora)
+        self._view_kind = "initial"
         self.heads = dict(heads)
         self.result: AggregationResult | None = None
         self.adapter: dict[str, LoraFactors] = dict(factors)
@@ -146,7 +149,7 @@ class GlobalAdapter:
         if result.base_correction:
             self.corrections.append(dict(result.base_correction))
         adapter = dict(result.global_factors)
-        view: View = result.for_client
+        view: View = result.client_view
         if optimizer is not None:
             previous = self.arrays_for(rank)
             new = optimizer.step(previous, join_arrays(result.for_client(rank), heads))
@@ -155,18 +158,89 @@ class GlobalAdapter:
         self.result = result
         self.adapter = adapter
         self.view = view
+        self._view_kind = "fixed" if optimizer is not None else "result"
         self.heads = dict(heads)
         self.updates += 1
 
     def export_factors(self) -> dict[str, LoraFactors]:
         """Total ΔW relative to the original base, per module: every correction + the adapter."""
-        if self.result is None:
+        if self.updates == 0:
             return {}
         out = {}
         for module, g in self.adapter.items():
             parts = [c[module] for c in self.corrections if module in c]
             out[module] = stack([*parts, g])
         return out
+
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(JSON-able state, named arrays) from which :meth:`from_state` rebuilds this adapter
+        exactly: the same arrays (same dtypes) and the same view for every rank."""
+        arrays: dict[str, np.ndarray] = {}
+        state: dict[str, Any] = {"lora_alpha": self.lora_alpha, "rslora": self.rslora,
+                                 "updates": self.updates, "view_kind": self._view_kind,
+                                 "adapter": _put_factors(arrays, "adapter", self.adapter),
+                                 "heads": sorted(self.heads),
+                                 "corrections": [_put_factors(arrays, f"corr{i}", c)
+                                                 for i, c in enumerate(self.corrections)]}
+        for key, value in self.heads.items():
+            arrays[f"head/{key}"] = value
+        if self._view_kind == "result":
+            view = self.view
+            if isinstance(view, PrefixView):
+                state["view"] = {"type": "prefix", "lora_alpha": view.lora_alpha,
+                                 "rslora": view.rslora, "split": view.split,
+                                 "fixed_rank": view.fixed_rank, "strategy": view.strategy,
+                                 "factors": _put_factors(arrays, "view", view.factors)}
+            elif isinstance(view, FreshInitView):
+                state["view"] = {"type": "fresh", "shapes": {m: list(s) for m, s in
+                                                             view.shapes.items()},
+                                 "lora_alpha": view.lora_alpha, "rslora": view.rslora,
+                                 "seed": view.seed, "dtype": np.dtype(view.dtype).str}
+            else:
+                raise TypeError(f"cannot checkpoint a client view of type {type(view)}")
+        return state, arrays
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
+                   ) -> GlobalAdapter:
+        adapter = _get_factors(arrays, "adapter", state["adapter"])
+        heads = {key: arrays[f"head/{key}"] for key in state["heads"]}
+        glob = cls(adapter, heads, float(state["lora_alpha"]), bool(state["rslora"]))
+        glob.updates = int(state["updates"])
+        glob.corrections = [_get_factors(arrays, f"corr{i}", c)
+                            for i, c in enumerate(state["corrections"])]
+        glob._view_kind = state["view_kind"]
+        if glob._view_kind == "fixed":
+            glob.view = _fixed_view(adapter)
+        elif glob._view_kind == "result":
+            v = state["view"]
+            if v["type"] == "prefix":
+                glob.view = PrefixView(_get_factors(arrays, "view", v["factors"]),
+                                       v["lora_alpha"], v["rslora"], v["split"],
+                                       v["fixed_rank"], v["strategy"])
+            else:
+                glob.view = FreshInitView({m: tuple(s) for m, s in v["shapes"].items()},
+                                          v["lora_alpha"], v["rslora"], v["seed"],
+                                          np.dtype(v["dtype"]))
+        return glob
+
+
+def _put_factors(arrays: dict[str, np.ndarray], prefix: str,
+                 factors: Mapping[str, LoraFactors]) -> dict[str, float]:
+    """Store factors as ``prefix/module/a|b``; returns the scales (JSON)."""
+    for module, f in factors.items():
+        arrays[f"{prefix}/{module}/a"] = f.a
+        arrays[f"{prefix}/{module}/b"] = f.b
+    return {module: float(f.scale) for module, f in factors.items()}
+
+
+def _get_factors(arrays: Mapping[str, np.ndarray], prefix: str, scales: Mapping[str, float]
+                 ) -> dict[str, LoraFactors]:
+    return {m: LoraFactors(a=arrays[f"{prefix}/{m}/a"], b=arrays[f"{prefix}/{m}/b"],
+                           scale=float(scale)) for m, scale in scales.items()}
 
 
 def _fixed_view(factors: Mapping[str, LoraFactors]) -> View:

@@ -32,11 +32,18 @@ def _clean(value: Any) -> Any:
 class RunOutputs:
     """Writes one run's files; each metrics line is flushed and synced as it is written."""
 
-    def __init__(self, directory: Path, cfg: RunConfig) -> None:
+    def __init__(self, directory: Path, cfg: RunConfig, keep_rounds_upto: int | None = None
+                 ) -> None:
+        """``keep_rounds_upto``: resuming after that round — keep its metrics lines (and those
+        before it), drop the lines of rounds that were in flight; ``None`` starts afresh."""
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        kept = ([r for r in read_metrics(self.dir) if r.get("round", 0) <= keep_rounds_upto]
+                if keep_rounds_upto is not None and self.metrics_path.exists() else [])
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.metrics_path)
         (self.dir / "config.json").write_text(json.dumps(to_flat(cfg), indent=2, sort_keys=True))
 
     def log_round(self, record: Mapping[str, Any]) -> None:

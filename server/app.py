@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from logging import INFO
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import config, outputs
+from fedlora import checkpoint, config, outputs
 from fedlora.evaluator import ServerModel
 from server.strategy import FederatedLora, build_optimizer
 
@@ -22,17 +22,33 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     cfg = config.from_flat(context.run_config)
     build_optimizer(cfg)  # refuse a bad strategy/optimizer pair before loading anything
-    out = outputs.RunOutputs(outputs.output_dir(cfg), cfg)
+    directory = outputs.output_dir(cfg)
+    checkpoints = directory / "checkpoints"
+    resumed = None
+    if cfg.fl.resume:
+        resumed = checkpoint.load_latest(checkpoints, warn=lambda text: log(WARNING, text))
+        if resumed is None:
+            raise checkpoint.CheckpointError(
+                f"resume is on but {checkpoints} holds no intact checkpoint; start the run "
+                f"afresh (without resume) or point output-dir at the interrupted run")
+    out = outputs.RunOutputs(directory, cfg,
+                             keep_rounds_upto=resumed.round if resumed else None)
     log(INFO, "fedlora: writing to %s (torch threads: %d)", out.dir, torch.get_num_threads())
 
     # built at max-rank: a node of any allowed rank gets the leading slice of the same init
     server_model = ServerModel(cfg, max_rank=cfg.fl.max_rank)
-    glob = server_model.initial_global()
-    strategy = FederatedLora(cfg, glob, server_model.evaluate, out.log_round)
-    strategy.run(grid)
+    strategy = FederatedLora(cfg, server_model.initial_global(), server_model.evaluate,
+                             out.log_round)
+    start = 1
+    if resumed is not None:
+        strategy.restore(resumed)
+        start = resumed.round + 1
+        log(INFO, "fedlora: resuming after round %d from %s", resumed.round, resumed.path)
+    glob = strategy.run(grid, start_round=start, checkpoint_dir=checkpoints)
 
     server_model.export(glob, out.adapter_dir)
     out.write_json("summary.json", {"status": "completed", "rounds": cfg.fl.num_server_rounds,
+                                    "resumed_after": resumed.round if resumed else None,
                                     "wall_s": time.perf_counter() - started,
                                     "adapter": str(out.adapter_dir)})
     log(INFO, "fedlora: adapter saved to %s", out.adapter_dir)

@@ -8,11 +8,13 @@ adopt the result (optionally through a server optimizer) → evaluate → one me
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +22,10 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedlora import checkpoint
 from fedlora.aggregation import (
     ClientUpdate,
+    LoraFactors,
     ServerOptimizer,
     UpdateRejected,
     aggregate,
@@ -31,12 +35,17 @@ from fedlora.aggregation import (
     validate_update,
 )
 from fedlora.client import select_outgoing
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
 from fedlora.federation import GlobalAdapter, aggregate_heads, split_arrays
 from fedlora.transport import nbytes, pack, pack_correction, unpack
 
-MAX_FAILED_ROUNDS = 3  # consecutive rounds without an accepted update before the run ends
+# keys that may differ between a run and its resumption
+RESUMABLE_KEYS = ("num-server-rounds", "round-timeout", "resume", "output-dir")
+
+
+def config_digest(cfg: RunConfig) -> str:
+    return checkpoint.config_digest(to_flat(cfg), ignore=RESUMABLE_KEYS)
 
 
 @dataclass(frozen=True)
@@ -186,18 +195,34 @@ class FederatedLora:
                         group_id=str(server_round)), arrays)
 
     def decode(self, reply: Message, node: NodeInfo, sent: Mapping[str, np.ndarray],
-               send: str = "ab") -> tuple[ClientUpdate, dict[str, np.ndarray], dict[str, float]]:
-        """Validate one reply; raises UpdateRejected/PayloadError with a reason code."""
+               send: str = "ab", server_round: int | None = None
+               ) -> tuple[ClientUpdate, dict[str, np.ndarray], dict[str, float]]:
+        """Validate one reply before anything touches the global state.
+
+        Raises UpdateRejected/PayloadError with a reason code. Order matters: cheap checks of
+        the metadata and the payload size come before decoding any array.
+        """
         if "arrays" not in reply.content or "metrics" not in reply.content:
             raise PayloadError("MALFORMED", "reply lacks 'arrays' or 'metrics'")
         metrics = dict(reply.content["metrics"])
+        if server_round is not None and metrics.get("server-round") != server_round:
+            raise PayloadError("WRONG_ROUND", f"reply is for round {metrics.get('server-round')!r}"
+                               f", this is round {server_round}")
         n = metrics.get("num-examples")
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise PayloadError("BAD_EXAMPLE_COUNT",
-                               f"num-examples must be a positive int, got {n!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= self.cfg.fl.max_examples:
+            raise PayloadError("BAD_EXAMPLE_COUNT", f"num-examples must be an int in 1.."
+                               f"{self.cfg.fl.max_examples} (max-examples), got {n!r}")
+        loss = metrics.get("train-loss")
+        if not isinstance(loss, int | float) or isinstance(loss, bool) or not np.isfinite(loss):
+            raise PayloadError("BAD_METRICS", f"train-loss must be a finite number, got {loss!r}")
+        expected = select_outgoing(sent, send)
+        limit = 2 * sum(v.size * 4 for v in expected.values()) + 65_536  # float64 at most
+        size = nbytes(reply.content["arrays"])
+        if size > limit:
+            raise PayloadError("PAYLOAD_TOO_LARGE", f"{size} bytes of arrays; this node's "
+                               f"adapter is at most {limit} bytes")
         arrays = unpack(reply.content["arrays"])
-        expected = set(select_outgoing(sent, send))
-        extra, missing = sorted(set(arrays) - expected), sorted(expected - set(arrays))
+        extra, missing = sorted(set(arrays) - set(expected)), sorted(set(expected) - set(arrays))
         if extra or missing:
             raise PayloadError("KEY_MISMATCH", f"expected the {send!r} factors and heads; "
                                f"missing {missing[:3]}, unexpected {extra[:3]}")
@@ -212,24 +237,97 @@ class FederatedLora:
         update = ClientUpdate(factors=factors, num_examples=n)
         validate_update(update, {m: (f.b.shape[0], f.a.shape[1]) for m, f in sent_factors.items()},
                         max_rank=self.cfg.fl.max_rank, declared_rank=node.rank)
-        return update, heads, metrics
+        return self._bound_norm(update, sent_factors), heads, metrics
 
-    def run(self, grid: Grid) -> GlobalAdapter:
+    def _bound_norm(self, update: ClientUpdate, sent: Mapping[str, LoraFactors]) -> ClientUpdate:
+        """Reject absurd moves (``max-update-norm``), clip large ones (``clip-update-norm``)."""
+        fl = self.cfg.fl
+        if not fl.max_update_norm and not fl.clip_update_norm:
+            return update
+        squares = 0.0
+        for module, f in update.factors.items():
+            g = sent[module]
+            squares += float(np.sum((f.a.astype(np.float64) - g.a) ** 2))
+            squares += float(np.sum((f.b.astype(np.float64) - g.b) ** 2))
+        norm = float(np.sqrt(squares))
+        if fl.max_update_norm and norm > fl.max_update_norm:
+            raise PayloadError("NORM_TOO_LARGE", f"the factors moved by {norm:.3g} (Frobenius); "
+                               f"max-update-norm is {fl.max_update_norm}")
+        if not fl.clip_update_norm or norm <= fl.clip_update_norm:
+            return update
+        keep = fl.clip_update_norm / norm
+        clipped = {m: LoraFactors(a=(sent[m].a + keep * (f.a - sent[m].a)).astype(f.a.dtype),
+                                  b=(sent[m].b + keep * (f.b - sent[m].b)).astype(f.b.dtype),
+                                  scale=f.scale) for m, f in update.factors.items()}
+        return ClientUpdate(factors=clipped, num_examples=update.num_examples)
+
+    def run(self, grid: Grid, start_round: int = 1,
+            checkpoint_dir: Path | None = None) -> GlobalAdapter:
+        """Rounds ``start_round``..``num-server-rounds`` (round 0 = evaluate the initial
+        adapter when starting fresh); a checkpoint after every ``checkpoint-every`` rounds."""
         nodes = self.discover(grid)
         log(INFO, "fedlora: %d nodes, ranks %s, strategy %s", len(nodes),
             {n.partition_id: n.rank for n in nodes}, self.cfg.fl.strategy)
-        self._evaluate_and_log(0, grid, nodes, {"duration_s": 0.0})
+        if start_round == 1:
+            self._evaluate_and_log(0, grid, nodes, {"duration_s": 0.0})
         failures = 0
-        for server_round in range(1, self.cfg.fl.num_server_rounds + 1):
+        last = self.cfg.fl.num_server_rounds
+        for server_round in range(start_round, last + 1):
             record = self.train_round(grid, nodes, server_round)
-            failures = failures + 1 if record["num_accepted"] == 0 else 0
+            failures = failures + 1 if record.get("abandoned") else 0
             self._evaluate_and_log(server_round, grid, nodes, record)
-            if failures >= MAX_FAILED_ROUNDS or (failures and self.glob.updates == 0 and
-                                                 server_round == self.cfg.fl.num_server_rounds):
+            every = self.cfg.fl.checkpoint_every
+            if checkpoint_dir is not None and every and (server_round % every == 0 or
+                                                         server_round == last):
+                self.save_checkpoint(checkpoint_dir, server_round)
+            if failures >= self.cfg.fl.max_failed_rounds or (
+                    failures and self.glob.updates == 0 and server_round == last):
                 raise RuntimeError(
-                    f"{failures} round(s) in a row without an accepted update; rejections "
+                    f"{failures} round(s) in a row without enough accepted updates "
+                    f"(max-failed-rounds {self.cfg.fl.max_failed_rounds}); rejections "
                     f"{record['rejected']}; first client error: {record.get('errors', ['-'])[0]}")
         return self.glob
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Everything the next rounds depend on (sampling, aggregation seeds and client
+        training seeds are pure functions of (seed, round, partition): no RNG state)."""
+        glob_state, glob_arrays = self.glob.state_dict()
+        arrays = {f"global/{k}": v for k, v in glob_arrays.items()}
+        state: dict[str, Any] = {"global": glob_state, "strategy": self.cfg.fl.strategy,
+                                 "config_digest": config_digest(self.cfg)}
+        if self.optimizer is not None:
+            opt = self.optimizer.state_dict()
+            state["optimizer"] = {k: float(v) for k, v in opt.items()
+                                  if not isinstance(v, np.ndarray)}
+            arrays.update({f"optimizer/{k}": v for k, v in opt.items()
+                           if isinstance(v, np.ndarray)})
+        return state, arrays
+
+    def save_checkpoint(self, directory: Path, server_round: int) -> Path:
+        state, arrays = self.state()
+        path = checkpoint.save(directory, server_round, state, arrays,
+                               keep=self.cfg.fl.checkpoint_keep)
+        log(INFO, "fedlora: checkpoint of round %d in %s", server_round, path)
+        return path
+
+    def restore(self, ck: checkpoint.Checkpoint) -> None:
+        """Adopt a checkpoint's global adapter and optimizer state (same run config only)."""
+        if ck.state.get("config_digest") != config_digest(self.cfg):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {ck.path} was written with a different configuration; resume "
+                f"with the run's own config (only num-server-rounds and round-timeout may "
+                f"change) or start a new output directory")
+        glob_arrays = {k[len("global/"):]: v for k, v in ck.arrays.items()
+                       if k.startswith("global/")}
+        self.glob = GlobalAdapter.from_state(ck.state["global"], glob_arrays)
+        if self.optimizer is not None:
+            opt: dict[str, Any] = dict(ck.state.get("optimizer", {}))
+            opt.update({k[len("optimizer/"):]: v for k, v in ck.arrays.items()
+                        if k.startswith("optimizer/")})
+            self.optimizer.load_state_dict(opt)
+        self.base_version = {}  # fresh node processes: every correction is sent again
 
     def train_round(self, grid: Grid, nodes: list[NodeInfo], server_round: int) -> dict:
         start = time.perf_counter()
@@ -267,14 +365,16 @@ class FederatedLora:
             # the node finished its round, so it now holds every correction it was sent
             self.base_version[node.partition_id] = start_version
             try:
-                update, heads, metrics = self.decode(reply, node, sent[node.node_id], plan.send)
+                update, heads, metrics = self.decode(reply, node, sent[node.node_id], plan.send,
+                                                     server_round)
             except (UpdateRejected, PayloadError) as exc:
                 rejected[exc.reason] += 1
                 log(WARNING, "Round %d: rejected update of partition %d: %s", server_round,
                     node.partition_id, exc)
                 continue
             accepted.append((node, update, heads, metrics))
-        rejected["NO_REPLY"] += len(sampled) - len(replies)
+        answered = {reply.metadata.src_node_id for reply in replies}
+        rejected["NO_REPLY"] += len(set(by_id) - answered)
 
         accepted.sort(key=lambda item: item[0].partition_id)  # fixed order → reproducible sums
         record: dict[str, Any] = {
@@ -285,9 +385,13 @@ class FederatedLora:
         }
         if errors:
             record["errors"] = errors[:5]
-        if not accepted:
-            log(WARNING, "Round %d: no accepted update; the global adapter is unchanged",
-                server_round)
+        needed = max(self.cfg.fl.min_accepted,
+                     math.ceil(self.cfg.fl.min_accepted_fraction * len(sampled)))
+        if len(accepted) < needed:
+            log(WARNING, "Round %d: %d accepted update(s), %d needed (min-accepted / "
+                "min-accepted-fraction): round abandoned, the global adapter is unchanged",
+                server_round, len(accepted), needed)
+            record["abandoned"] = True
             record["duration_s"] = time.perf_counter() - start
             return record
 
