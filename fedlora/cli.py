@@ -41,16 +41,60 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise FedLoraError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
 
 
+def preset_layer(preset: str | None = None, config_file: str | Path | None = None
+                 ) -> dict[str, Any]:
+    """The flat keys of a preset (by name) or of a TOML config file."""
+    if config_file:
+        return load_toml(Path(config_file))
+    name = preset or DEFAULT_PRESET
+    if name not in presets():
+        raise FedLoraError(f"unknown preset {name!r}; available: {', '.join(presets())}")
+    return load_toml(PRESET_DIR / f"{name}.toml")
+
+
+def finalize(flat: dict[str, Any], clients: int) -> dict[str, Any]:
+    """Validate a complete flat config for ``clients`` simulated clients (before anything
+    starts) and cap the node minimums at the number of clients."""
+    if clients < 1:
+        raise FedLoraError(f"--num-clients must be >= 1; got {clients}")
+    preflight(config.from_flat(flat), clients)
+    flat["min-available-nodes"] = min(int(flat["min-available-nodes"]), clients)
+    flat["min-train-nodes"] = min(int(flat["min-train-nodes"]), clients)
+    return flat
+
+
+def resume_config(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """The interrupted run's own config (``OUT/run-config.toml``, ``OUT/launch.json``) with
+    ``resume = true``; only ``--rounds`` (and -c round-timeout) may change."""
+    out = Path(args.resume).expanduser().resolve()
+    saved, launch = out / "run-config.toml", out / "launch.json"
+    if not saved.exists() or not launch.exists():
+        raise FedLoraError(f"{out} is not the output directory of a `fedlora run` (it lacks "
+                           f"run-config.toml or launch.json); pass the --out of the run to resume")
+    if args.preset or args.config or args.num_clients is not None or args.out:
+        raise FedLoraError("--resume continues a run with its own configuration; drop --preset, "
+                           "--config, --num-clients and --out (only --rounds may change)")
+    flat = config.defaults()
+    flat.update(tomllib.loads(saved.read_text()))
+    for text in args.c or []:
+        extra = config.parse_overrides(text)
+        if set(extra) - {"round-timeout"}:
+            raise FedLoraError(f"--resume accepts only -c round-timeout=...; got {sorted(extra)}")
+        flat.update(extra)
+    if args.rounds is not None:
+        flat["num-server-rounds"] = args.rounds
+    flat["resume"] = True
+    flat["output-dir"] = str(out)
+    clients = int(json.loads(launch.read_text())["num-clients"])
+    return finalize(flat, clients), clients
+
+
 def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     """Defaults ← preset ← --config ← -c overrides ← --rounds/--out. Returns (flat, clients)."""
+    if getattr(args, "resume", None):
+        return resume_config(args)
     flat = config.defaults()
-    if args.config:
-        layer = load_toml(Path(args.config))
-    else:
-        name = args.preset or DEFAULT_PRESET
-        if name not in presets():
-            raise FedLoraError(f"unknown preset {name!r}; available: {', '.join(presets())}")
-        layer = load_toml(PRESET_DIR / f"{name}.toml")
+    layer = preset_layer(args.preset, args.config)
     clients = int(layer.pop("num-clients", 2))
     flat.update(layer)
     for text in args.c or []:
@@ -62,12 +106,7 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     out = Path(args.out or flat.get("output-dir") or
                Path("runs") / time.strftime("%Y%m%d-%H%M%S")).expanduser().resolve()
     flat["output-dir"] = str(out)
-    if clients < 1:
-        raise FedLoraError(f"--num-clients must be >= 1; got {clients}")
-    preflight(config.from_flat(flat), clients)  # validate before starting anything
-    flat["min-available-nodes"] = min(int(flat["min-available-nodes"]), clients)
-    flat["min-train-nodes"] = min(int(flat["min-train-nodes"]), clients)
-    return flat, clients
+    return finalize(flat, clients), clients
 
 
 def preflight(cfg: config.RunConfig, clients: int) -> None:
@@ -104,6 +143,14 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+def write_run_config(flat: dict[str, Any], out: Path) -> Path:
+    """The run config as a TOML file for ``flwr run --run-config``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "run-config.toml"
+    path.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in sorted(flat.items())))
+    return path
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -112,13 +159,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     flat, clients = resolve(args)
     out = Path(flat["output-dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    run_config = out / "run-config.toml"
-    run_config.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in sorted(flat.items())))
+    run_config = write_run_config(flat, out)
+    (out / "launch.json").write_text(json.dumps({"num-clients": clients,
+                                                 "cpus-per-client": args.cpus_per_client}))
     home = Path(args.flwr_home).resolve() if args.flwr_home else out / ".flwr"
     rounds = int(flat["num-server-rounds"])
     console.print(f"[bold]fedlora[/] {flat['strategy']} · {flat['model.name']} · {clients} "
-                  f"clients · {rounds} rounds → {out}")
+                  f"clients · {rounds} rounds → {out}"
+                  + (" · [yellow]resuming from its last checkpoint[/]" if flat["resume"] else ""))
     started = time.perf_counter()
 
     def on_round(rec: dict[str, Any]) -> None:
@@ -140,7 +188,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"[red]run failed:[/] {exc}")
         return 1
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: the SuperLink and its simulation were stopped[/]")
+        console.print("[yellow]interrupted: the SuperLink and its simulation were stopped[/]; "
+                      f"continue from the last checkpoint with `fedlora run --resume {out}`")
         return 130
     last = records[-1] if records else {}
     summary = {k: last.get(k) for k in ("round", "eval_accuracy", "eval_loss",
@@ -148,6 +197,94 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     console.print(f"[green]done[/] {summary} · adapter: {out / 'adapter'}")
     return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from fedlora import experiment, report
+
+    console = Console(stderr=True)
+    spec = experiment.load_spec(args.spec)
+    out = Path(args.out or Path("runs") / f"experiment-{experiment.slug(spec.name)}"
+               ).expanduser().resolve()
+    runner = experiment.Runner(spec, out, resume=args.resume)
+    cells = spec.cells()
+    rounds_per_cell = {c.id: int(spec.flat_config(c.setting, c.strategy, c.seed, out)[0]
+                                 ["num-server-rounds"]) for c in cells}
+    console.print(f"[bold]fedlora experiment[/] {spec.name}: {len(spec.strategies)} strategies × "
+                  f"{len(spec.settings)} settings × seeds {spec.seeds} = {len(cells)} cells"
+                  f" (+ baselines: {', '.join(spec.baselines) or 'none'}) → {out}")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        cells_task = bar.add_task("cells", total=len(cells))
+        rounds_task = bar.add_task("rounds", total=sum(rounds_per_cell.values()))
+        current = {"cell": ""}
+
+        def on_event(event: str, info: dict[str, Any]) -> None:
+            if event == "start":
+                pending = {c.id for c in info["cells"]}
+                finished = [c for c in cells if c.id not in pending]
+                bar.update(cells_task, completed=len(finished))
+                bar.update(rounds_task, completed=sum(rounds_per_cell[c.id] for c in finished))
+            elif event == "baselines":
+                bar.update(cells_task, description=f"baselines · {info['setting']} · "
+                                                   f"seed {info['seed']}")
+            elif event == "cell-start":
+                current["cell"] = info["cell"].id
+                bar.update(cells_task, description=f"cell {info['cell'].id}")
+            elif event in ("round", "baseline-round") and info["record"].get("round", 0) > 0:
+                rec = info["record"]
+                value = rec.get(spec.metric)
+                shown = f"{value:.4f}" if isinstance(value, float) else value
+                who = current["cell"] if event == "round" else f"baseline {info['kind']}"
+                bar.console.print(f"  {who}  round {rec['round']}  {spec.metric}={shown}")
+                if event == "round":
+                    bar.advance(rounds_task)
+            elif event == "cell-end":
+                status = info["status"]
+                done_rounds = len(read_metrics_safe(out / "cells" / info["cell"].id)) - 1
+                missing = rounds_per_cell[info["cell"].id] - max(done_rounds, 0)
+                if missing > 0:
+                    bar.advance(rounds_task, missing)
+                bar.advance(cells_task)
+                if status["status"] == "failed":
+                    first = status["error"].strip().splitlines()[0]
+                    bar.console.print(f"  [red]cell {status['cell']} failed[/]: {first}")
+                else:
+                    bar.console.print(f"  [green]cell {status['cell']} done[/] in "
+                                      f"{status['wall_s']:.0f}s")
+
+        runner.progress = on_event
+        try:
+            results = runner.run()
+        except KeyboardInterrupt:
+            report.write(spec, out)
+            console.print(f"[yellow]interrupted[/]: finished cells are kept; continue with "
+                          f"`fedlora experiment {args.spec} --out {out} --resume`")
+            return 130
+    failed = [r for r in results if r.get("status") == "failed"]
+    console.print(f"[green]report[/]: {out / 'summary.md'} · {out / 'runs.csv'} · plots in {out}"
+                  + (f" · [red]{len(failed)} failed cell(s)[/]" if failed else ""))
+    return 0
+
+
+def read_metrics_safe(directory: Path) -> list[dict[str, Any]]:
+    from fedlora.outputs import read_metrics
+
+    try:
+        return read_metrics(directory)
+    except (OSError, ValueError):
+        return []
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -182,7 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus-per-client", type=float, default=1.0,
                      help="Ray CPUs per client (parallel clients = cores / this)")
     run.add_argument("--flwr-home", help="FLWR_HOME for this run (default OUT/.flwr)")
+    run.add_argument("--resume", metavar="OUT",
+                     help="continue the interrupted run in OUT from its newest intact checkpoint")
     run.set_defaults(func=cmd_run)
+    exp = sub.add_parser("experiment", help="run a sweep spec: cells of real simulations, "
+                         "baselines, then runs.csv, summary.md and plots")
+    exp.add_argument("spec", help="experiment spec TOML (see simulations/experiments/)")
+    exp.add_argument("--out", help="output directory (default runs/experiment-<name>)")
+    exp.add_argument("--resume", action="store_true",
+                     help="continue in --out: skip finished cells, rerun failed ones")
+    exp.set_defaults(func=cmd_experiment)
     sub.add_parser("config", help="list every config key").set_defaults(func=cmd_config)
     sub.add_parser("strategies", help="list aggregation rules").set_defaults(func=cmd_strategies)
     return parser

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -21,6 +22,8 @@ import torch
 from fedlora.errors import ConfigError, PayloadError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# peft 0.21 calls a transformers 5 method deprecated in favour of a new name: noise for users
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 LORA_A = ".lora_A.weight"
 LORA_B = ".lora_B.weight"
