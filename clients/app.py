@@ -16,7 +16,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import builders, client, config, lora, training
+from fedlora import builders, client, config, lora, outputs, training
 from fedlora.aggregation import LoraFactors
 from fedlora.transport import pack, pack_correction, unpack, unpack_correction
 
@@ -81,7 +81,8 @@ def train(msg: Message, context: Context) -> Message:
     outgoing = client.select_outgoing(trained, str(instructions.get("send", "ab")))
     metrics.update({"partition-id": node.partition_id, "lora-rank": node.rank,
                     "base-version": base.version,
-                    "server-round": int(instructions["server-round"])})
+                    "server-round": int(instructions["server-round"]),
+                    "rss-mb": outputs.rss_mb()})
     return Message(RecordDict({"arrays": pack(outgoing), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 

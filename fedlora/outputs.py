@@ -64,6 +64,17 @@ class RunOutputs:
         return self.dir / "adapter"
 
 
+def rss_mb() -> float:
+    """Resident memory of this process in MB (Linux /proc; 0.0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
 def read_metrics(directory: str | Path) -> list[dict[str, Any]]:
     path = Path(directory) / "metrics.jsonl"
     if not path.exists():

@@ -259,6 +259,9 @@ def _plot(spec: Spec, series: list[Series], path: Path, y_key: str, x_key: str |
     rows = group(series)
     labels = list(dict.fromkeys(r.label for r in rows if r.kind == "federated"))
     colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    # distinct markers and dash patterns keep overlapping curves (exact rules at 0) visible
+    markers = {label: "osD^vP*X"[i % 8] for i, label in enumerate(labels)}
+    dashes = {label: ["-", "--", "-.", ":"][i % 4] for i, label in enumerate(labels)}
     for ax, setting in zip(axes.flat, settings, strict=False):
         for row in [r for r in rows if r.setting == setting]:
             if row.kind == "baseline" and (not include_baselines or x_key is not None):
@@ -267,9 +270,11 @@ def _plot(spec: Spec, series: list[Series], path: Path, y_key: str, x_key: str |
             if curve is None:
                 continue
             xs, mean, std = curve
-            style = dict(linestyle="--", color="black" if "central" in row.label else "gray") \
-                if row.kind == "baseline" else dict(color=colors[row.label], marker="o",
-                                                    markersize=3)
+            style = dict(linestyle=(0, (5, 2)), color="black" if "central" in row.label
+                         else "gray") \
+                if row.kind == "baseline" else dict(color=colors[row.label],
+                                                    marker=markers[row.label], markersize=4,
+                                                    linestyle=dashes[row.label])
             ax.plot(xs, mean, label=row.label, linewidth=1.6, **style)
             if len(row.runs) > 1:
                 ax.fill_between(xs, mean - std, mean + std, alpha=0.15,

@@ -38,6 +38,7 @@ from fedlora.client import select_outgoing
 from fedlora.config import RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
 from fedlora.federation import GlobalAdapter, aggregate_heads, split_arrays
+from fedlora.outputs import rss_mb
 from fedlora.transport import nbytes, pack, pack_correction, unpack
 
 # keys that may differ between a run and its resumption
@@ -407,6 +408,7 @@ class FederatedLora:
         record.update({
             "train_loss": sum(m["train-loss"] * w for (*_, m), w in zip(accepted, weights,
                                                                        strict=True)) / total,
+            "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for *_, m in accepted),
             "num_examples": int(total),
             "agg_error": diagnostics["agg_error"],
             "agg_error_mean": diagnostics["agg_error_mean"],
@@ -431,6 +433,7 @@ class FederatedLora:
         line.update({k.replace("-", "_"): v for k, v in metrics.items()})
         line.update(record)
         line["eval_s"] = time.perf_counter() - start
+        line["server_rss_mb"] = round(rss_mb(), 1)
         log(INFO, "fedlora round %d: %s", server_round,
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()})
         self.log_round(line)

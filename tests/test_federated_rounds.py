@@ -163,3 +163,9 @@ def test_fedprox_term_keeps_clients_closer_to_the_global_adapter():
                    if k.endswith("lora_B.weight"))  # B starts at 0: its norm is the drift
 
     assert drift(100.0) < 0.9 * drift(0.0)
+
+
+def test_every_round_records_server_and_client_memory():
+    records, *_ = run_rounds(tiny_config(num_server_rounds=1), num_nodes=2)
+    assert records[0]["server_rss_mb"] > 50
+    assert records[1]["server_rss_mb"] > 50 and records[1]["client_rss_mb_max"] > 50
