@@ -1,0 +1,165 @@
+"""Client-level differential privacy for adapter updates: clipping, Gaussian noise, accounting.
+
+A client's *update* is what it sends minus what it received, over every array it sends (the
+trained LoRA factors and the declared heads), flattened: ``u = x_sent - x_received``.
+
+* Clipping (always on the client): ``u ← u · min(1, C / ‖u‖₂)``.
+* ``central`` (trusted server, DP-FedAvg of McMahan et al. 2018): the server checks each
+  ``‖u‖ ≤ C``, averages the clipped updates **unweighted** (an example-weighted mean would let
+  one client's weight exceed the sensitivity) and adds ``N(0, (σC)²)`` to their sum, i.e.
+  ``N(0, (σC/k)²)`` to the mean of ``k`` updates.
+* ``local`` (untrusted server): each client adds ``N(0, (σC)²)`` to its own clipped update
+  before sending; the server averages unweighted.
+
+Accounting uses Google's ``dp_accounting`` RDP accountant (the backend of ``flwr[dp]``): per
+round a Gaussian event with noise multiplier σ, amplified by sampling ``k`` of ``N`` clients
+without replacement in central mode (replace-one adjacency), not amplified in local mode (a
+client's own guarantee, counting every round it may take part in). The reported ε is for the
+configured δ after each round. Noise is drawn from fresh OS entropy, never from the run seed.
+
+The FFA-LoRA mode (``strategy = "ffa"``: A frozen, only B trained and sent) is the recommended
+pairing: the noise is added to one factor only, so it is not multiplied by a noisy partner
+factor, and the aggregate of B is exact (Sun et al. 2024).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedlora.errors import ConfigError
+
+MODES = ("off", "central", "local")
+DP_STRATEGIES = ("fedit", "ffa", "fedsa", "rolora")  # linear, equal-rank: a mean of updates
+
+
+@dataclass(frozen=True)
+class DPSpec:
+    mode: str = "off"
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"dp-mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.mode == "off":
+            return
+        if not self.clip_norm > 0:
+            raise ConfigError(f"dp-clip-norm must be > 0 with dp-mode {self.mode!r}; got "
+                              f"{self.clip_norm}")
+        if not self.noise_multiplier > 0:
+            raise ConfigError(f"dp-noise-multiplier must be > 0 with dp-mode {self.mode!r}; "
+                              f"got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"dp-delta must be in (0, 1); got {self.delta}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+def check_strategy(spec: DPSpec, strategy: str) -> None:
+    """DP needs an unweighted mean of updates of one shape: the linear equal-rank rules."""
+    if spec.enabled and strategy not in DP_STRATEGIES:
+        raise ConfigError(f"dp-mode {spec.mode!r} works with {', '.join(DP_STRATEGIES)} (a "
+                          f"noisy mean of equal-shape updates); strategy {strategy!r} combines "
+                          f"factors non-linearly. Use ffa (recommended with DP) or fedit")
+
+
+def update_norm(sent: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``sent - received`` over every key of ``sent`` (float64)."""
+    return math.sqrt(sum(float(np.sum((np.asarray(v, np.float64) - received[k]) ** 2))
+                         for k, v in sent.items()))
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(secrets.randbits(128))
+
+
+def privatize(sent: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray],
+              spec: DPSpec, rng: np.random.Generator | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Client side: clip the update to ``clip_norm`` (and add noise in local mode).
+
+    Returns the arrays to send (received + privatized update) and ``dp-norm`` (before
+    clipping) / ``dp-clip-factor`` metrics.
+    """
+    norm = update_norm(sent, received)
+    factor = min(1.0, spec.clip_norm / norm) if norm > 0 else 1.0
+    rng = rng or _rng()
+    out = {}
+    for key, value in sent.items():
+        base = np.asarray(received[key], np.float64)
+        update = (np.asarray(value, np.float64) - base) * factor
+        if spec.mode == "local":
+            update = update + rng.normal(0.0, spec.noise_multiplier * spec.clip_norm,
+                                         size=update.shape)
+        out[key] = (base + update).astype(np.float32)
+    return out, {"dp-norm": norm, "dp-clip-factor": factor}
+
+
+def add_central_noise(mean: Mapping[str, np.ndarray], keys: Any, spec: DPSpec, k: int,
+                      rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """Server side (central mode): ``N(0, (σC/k)²)`` on the ``keys`` of a mean of ``k``."""
+    rng = rng or _rng()
+    std = spec.noise_multiplier * spec.clip_norm / k
+    out = dict(mean)
+    for key in keys:
+        out[key] = (np.asarray(mean[key], np.float64) +
+                    rng.normal(0.0, std, size=np.shape(mean[key]))).astype(np.float32)
+    return out
+
+
+@dataclass
+class Accountant:
+    """Cumulative (ε, δ) of the run's Gaussian releases (``dp_accounting`` RDP)."""
+
+    spec: DPSpec
+    population: int
+    events: list[tuple[int, int]] = field(default_factory=list)  # (sample size, rounds)
+
+    def _accountant(self) -> Any:
+        from dp_accounting import dp_event
+        from dp_accounting.privacy_accountant import NeighboringRelation
+        from dp_accounting.rdp import RdpAccountant
+
+        # sampling k of N without replacement is analysed for replace-one neighbours
+        relation = (NeighboringRelation.REPLACE_ONE if self._amplified
+                    else NeighboringRelation.ADD_OR_REMOVE_ONE)
+        accountant = RdpAccountant(neighboring_relation=relation)
+        for sample, count in self.events:
+            gaussian = dp_event.GaussianDpEvent(self.spec.noise_multiplier)
+            if self._amplified and sample < self.population:
+                event = dp_event.SampledWithoutReplacementDpEvent(self.population, sample,
+                                                                 gaussian)
+            else:
+                event = gaussian
+            accountant.compose(event, count)
+        return accountant
+
+    @property
+    def _amplified(self) -> bool:
+        return self.spec.mode == "central"
+
+    def record_round(self, sampled: int) -> None:
+        if self.events and self.events[-1][0] == sampled:
+            self.events[-1] = (sampled, self.events[-1][1] + 1)
+        else:
+            self.events.append((sampled, 1))
+
+    def epsilon(self) -> float:
+        if not self.events:
+            return 0.0
+        return float(self._accountant().get_epsilon(self.spec.delta))
+
+    def state(self) -> list[list[int]]:
+        return [list(e) for e in self.events]
+
+    def load(self, state: list[list[int]]) -> None:
+        self.events = [(int(s), int(c)) for s, c in state]

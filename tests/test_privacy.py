@@ -1,0 +1,125 @@
+"""Differential privacy: clipping, noise scale, strategy compatibility, accounting."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedlora.errors import ConfigError
+from fedlora.privacy import (
+    Accountant,
+    DPSpec,
+    add_central_noise,
+    check_strategy,
+    privatize,
+    update_norm,
+)
+
+
+def arrays(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    received = {"a": rng.normal(size=(4, 6)).astype(np.float32),
+                "head": rng.normal(size=(3,)).astype(np.float32)}
+    sent = {k: (v + rng.normal(scale=2.0, size=v.shape)).astype(np.float32)
+            for k, v in received.items()}
+    return sent, received
+
+
+def test_clipping_scales_the_update_to_the_bound_and_keeps_its_direction():
+    sent, received = arrays()
+    norm = update_norm(sent, received)
+    assert norm > 1.0
+    out, metrics = privatize(sent, received, DPSpec("central", clip_norm=1.0))
+    assert update_norm(out, received) == pytest.approx(1.0, rel=1e-5)
+    assert metrics["dp-norm"] == pytest.approx(norm) and metrics["dp-clip-factor"] < 1
+    for key in sent:  # same direction: (out - received) = factor · (sent - received)
+        np.testing.assert_allclose(out[key] - received[key],
+                                   metrics["dp-clip-factor"] * (sent[key] - received[key]),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_small_updates_are_not_changed_by_clipping():
+    sent, received = arrays()
+    out, metrics = privatize(sent, received, DPSpec("central", clip_norm=1e6))
+    assert metrics["dp-clip-factor"] == 1.0
+    for key in sent:
+        np.testing.assert_allclose(out[key], sent[key], rtol=1e-6)
+
+
+def test_local_mode_adds_noise_of_std_sigma_c():
+    received = {"x": np.zeros(200_000, np.float32)}
+    sent = {"x": np.zeros(200_000, np.float32)}
+    out, _ = privatize(sent, received, DPSpec("local", clip_norm=0.5, noise_multiplier=2.0),
+                       rng=np.random.default_rng(1))
+    assert np.std(out["x"]) == pytest.approx(1.0, rel=0.01)  # σC = 2 × 0.5
+
+
+def test_central_noise_on_a_mean_of_k_has_std_sigma_c_over_k():
+    mean = {"b": np.zeros(200_000, np.float32), "frozen": np.ones(3, np.float32)}
+    out = add_central_noise(mean, ["b"], DPSpec("central", 1.0, 3.0), k=4,
+                            rng=np.random.default_rng(2))
+    assert np.std(out["b"]) == pytest.approx(0.75, rel=0.01)
+    assert np.array_equal(out["frozen"], mean["frozen"])  # only the released keys
+
+
+def test_fresh_noise_is_not_reproducible_from_the_seed():
+    received = {"x": np.zeros(10, np.float32)}
+    spec = DPSpec("local", 1.0, 1.0)
+    first, _ = privatize(received, received, spec)
+    second, _ = privatize(received, received, spec)
+    assert not np.array_equal(first["x"], second["x"])
+
+
+@pytest.mark.parametrize(("strategy", "ok"), [("fedit", True), ("ffa", True), ("fedsa", True),
+                                              ("rolora", True), ("flexlora", False),
+                                              ("hetlora", False), ("flora", False),
+                                              ("fedex", False)])
+def test_dp_accepts_only_linear_equal_rank_rules(strategy, ok):
+    spec = DPSpec("central")
+    if ok:
+        check_strategy(spec, strategy)
+    else:
+        with pytest.raises(ConfigError, match="Use ffa"):
+            check_strategy(spec, strategy)
+    check_strategy(DPSpec("off"), strategy)  # no DP: anything goes
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mode": "global"}, "dp-mode must be one of"),
+    ({"mode": "central", "clip_norm": 0.0}, "dp-clip-norm"),
+    ({"mode": "local", "noise_multiplier": -1.0}, "dp-noise-multiplier"),
+    ({"mode": "central", "delta": 1.0}, "dp-delta")])
+def test_bad_dp_settings_say_what_to_change(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        DPSpec(**kwargs)
+
+
+def classic_rdp_epsilon(sigma: float, rounds: int, delta: float) -> float:
+    """ε from the Gaussian's RDP α/(2σ²) composed over rounds (Mironov 2017, Prop. 3)."""
+    orders = np.linspace(1.01, 200, 20_000)
+    return float(np.min(rounds * orders / (2 * sigma**2) + math.log(1 / delta) / (orders - 1)))
+
+
+def test_accountant_matches_the_gaussian_rdp_bound_without_sampling():
+    acc = Accountant(DPSpec("local", 1.0, 2.0, 1e-5), population=3)
+    for _ in range(5):
+        acc.record_round(3)
+    reference = classic_rdp_epsilon(2.0, 5, 1e-5)
+    assert 0.7 * reference <= acc.epsilon() <= reference * 1.001
+
+
+def test_epsilon_grows_with_rounds_and_sampling_amplifies_privacy():
+    full = Accountant(DPSpec("central", 1.0, 1.0, 1e-5), population=100)
+    sampled = Accountant(DPSpec("central", 1.0, 1.0, 1e-5), population=100)
+    eps = []
+    for _ in range(4):
+        full.record_round(100)
+        sampled.record_round(10)
+        eps.append(full.epsilon())
+    assert eps == sorted(eps) and eps[0] < eps[-1]
+    assert sampled.epsilon() < full.epsilon() / 2
+    again = Accountant(sampled.spec, 100)
+    again.load(sampled.state())
+    assert again.epsilon() == sampled.epsilon()
