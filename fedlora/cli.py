@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedlora import config
+from fedlora import config, deploy_cli
 from fedlora.errors import FedLoraError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "simulations" / "configs"
@@ -121,6 +121,9 @@ def preflight(cfg: config.RunConfig, clients: int) -> None:
     if cfg.fl.strategy not in available_strategies():
         raise FedLoraError(f"unknown strategy {cfg.fl.strategy!r}; available: "
                            f"{', '.join(available_strategies())}")
+    from fedlora.secure_wire import check_secure_aggregation
+
+    check_secure_aggregation(cfg, clients)  # e.g. flora needs the individual factors
     if cfg.model.name not in assets.MODEL_ALIASES:
         assets.resolve_model(cfg.model.name)
     if cfg.data.source == "files":
@@ -307,6 +310,7 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    deploy_cli.add_commands(sub)  # `fedlora certs`, `fedlora launch` (deployment engine)
     run = sub.add_parser("run", help="run a federated LoRA job on Flower's simulation engine")
     src = run.add_mutually_exclusive_group()
     src.add_argument("--preset", help=f"one of simulations/configs/ (default {DEFAULT_PRESET})")

@@ -64,7 +64,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _bin(name: str) -> str:
+def console_script(name: str) -> str:
     """Console script next to this interpreter (works inside venvs not on PATH)."""
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.exists() else name
@@ -86,8 +86,8 @@ class ManagedSuperLink:
         home.mkdir(parents=True, exist_ok=True)
         log_path = home / "superlink.log"
         log_path.write_text("")
-        cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-               "--host", "127.0.0.1", "--port", str(port),
+        cmd = [console_script("flower-superlink"), "--insecure", "--simulation",
+               "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
                "--disable-runtime-dependency-installation"]
         link = cls(Guarded(cmd, env=dict(env), log_path=log_path), port, log_path)
         deadline = time.monotonic() + timeout
@@ -106,42 +106,51 @@ class ManagedSuperLink:
         self.process.stop()
 
 
-def write_connection(home: Path, port: int) -> None:
-    """Register our SuperLink as a connection in ``$FLWR_HOME/config.toml``."""
+def write_connection(home: Path, port: int, *, connection: str = CONNECTION,
+                     root_certificates: Path | None = None) -> None:
+    """Register our SuperLink as a connection in ``$FLWR_HOME/config.toml``.
+
+    With ``root_certificates`` (the CA that signed the SuperLink's certificate) the ``flwr``
+    CLI talks TLS to it; otherwise the connection is insecure (loopback only).
+    """
     home.mkdir(parents=True, exist_ok=True)
+    security = (f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}\n"
+                if root_certificates else "insecure = true\n")
     (home / "config.toml").write_text(
         "[superlink]\n"
-        f'default = "{CONNECTION}"\n\n'
-        f"[superlink.{CONNECTION}]\n"
+        f'default = "{connection}"\n\n'
+        f"[superlink.{connection}]\n"
         f'address = "127.0.0.1:{port}"\n'
-        "insecure = true\n"
+        + security
     )
 
 
-def _flwr(args: list[str], env: Mapping[str, str], cwd: Path, timeout: float = 120
+def flwr_cli(args: list[str], env: Mapping[str, str], cwd: Path, timeout: float = 120
           ) -> subprocess.CompletedProcess:
-    return subprocess.run([_bin("flwr"), *args], env=dict(env), cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([console_script("flwr"), *args], env=dict(env), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
 
 
-def _json_tail(text: str) -> Any:
+def json_tail(text: str) -> Any:
     start = text.find("{")
     if start < 0:
         raise RunFailed(f"unexpected flwr output: {text.strip()[-500:]}")
     return json.loads(text[start:])
 
 
-def run_status(run_id: int, env: Mapping[str, str], cwd: Path) -> str:
-    res = _flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env, cwd)
+def run_status(run_id: int, env: Mapping[str, str], cwd: Path,
+               connection: str = CONNECTION) -> str:
+    res = flwr_cli(["ls", connection, "--run-id", str(run_id), "--format", "json"], env, cwd)
     if res.returncode != 0:
         return "unknown"
-    payload = _json_tail(res.stdout)
+    payload = json_tail(res.stdout)
     runs = payload.get("runs") or []
     return str(runs[0].get("status", "unknown")) if runs else "unknown"
 
 
-def run_logs(run_id: int, env: Mapping[str, str], cwd: Path) -> str:
-    res = _flwr(["log", str(run_id), CONNECTION, "--show"], env, cwd, timeout=60)
+def run_logs(run_id: int, env: Mapping[str, str], cwd: Path,
+             connection: str = CONNECTION) -> str:
+    res = flwr_cli(["log", str(run_id), connection, "--show"], env, cwd, timeout=60)
     return res.stdout + res.stderr
 
 
@@ -160,11 +169,11 @@ def run_simulation(run_config_file: Path, output_dir: Path, num_supernodes: int,
         write_connection(home, link.port)
         cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client
         federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
-        submitted = _flwr(["run", ".", CONNECTION, "--run-config", str(run_config_file),
+        submitted = flwr_cli(["run", ".", CONNECTION, "--run-config", str(run_config_file),
                            "--federation-config", federation, "--format", "json"], env, cwd)
         if submitted.returncode != 0:
             raise RunFailed(f"flwr run failed: {(submitted.stdout + submitted.stderr)[-2000:]}")
-        payload = _json_tail(submitted.stdout)
+        payload = json_tail(submitted.stdout)
         if "run-id" not in payload:
             raise RunFailed(f"flwr run was refused: {payload.get('error-message', payload)}")
         run_id = int(payload["run-id"])
@@ -190,13 +199,13 @@ def run_simulation(run_config_file: Path, output_dir: Path, num_supernodes: int,
         logs = run_logs(run_id, env, cwd)
         (output_dir / "run.log").write_text(logs)
         if status != "finished:completed":
-            raise RunFailed(f"run {run_id} ended with status {status!r}:\n{_reason(logs)}")
+            raise RunFailed(f"run {run_id} ended with status {status!r}:\n{failure_reason(logs)}")
         return records
     finally:
         link.stop()
 
 
-def _reason(logs: str, lines: int = 12) -> str:
+def failure_reason(logs: str, lines: int = 12) -> str:
     """The exception that ended the run (from the run's log), with the lines before it."""
     kept = [line for line in logs.splitlines() if line.strip()]
     errors = [i for i, line in enumerate(kept)

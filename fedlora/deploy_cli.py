@@ -1,0 +1,175 @@
+"""``fedlora certs`` and ``fedlora launch``: credentials, and runs on Flower's deployment engine.
+
+:func:`add_commands` registers both on the ``fedlora`` parser. ``python -m fedlora.deploy_cli``
+runs them on their own, with the same error handling as ``fedlora``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedlora.errors import FedLoraError
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise FedLoraError(f"{flag} takes comma-separated integers like 0,1; got {text!r}"
+                           ) from None
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedlora import certs
+
+    hosts = [h for item in args.hosts or [] for h in item.split(",") if h.strip()]
+    creds = certs.generate(args.dir, hosts=hosts, nodes=args.nodes, force=args.force)
+    print(f"CA certificate      {creds.ca_cert}\n"
+          f"CA key (keep safe)  {creds.ca_key}\n"
+          f"SuperLink cert/key  {creds.server_cert} {creds.server_key}\n"
+          f"SANs                {', '.join([*certs.LOOPBACK, *hosts])}")
+    for key, pub in zip(creds.node_keys, creds.node_public_keys, strict=True):
+        print(f"SuperNode key pair  {key} {pub}")
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    from fedlora import cli, deploy
+
+    console = Console(stderr=True)
+    gpus = _int_list(args.gpus, "--gpus") if args.gpus is not None else None
+    if args.nodes is not None or gpus is not None:
+        deploy.node_count(args.nodes, gpus)  # before the preset's num-clients is consulted
+    layered = argparse.Namespace(preset=args.preset, config=args.config, c=args.c,
+                                 rounds=args.rounds, out=args.out,
+                                 num_clients=len(gpus) if gpus is not None else args.nodes)
+    flat, nodes = cli.resolve(layered)
+    out = Path(flat["output-dir"])
+    ranks = _int_list(args.ranks, "--ranks") if args.ranks else None
+    data_paths = None
+    if args.data_path:
+        data_paths = [args.data_path.replace("{partition-id}", str(i)) for i in range(nodes)]
+        implied = {"data.source": "files"}
+        if not flat["data.path"]:
+            implied["data.path"] = args.data_path
+        if any(flat[k] != v for k, v in implied.items()):
+            flat.update(implied)
+            console.print("  --data-path implies " + escape(
+                " ".join(f"{k}={v}" for k, v in implied.items())))
+    if args.auth and not args.tls:
+        console.print("  --auth implies --tls (Flower authenticates SuperNodes over TLS only)")
+    rounds = int(flat["num-server-rounds"])
+    security = "TLS + SuperNode auth" if args.auth else "TLS" if args.tls or args.certs \
+        else "insecure loopback"
+    where = f"GPUs {','.join(map(str, gpus))}" if gpus is not None else "CPU"
+    console.print(f"[bold]fedlora launch[/] {flat['strategy']} · {flat['model.name']} · "
+                  f"{nodes} SuperNodes ({where}) · {security} · {rounds} rounds → "
+                  + escape(f"{out} (process logs in {out / 'logs'})"))
+    started = time.perf_counter()
+
+    def on_round(rec: dict[str, Any]) -> None:
+        parts = [f"round {rec['round']}/{rounds}"]
+        for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
+                    "fed_eval_accuracy", "agg_error_mean"):
+            if rec.get(key) is not None:
+                parts.append(f"{key}={rec[key]:.4f}")
+        if rec.get("round", 0) > 0:
+            parts.append(f"replies={rec.get('num_accepted')}/{rec.get('num_sampled')}")
+        if rec.get("rejected"):
+            parts.append(escape(f"rejected={rec['rejected']}"))
+        parts.append(f"[{time.perf_counter() - started:.0f}s]")
+        console.print("  " + "  ".join(parts))
+
+    def on_warning(message: str) -> None:
+        console.print(f"  [yellow]warning:[/] {escape(message)}")
+
+    try:
+        result = deploy.launch(flat, out=out, nodes=None if gpus is not None else nodes,
+                               gpus=gpus, tls=True if args.tls or args.certs else None,
+                               auth=args.auth, certs_dir=args.certs, data_paths=data_paths,
+                               ranks=ranks, port=args.port, on_round=on_round,
+                               on_warning=on_warning)
+    except deploy.RunFailed as exc:
+        console.print(f"[red]run failed:[/] {escape(str(exc))}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: the SuperLink and every SuperNode were stopped[/]")
+        return 130
+    last = result.records[-1] if result.records else {}
+    summary = {k: last.get(k) for k in ("round", "eval_accuracy", "eval_loss",
+                                         "eval_perplexity") if last.get(k) is not None}
+    summary["wall_s"] = round(time.perf_counter() - started, 1)
+    if result.lost_nodes:
+        summary["lost_nodes"] = [n.node for n in result.lost_nodes]
+    console.print("[green]done[/] " + escape(f"{summary} · adapter: {out / 'adapter'}"))
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``certs`` and ``launch`` on the ``fedlora`` sub-command parsers."""
+    certs = subparsers.add_parser(
+        "certs", help="create a CA, a SuperLink TLS certificate and SuperNode key pairs")
+    certs.add_argument("dir", help="directory for the files (created private, mode 0700)")
+    certs.add_argument("--hosts", nargs="+", metavar="HOST",
+                       help="names/IPs SuperNodes use to reach the SuperLink (added to the "
+                            "certificate's SANs; 127.0.0.1 and localhost always are)")
+    certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs (default 2)")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.set_defaults(func=cmd_certs)
+
+    launch = subparsers.add_parser(
+        "launch", help="run a job on Flower's deployment engine: a SuperLink and one "
+                       "SuperNode process per node/GPU on this host")
+    where = launch.add_mutually_exclusive_group()
+    where.add_argument("--nodes", type=int, help="SuperNodes on CPU (default: the preset's "
+                                                 "num-clients)")
+    where.add_argument("--gpus", help="one SuperNode per GPU index, e.g. 0,1 "
+                                      "(CUDA_VISIBLE_DEVICES of each)")
+    launch.add_argument("--tls", action="store_true", help="TLS between SuperNodes, CLI and "
+                                                           "SuperLink")
+    launch.add_argument("--auth", action="store_true",
+                        help="SuperNode authentication: register each node's key (implies --tls)")
+    launch.add_argument("--certs", metavar="DIR",
+                        help="credentials from `fedlora certs` (default: fresh ones in OUT/certs)")
+    src = launch.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="one of simulations/configs/ (default bbc-minilm)")
+    src.add_argument("--config", help="a TOML file of run-config keys")
+    launch.add_argument("-c", action="append", metavar='"key=value ..."',
+                        help="override config keys (repeatable); see `fedlora config`")
+    launch.add_argument("--rounds", type=int, help="federated rounds")
+    launch.add_argument("--out", help="output directory (default runs/<timestamp>)")
+    launch.add_argument("--data-path", metavar="TEMPLATE",
+                        help="each node's own data file ({partition-id} is replaced by 0..N-1); "
+                             "implies data.source=files, and data.path=TEMPLATE unless set "
+                             "(data.path is the server's held-out file for central evaluation)")
+    launch.add_argument("--ranks", help="LoRA rank per node, e.g. 4,8 (one rank: all nodes)")
+    launch.add_argument("--port", type=int, help="SuperLink port on 127.0.0.1 (default: free)")
+    launch.set_defaults(func=cmd_launch)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # the same cleanup as Ctrl-C
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return int(args.func(args))
+    except FedLoraError as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
