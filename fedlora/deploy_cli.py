@@ -7,9 +7,11 @@ runs them on their own, with the same error handling as ``fedlora``.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from fedlora import cli, deploy
 
     console = Console(stderr=True)
+    if args.resume:
+        return _resume(args, console)
     gpus = _int_list(args.gpus, "--gpus") if args.gpus is not None else None
     if args.nodes is not None or gpus is not None:
         deploy.node_count(args.nodes, gpus)  # before the preset's num-clients is consulted
@@ -73,6 +77,48 @@ def cmd_launch(args: argparse.Namespace) -> int:
     console.print(f"[bold]fedlora launch[/] {flat['strategy']} · {flat['model.name']} · "
                   f"{nodes} SuperNodes ({where}) · {security} · {rounds} rounds → "
                   + escape(f"{out} (process logs in {out / 'logs'})"))
+    settings = {"nodes": None if gpus is not None else nodes, "gpus": gpus,
+                "tls": True if args.tls or args.certs else None, "auth": args.auth,
+                "certs_dir": args.certs, "data_paths": data_paths, "ranks": ranks}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LAUNCH_FILE).write_text(json.dumps(settings, default=str))
+    return _run(flat, out, settings, args.port, console, rounds)
+
+
+LAUNCH_FILE = "launch-settings.json"
+
+
+def _resume(args: argparse.Namespace, console: Any) -> int:
+    """``fedlora launch --resume OUT``: the same launch, with ``resume = true``."""
+    from fedlora import config
+
+    out = Path(args.resume).expanduser().resolve()
+    saved, settings_file = out / "run-config.toml", out / LAUNCH_FILE
+    if not saved.exists() or not settings_file.exists():
+        raise FedLoraError(f"{out} is not the output directory of a `fedlora launch` (it lacks "
+                           f"run-config.toml or {LAUNCH_FILE}); pass the --out of the launch")
+    chosen = [flag for flag, value in (("--nodes", args.nodes), ("--gpus", args.gpus),
+                                       ("--preset", args.preset), ("--config", args.config),
+                                       ("-c", args.c), ("--out", args.out),
+                                       ("--ranks", args.ranks), ("--data-path", args.data_path))
+              if value]
+    if chosen:
+        raise FedLoraError(f"--resume relaunches with the run's own settings; drop {chosen} "
+                           f"(only --rounds and --port may change)")
+    flat = {**config.defaults(), **tomllib.loads(saved.read_text()), "resume": True}
+    if args.rounds is not None:
+        flat["num-server-rounds"] = args.rounds
+    settings = json.loads(settings_file.read_text())
+    console.print(f"[bold]fedlora launch[/] resuming {out} from its last checkpoint")
+    return _run(flat, out, settings, args.port, console, int(flat["num-server-rounds"]))
+
+
+def _run(flat: dict[str, Any], out: Path, settings: dict[str, Any], port: int | None,
+         console: Any, rounds: int) -> int:
+    from rich.markup import escape
+
+    from fedlora import deploy
+
     started = time.perf_counter()
 
     def on_round(rec: dict[str, Any]) -> None:
@@ -92,16 +138,14 @@ def cmd_launch(args: argparse.Namespace) -> int:
         console.print(f"  [yellow]warning:[/] {escape(message)}")
 
     try:
-        result = deploy.launch(flat, out=out, nodes=None if gpus is not None else nodes,
-                               gpus=gpus, tls=True if args.tls or args.certs else None,
-                               auth=args.auth, certs_dir=args.certs, data_paths=data_paths,
-                               ranks=ranks, port=args.port, on_round=on_round,
-                               on_warning=on_warning)
+        result = deploy.launch(flat, out=out, port=port, on_round=on_round,
+                               on_warning=on_warning, **settings)
     except deploy.RunFailed as exc:
         console.print(f"[red]run failed:[/] {escape(str(exc))}")
         return 1
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: the SuperLink and every SuperNode were stopped[/]")
+        console.print("[yellow]interrupted: the SuperLink and every SuperNode were stopped[/]; "
+                      f"continue with `fedlora launch --resume {out}`")
         return 130
     last = result.records[-1] if result.records else {}
     summary = {k: last.get(k) for k in ("round", "eval_accuracy", "eval_loss",
@@ -152,6 +196,8 @@ def add_commands(subparsers: Any) -> None:
                              "(data.path is the server's held-out file for central evaluation)")
     launch.add_argument("--ranks", help="LoRA rank per node, e.g. 4,8 (one rank: all nodes)")
     launch.add_argument("--port", type=int, help="SuperLink port on 127.0.0.1 (default: free)")
+    launch.add_argument("--resume", metavar="OUT",
+                        help="relaunch the interrupted launch in OUT from its last checkpoint")
     launch.set_defaults(func=cmd_launch)
 
 
