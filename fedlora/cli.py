@@ -22,11 +22,11 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
-def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in table.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -34,7 +34,7 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_toml(path: Path) -> dict[str, Any]:
     try:
-        return _flatten(tomllib.loads(path.read_text()))
+        return flatten(tomllib.loads(path.read_text()))
     except FileNotFoundError as exc:
         raise FedLoraError(f"config file {str(path)!r} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:

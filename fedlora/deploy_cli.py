@@ -1,15 +1,12 @@
 """``fedlora certs`` and ``fedlora launch``: credentials, and runs on Flower's deployment engine.
 
-:func:`add_commands` registers both on the ``fedlora`` parser. ``python -m fedlora.deploy_cli``
-runs them on their own, with the same error handling as ``fedlora``.
+:func:`add_commands` registers both on the ``fedlora`` parser (``fedlora/cli.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -199,23 +196,3 @@ def add_commands(subparsers: Any) -> None:
     launch.add_argument("--resume", metavar="OUT",
                         help="relaunch the interrupted launch in OUT from its last checkpoint")
     launch.set_defaults(func=cmd_launch)
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # the same cleanup as Ctrl-C
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return int(args.func(args))
-    except FedLoraError as exc:
-        print(f"fedlora: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora import config
+from fedlora.cli import flatten
 from fedlora.errors import FedLoraError
 
 SPEC_KEYS = {"name", "description", "preset", "config", "seeds", "metric", "target",
@@ -116,16 +117,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=+-]+", "-", text).strip("-").lower() or "x"
 
 
-def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _check_keys(keys: dict[str, Any], where: str) -> None:
     known = set(config.schema()) | CELL_KEYS
     for key in keys:
@@ -143,7 +134,7 @@ def _arms(entries: Any, what: str) -> list[Arm]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise SpecError(f"[[{what}]] entry {i} must be a table; got {entry!r}")
-        keys = _flatten(entry)
+        keys = flatten(entry)
         label = str(keys.pop("label", "") or (keys.get("strategy") if what == "strategies"
                                               else f"{what[:-1]}-{i}"))
         _check_keys(keys, f"[[{what}]] {label!r}")
@@ -156,7 +147,7 @@ def _arms(entries: Any, what: str) -> list[Arm]:
 
 
 def _grid(settings: list[Arm], grid: dict[str, Any]) -> list[Arm]:
-    axes = _flatten(grid)
+    axes = flatten(grid)
     _check_keys(axes, "[grid]")
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
@@ -189,7 +180,7 @@ def parse_spec(text: str, path: Path | None = None) -> Spec:
     if config_file and not Path(config_file).is_absolute():
         config_file = base_dir / config_file
     base = cli.preset_layer(raw.get("preset"), config_file)
-    extra = _flatten(raw.get("base", {}))
+    extra = flatten(raw.get("base", {}))
     _check_keys(extra, "[base]")
     base.update(extra)
     strategies = _arms(raw.get("strategies"), "strategies")
