@@ -56,6 +56,7 @@ from fedlora import certs, config
 from fedlora.errors import FedLoraError
 from fedlora.launcher import (
     RunFailed,
+    StatusPoller,
     app_dir,
     console_script,
     failure_reason,
@@ -64,7 +65,6 @@ from fedlora.launcher import (
     free_port,
     json_tail,
     run_logs,
-    run_status,
     write_connection,
 )
 from fedlora.outputs import read_metrics
@@ -492,6 +492,7 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
                                       s.log_path) for s in specs]
         _wait_online(specs, node_procs, link, link_log, env, cwd, startup_timeout, poll_s)
         _write_deployment(out, link_port, tls, auth, creds, specs, node_ids)
+        (out / "summary.json").unlink(missing_ok=True)  # written when the run completes
         run_id = _submit(run_config, env, cwd)
         (out / "flwr-run-id").write_text(str(run_id))
         return _follow(run_id, out, flat, specs, node_procs, link, link_log, env, cwd,
@@ -529,11 +530,9 @@ def _follow(run_id: int, out: Path, flat: Mapping[str, Any], specs: Sequence[Nod
                 on_round(record)
         result.records[:] = fresh
 
-    while True:
+    poller = StatusPoller(run_id, env, cwd, out, connection=CONNECTION)
+    while not poller.finished():
         forward_new_rounds()
-        status = run_status(run_id, env, cwd, connection=CONNECTION)
-        if status.startswith("finished"):
-            break
         if link.poll() is not None:
             raise RunFailed(f"the SuperLink exited during run {run_id}; see {link_log}")
         while gone := _first_exit(specs, node_procs, lost):
@@ -549,6 +548,7 @@ def _follow(run_id: int, out: Path, flat: Mapping[str, Any], specs: Sequence[Nod
             warn(f"{gone}; the run continues with {alive} of {len(specs)} SuperNode(s) (the "
                  f"server counts the lost node's missing replies as failures){note}")
         _sleep_watching([*node_procs, link], poll_s)
+    status = poller.status
     forward_new_rounds()
     logs = run_logs(run_id, env, cwd, connection=CONNECTION)
     (out / "run.log").write_text(logs)

@@ -148,6 +148,31 @@ def run_status(run_id: int, env: Mapping[str, str], cwd: Path,
     return str(runs[0].get("status", "unknown")) if runs else "unknown"
 
 
+class StatusPoller:
+    """The run's final status, without paying for a ``flwr ls`` process every poll.
+
+    Each ``flwr ls`` starts a Python process that imports Flower (about a second of CPU): on a
+    2-core machine, asking every second takes a good share of the cores the clients train on.
+    The ServerApp writes ``summary.json`` when it completes, so the status is asked for at every
+    poll once that file exists, and otherwise only every ``every`` seconds (to notice a run
+    that failed without writing it).
+    """
+
+    def __init__(self, run_id: int, env: Mapping[str, str], cwd: Path, output_dir: Path,
+                 connection: str = CONNECTION, every: float = 10.0) -> None:
+        self.run_id, self.env, self.cwd, self.connection = run_id, env, cwd, connection
+        self.marker = output_dir / "summary.json"
+        self.every = every
+        self.last = time.monotonic()
+        self.status = "unknown"
+
+    def finished(self) -> bool:
+        if self.marker.exists() or time.monotonic() - self.last >= self.every:
+            self.status = run_status(self.run_id, self.env, self.cwd, self.connection)
+            self.last = time.monotonic()
+        return self.status.startswith("finished")
+
+
 def run_logs(run_id: int, env: Mapping[str, str], cwd: Path,
              connection: str = CONNECTION) -> str:
     res = flwr_cli(["log", str(run_id), connection, "--show"], env, cwd, timeout=60)
@@ -169,6 +194,7 @@ def run_simulation(run_config_file: Path, output_dir: Path, num_supernodes: int,
         write_connection(home, link.port)
         cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client
         federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
+        (output_dir / "summary.json").unlink(missing_ok=True)  # written when the run completes
         submitted = flwr_cli(["run", ".", CONNECTION, "--run-config", str(run_config_file),
                            "--federation-config", federation, "--format", "json"], env, cwd)
         if submitted.returncode != 0:
@@ -187,14 +213,13 @@ def run_simulation(run_config_file: Path, output_dir: Path, num_supernodes: int,
                     on_round(record)
             records[:] = fresh
 
-        while True:
+        poller = StatusPoller(run_id, env, cwd, output_dir)
+        while not poller.finished():
             forward_new_rounds()
-            status = run_status(run_id, env, cwd)
-            if status.startswith("finished"):
-                break
             if link.process.poll() is not None:
                 raise RunFailed(f"the SuperLink exited during the run; see {link.log_path}")
             time.sleep(poll_s)
+        status = poller.status
         forward_new_rounds()
         logs = run_logs(run_id, env, cwd)
         (output_dir / "run.log").write_text(logs)
