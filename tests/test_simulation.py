@@ -90,7 +90,7 @@ def test_failed_run_exits_nonzero_with_the_reason(tmp_path):
                       f"model.num-hidden-layers=1 model.num-labels=5 data.source=files "
                       f"data.path='{bad}'")
     assert res.returncode == 1
-    assert "without an accepted update" in res.stderr
+    assert "without enough accepted updates" in res.stderr
     assert "lacks column(s) ['label']" in res.stderr
     assert our_processes(str(out)) == []
 
