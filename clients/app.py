@@ -9,6 +9,11 @@ Wire contract (see ``server/strategy.py`` for the other side)
 * out ``arrays``      ArrayRecord — only the LoRA factors in ``send`` and the declared heads
 * out ``metrics``     MetricRecord — ``num-examples``, ``train-loss``, ``server-round`` (the
   round this reply answers: stale replies are rejected) and other numbers
+
+With ``secure-aggregation`` a train message's config has ``secagg-stage = "train"``: the node
+trains the same way but replies with public keys instead of ``arrays``, and three ``query``
+messages (``secagg_share_keys``, ``secagg_masked_input``, ``secagg_unmask``) finish the round;
+the server only ever sees the masked sum (``fedlora/secure_wire.py`` lists every message).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import builders, client, config, lora, outputs, training
+from fedlora import builders, client, config, lora, outputs, secure_client, training
 from fedlora.aggregation import LoraFactors
+from fedlora.errors import ConfigError
+from fedlora.secure_wire import SECAGG, STAGE_KEY, secagg_config
 from fedlora.transport import pack, pack_correction, unpack, unpack_correction
 
 app = ClientApp()
@@ -66,6 +73,10 @@ def capabilities(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, node, model, tokenizer, instructions, base, arrays = _prepare(msg, context)
+    if cfg.fl.secure_aggregation and instructions.get(STAGE_KEY) != "train":
+        raise ConfigError("this run has secure-aggregation = true, but the server asked for "
+                          "the factors in the clear (a train message without secagg-stage); "
+                          "the node refuses to send them")
     train_examples, _ = client.examples(cfg, node, tokenizer)
     spec = builders.train_spec(cfg, int(instructions["server-round"]), node.partition_id)
 
@@ -83,8 +94,35 @@ def train(msg: Message, context: Context) -> Message:
                     "base-version": base.version,
                     "server-round": int(instructions["server-round"]),
                     "rss-mb": outputs.rss_mb()})
+    if instructions.get(STAGE_KEY) == "train":  # secure aggregation: the factors stay here
+        outgoing = secure_client.clip_update(outgoing, arrays, cfg.fl.clip_update_norm)
+        keys = secure_client.begin(context, secagg_config(cfg), int(instructions["server-round"]),
+                                   outgoing, int(metrics["num-examples"]))
+        return Message(RecordDict({SECAGG: keys, "metrics": MetricRecord(metrics)}),
+                       reply_to=msg)
     return Message(RecordDict({"arrays": pack(outgoing), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
+
+
+@app.query("secagg_share_keys")
+def secagg_share_keys(msg: Message, context: Context) -> Message:
+    """Secure round, stage 1: encrypted shares of this round's secrets for the neighbours."""
+    settings = secagg_config(config.from_flat(context.run_config))
+    return Message(secure_client.share_keys(context, settings, msg.content), reply_to=msg)
+
+
+@app.query("secagg_masked_input")
+def secagg_masked_input(msg: Message, context: Context) -> Message:
+    """Secure round, stage 2: the masked, weighted, fixed-point update."""
+    settings = secagg_config(config.from_flat(context.run_config))
+    return Message(secure_client.mask_input(context, settings, msg.content), reply_to=msg)
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Secure round, stage 3: the shares that remove the remaining masks from the sum."""
+    settings = secagg_config(config.from_flat(context.run_config))
+    return Message(secure_client.unmask(context, settings, msg.content), reply_to=msg)
 
 
 @app.evaluate()

@@ -106,8 +106,25 @@ def train_round(model: Any, tokenizer: Any, train_examples: list[dict],
     anchors = None
     if spec.proximal_mu > 0:
         anchors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    metrics = training.train(model, train_examples, spec, tokenizer.pad_token_id, anchors)
+    try:
+        metrics = training.train(model, train_examples, spec, tokenizer.pad_token_id, anchors)
+    except torch.OutOfMemoryError as exc:
+        free_memory()
+        raise MemoryError(
+            f"out of memory while training (batch size {spec.batch_size}): lower "
+            f"train.batch-size or data.max-length, or load the base in bfloat16 "
+            f"(model.dtype); the node freed its memory and will take the next round"
+        ) from exc
     return lora.adapter_arrays(model), metrics
+
+
+def free_memory() -> None:
+    """Release what a failed step left behind (optimizer state, activations, CUDA cache)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def select_outgoing(arrays: Mapping[str, np.ndarray], send: str) -> dict[str, np.ndarray]:

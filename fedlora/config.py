@@ -70,6 +70,11 @@ class FederationConfig:
     max_rank: int = _f(64, "largest LoRA rank the server accepts from a client")
     hetlora_weight_by_examples: bool = _f(False, "hetlora: multiply norm weights by examples")
     rolora_first_phase: str = _f("b", "rolora: factor trained in round 1 ('b' or 'a')")
+    robust_reducer: str = _f("median", "robust: coordinate-wise median, trimmed-mean or mean "
+                             "of the clients' ΔW")
+    robust_trim: float = _f(0.1, "robust: fraction trimmed at each end by trimmed-mean")
+    robust_clip_multiplier: float = _f(0.0, "robust: clip each ΔW to this × the median norm "
+                                       "(0 = no clipping)")
     min_accepted: int = _f(1, "accepted replies a round needs; with fewer the round is "
                            "abandoned and the previous global adapter kept")
     min_accepted_fraction: float = _f(0.0, "the same as a fraction of the sampled nodes")
@@ -79,9 +84,28 @@ class FederationConfig:
                                 "(Frobenius norm over all modules) is rejected (0 = no limit)")
     clip_update_norm: float = _f(0.0, "scale each reply's factor update down to this norm "
                                  "before aggregation (0 = no clipping)")
+    clip_quantile: float = _f(0.0, "adaptive clipping: the bound tracks this quantile of the "
+                              "update norms, starting at clip-update-norm (or 1.0); 0 = off")
+    clip_learning_rate: float = _f(0.2, "adaptive clipping: step of the geometric bound update")
     checkpoint_every: int = _f(1, "write a server checkpoint every N rounds (0 = never)")
     checkpoint_keep: int = _f(2, "checkpoints kept (older ones are deleted)")
     resume: bool = _f(False, "continue from the newest intact checkpoint in output-dir")
+    secure_aggregation: bool = _f(False, "the server learns only the weighted sum of the "
+                                  "clients' factors (SecAgg+ message rounds; fedit, ffa, fedsa, "
+                                  "rolora); max-update-norm cannot be checked, clip-update-norm "
+                                  "is applied by each client")
+    secagg_threshold: int = _f(0, "secure aggregation: shares needed to rebuild a client's "
+                               "secrets (0 = a strict majority of its share group, which "
+                               "tolerates the most dropouts)")
+    secagg_neighbours: int = _f(0, "secure aggregation: neighbours each client masks with "
+                                "(0 = ceil(3 log2 n); >= n-1 = every other client)")
+    secagg_clip_range: float = _f(8.0, "secure aggregation: every uploaded coordinate (factor "
+                                  "or head value, before its weight is applied) is clipped to "
+                                  "[-c, c]; the fixed-point step is c * secagg-max-weight / "
+                                  "floor((2^31-1)/n)")
+    secagg_max_weight: int = _f(10_000, "secure aggregation: largest num-examples a client may "
+                                "declare (its weight); a larger one is rejected. The "
+                                "fixed-point step grows with it")
 
     def __post_init__(self) -> None:
         _positive("num-server-rounds", self.num_server_rounds)
@@ -93,10 +117,18 @@ class FederationConfig:
         _positive("max-examples", self.max_examples)
         _positive("max-update-norm", self.max_update_norm, zero_ok=True)
         _positive("clip-update-norm", self.clip_update_norm, zero_ok=True)
+        if not 0 <= self.clip_quantile < 1:
+            raise ConfigError(f"clip-quantile must be in [0, 1) (0 = off); got "
+                              f"{self.clip_quantile}")
+        _positive("clip-learning-rate", self.clip_learning_rate)
         _positive("checkpoint-every", self.checkpoint_every, zero_ok=True)
         _positive("checkpoint-keep", self.checkpoint_keep)
         _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _choice("rolora-first-phase", self.rolora_first_phase, ("a", "b"))
+        _choice("robust-reducer", self.robust_reducer, ("median", "trimmed-mean", "mean"))
+        if not 0 <= self.robust_trim < 0.5:
+            raise ConfigError(f"robust-trim must be in [0, 0.5); got {self.robust_trim}")
+        _positive("robust-clip-multiplier", self.robust_clip_multiplier, zero_ok=True)
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train must be in (0, 1]; got {self.fraction_train}")
         if not 0 <= self.fraction_evaluate <= 1:
@@ -107,6 +139,15 @@ class FederationConfig:
         _positive("round-timeout", self.round_timeout)
         _positive("max-rank", self.max_rank)
         self.ranks()  # validates the mapping
+        if self.secagg_threshold == 1 or self.secagg_threshold < 0:
+            raise ConfigError(f"secagg-threshold must be 0 (a strict majority of each share "
+                              f"group) or an int >= 2; got {self.secagg_threshold}")
+        _positive("secagg-neighbours", self.secagg_neighbours, zero_ok=True)
+        if not 0 < self.secagg_clip_range < float("inf"):
+            raise ConfigError(f"secagg-clip-range must be a finite number > 0 (the largest "
+                              f"magnitude of an uploaded coordinate); got "
+                              f"{self.secagg_clip_range}")
+        _positive("secagg-max-weight", self.secagg_max_weight)
 
     def ranks(self) -> tuple[int, ...]:
         """Parsed ``rank-by-partition`` (empty when every client uses ``lora.r``)."""

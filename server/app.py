@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora import checkpoint, config, outputs
 from fedlora.evaluator import ServerModel
+from fedlora.secure_wire import check_secure_aggregation
 from server.strategy import FederatedLora, build_optimizer
 
 app = ServerApp()
@@ -22,6 +23,7 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     cfg = config.from_flat(context.run_config)
     build_optimizer(cfg)  # refuse a bad strategy/optimizer pair before loading anything
+    check_secure_aggregation(cfg)  # ... and a strategy that needs individual client factors
     directory = outputs.output_dir(cfg)
     checkpoints = directory / "checkpoints"
     resumed = None

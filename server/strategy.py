@@ -34,12 +34,14 @@ from fedlora.aggregation import (
     strategy_info,
     validate_update,
 )
+from fedlora.aggregation.clipping import AdaptiveClip
 from fedlora.client import select_outgoing
 from fedlora.config import RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
 from fedlora.federation import GlobalAdapter, aggregate_heads, split_arrays
 from fedlora.outputs import rss_mb
 from fedlora.transport import nbytes, pack, pack_correction, unpack
+from server.secure_round import SecureOutcome, SecureRound
 
 # keys that may differ between a run and its resumption
 RESUMABLE_KEYS = ("num-server-rounds", "round-timeout", "resume", "output-dir")
@@ -78,6 +80,9 @@ def round_plan(cfg: RunConfig, server_round: int) -> RoundPlan:
         return RoundPlan(trainable=phase, send=phase, options={"phase": phase})
     if name == "hetlora":
         return RoundPlan(options={"weight_by_examples": cfg.fl.hetlora_weight_by_examples})
+    if name == "robust":
+        return RoundPlan(options={"reducer": cfg.fl.robust_reducer, "trim": cfg.fl.robust_trim,
+                                  "clip_multiplier": cfg.fl.robust_clip_multiplier})
     return RoundPlan()
 
 
@@ -124,6 +129,15 @@ class FederatedLora:
         self.optimizer = build_optimizer(cfg)
         self.info = strategy_info(cfg.fl.strategy)
         self.base_version: dict[int, int] = {}  # partition -> corrections applied
+        self.secure = SecureRound(cfg) if cfg.fl.secure_aggregation else None
+        self.adaptive_clip = (AdaptiveClip(cfg.fl.clip_update_norm or 1.0, cfg.fl.clip_quantile,
+                                           cfg.fl.clip_learning_rate)
+                              if cfg.fl.clip_quantile > 0 else None)
+        if self.adaptive_clip is not None and self.secure is not None:
+            raise ConfigError("clip-quantile (adaptive clipping on the server) needs to see each "
+                              "update; with secure-aggregation use a fixed clip-update-norm, "
+                              "which the clients apply themselves")
+        self._round_norms: list[float] = []
 
     # ------------------------------------------------------------------ discovery
 
@@ -206,16 +220,7 @@ class FederatedLora:
         if "arrays" not in reply.content or "metrics" not in reply.content:
             raise PayloadError("MALFORMED", "reply lacks 'arrays' or 'metrics'")
         metrics = dict(reply.content["metrics"])
-        if server_round is not None and metrics.get("server-round") != server_round:
-            raise PayloadError("WRONG_ROUND", f"reply is for round {metrics.get('server-round')!r}"
-                               f", this is round {server_round}")
-        n = metrics.get("num-examples")
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= self.cfg.fl.max_examples:
-            raise PayloadError("BAD_EXAMPLE_COUNT", f"num-examples must be an int in 1.."
-                               f"{self.cfg.fl.max_examples} (max-examples), got {n!r}")
-        loss = metrics.get("train-loss")
-        if not isinstance(loss, int | float) or isinstance(loss, bool) or not np.isfinite(loss):
-            raise PayloadError("BAD_METRICS", f"train-loss must be a finite number, got {loss!r}")
+        n = self.check_metrics(metrics, server_round)
         expected = select_outgoing(sent, send)
         limit = 2 * sum(v.size * 4 for v in expected.values()) + 65_536  # float64 at most
         size = nbytes(reply.content["arrays"])
@@ -240,10 +245,26 @@ class FederatedLora:
                         max_rank=self.cfg.fl.max_rank, declared_rank=node.rank)
         return self._bound_norm(update, sent_factors), heads, metrics
 
+    def check_metrics(self, metrics: Mapping[str, Any], server_round: int | None) -> int:
+        """The reply's example count, after checking its round, count and loss."""
+        if server_round is not None and metrics.get("server-round") != server_round:
+            raise PayloadError("WRONG_ROUND", f"reply is for round {metrics.get('server-round')!r}"
+                               f", this is round {server_round}")
+        n = metrics.get("num-examples")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= self.cfg.fl.max_examples:
+            raise PayloadError("BAD_EXAMPLE_COUNT", f"num-examples must be an int in 1.."
+                               f"{self.cfg.fl.max_examples} (max-examples), got {n!r}")
+        loss = metrics.get("train-loss")
+        if not isinstance(loss, int | float) or isinstance(loss, bool) or not np.isfinite(loss):
+            raise PayloadError("BAD_METRICS", f"train-loss must be a finite number, got {loss!r}")
+        return n
+
     def _bound_norm(self, update: ClientUpdate, sent: Mapping[str, LoraFactors]) -> ClientUpdate:
-        """Reject absurd moves (``max-update-norm``), clip large ones (``clip-update-norm``)."""
+        """Reject absurd moves (``max-update-norm``), clip large ones (``clip-update-norm``, or
+        the adaptive bound tracking the ``clip-quantile`` of the update norms)."""
         fl = self.cfg.fl
-        if not fl.max_update_norm and not fl.clip_update_norm:
+        bound = self.adaptive_clip.bound if self.adaptive_clip else fl.clip_update_norm
+        if not fl.max_update_norm and not bound:
             return update
         squares = 0.0
         for module, f in update.factors.items():
@@ -254,9 +275,10 @@ class FederatedLora:
         if fl.max_update_norm and norm > fl.max_update_norm:
             raise PayloadError("NORM_TOO_LARGE", f"the factors moved by {norm:.3g} (Frobenius); "
                                f"max-update-norm is {fl.max_update_norm}")
-        if not fl.clip_update_norm or norm <= fl.clip_update_norm:
+        self._round_norms.append(norm)
+        if not bound or norm <= bound:
             return update
-        keep = fl.clip_update_norm / norm
+        keep = bound / norm
         clipped = {m: LoraFactors(a=(sent[m].a + keep * (f.a - sent[m].a)).astype(f.a.dtype),
                                   b=(sent[m].b + keep * (f.b - sent[m].b)).astype(f.b.dtype),
                                   scale=f.scale) for m, f in update.factors.items()}
@@ -298,6 +320,8 @@ class FederatedLora:
         arrays = {f"global/{k}": v for k, v in glob_arrays.items()}
         state: dict[str, Any] = {"global": glob_state, "strategy": self.cfg.fl.strategy,
                                  "config_digest": config_digest(self.cfg)}
+        if self.adaptive_clip is not None:
+            state["adaptive_clip_bound"] = self.adaptive_clip.bound
         if self.optimizer is not None:
             opt = self.optimizer.state_dict()
             state["optimizer"] = {k: float(v) for k, v in opt.items()
@@ -328,6 +352,8 @@ class FederatedLora:
             opt.update({k[len("optimizer/"):]: v for k, v in ck.arrays.items()
                         if k.startswith("optimizer/")})
             self.optimizer.load_state_dict(opt)
+        if self.adaptive_clip is not None:
+            self.adaptive_clip.bound = float(ck.state["adaptive_clip_bound"])
         self.base_version = {}  # fresh node processes: every correction is sent again
 
     def train_round(self, grid: Grid, nodes: list[NodeInfo], server_round: int) -> dict:
@@ -343,6 +369,13 @@ class FederatedLora:
         bytes_down = sum(nbytes(m.content["arrays"]) + (nbytes(m.content["correction"]) if
                          "correction" in m.content else 0) for m in messages)
         start_version = self.glob.version
+        if self.secure is not None:
+            outcome = self.secure.run(grid, server_round, sampled, messages,
+                                      select_outgoing(sent[sampled[0].node_id], plan.send),
+                                      lambda metrics: self.check_metrics(metrics, server_round))
+            for node in outcome.trained:
+                self.base_version[node.partition_id] = start_version
+            return self._adopt_secure(outcome, sent, plan, server_round, start, bytes_down)
         replies = list(grid.send_and_receive(messages, timeout=self.cfg.fl.round_timeout))
 
         accepted: list[tuple[NodeInfo, ClientUpdate, dict, dict]] = []
@@ -350,13 +383,21 @@ class FederatedLora:
         errors: list[str] = []
         seen: set[int] = set()
         bytes_up = 0
+        # the SuperLink's own "node unavailable" replies carry its id as sender: replies are
+        # matched to the node that was asked through the message they answer
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+                 if m.metadata.message_id}
+
+        def asked_node(reply: Message) -> int:
+            return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
         for reply in replies:
             node = by_id.get(reply.metadata.src_node_id)
             if reply.has_error():
                 rejected["CLIENT_ERROR"] += 1
                 errors.append(_last_line(reply.error.reason))
-                log(WARNING, "Round %d: node %s failed: %s", server_round,
-                    reply.metadata.src_node_id, reply.error.reason)
+                log(WARNING, "Round %d: node %s failed: %s", server_round, asked_node(reply),
+                    reply.error.reason)
                 continue
             bytes_up += nbytes(reply.content["arrays"]) if "arrays" in reply.content else 0
             if node is None or node.node_id in seen:
@@ -374,16 +415,23 @@ class FederatedLora:
                     node.partition_id, exc)
                 continue
             accepted.append((node, update, heads, metrics))
-        answered = {reply.metadata.src_node_id for reply in replies}
+        answered = {asked_node(reply) for reply in replies}
         rejected["NO_REPLY"] += len(set(by_id) - answered)
 
         accepted.sort(key=lambda item: item[0].partition_id)  # fixed order → reproducible sums
+        clip_bound = None
+        if self.adaptive_clip is not None:  # this round used the old bound; adapt for the next
+            clip_bound = self.adaptive_clip.bound
+            self.adaptive_clip.update(self._round_norms)
+        self._round_norms = []
         record: dict[str, Any] = {
             "num_sampled": len(sampled), "num_accepted": len(accepted),
             "clients": [n.partition_id for n, *_ in accepted],
             "rejected": {k: v for k, v in sorted(rejected.items()) if v},
             "bytes_up": bytes_up, "bytes_down": bytes_down,
         }
+        if clip_bound is not None:
+            record["clip_bound"] = clip_bound
         if errors:
             record["errors"] = errors[:5]
         needed = max(self.cfg.fl.min_accepted,
@@ -415,6 +463,63 @@ class FederatedLora:
             "agg_error_max": diagnostics["agg_error_max"],
             "effective_rank_mean": diagnostics["effective_rank_mean"],
             "base_version": self.glob.version,
+        })
+        if "phase" in plan.options:
+            record["phase"] = plan.options["phase"]
+        record["duration_s"] = time.perf_counter() - start
+        return record
+
+    def _adopt_secure(self, outcome: SecureOutcome, sent: Mapping[int, Mapping[str, np.ndarray]],
+                      plan: RoundPlan, server_round: int, start: float, bytes_down: int
+                      ) -> dict[str, Any]:
+        """A secure round's metrics line; its mean is adopted like a plain aggregate.
+
+        The mean of the uploaded arrays, with the factors that were not sent filled in from
+        what was sent (as :meth:`decode` does for one reply), is a single update of weight 1;
+        every linear rule returns such an update unchanged, so ``aggregate`` builds the same
+        kind of result (and view) as in a plain round, and server optimizers apply as usual.
+        """
+        contributors = outcome.contributors
+        record: dict[str, Any] = {
+            "num_sampled": len(sent), "num_accepted": len(contributors),
+            "clients": [n.partition_id for n, _ in contributors],
+            "rejected": {k: v for k, v in sorted(outcome.rejected.items()) if v},
+            "bytes_up": outcome.bytes_up, "bytes_down": bytes_down + outcome.bytes_down,
+            "secagg_dropped": outcome.dropped, "secagg_s": outcome.seconds,
+        }
+        errors = ([outcome.aborted] if outcome.aborted else []) + outcome.errors
+        if errors:
+            record["errors"] = [_last_line(e) for e in errors[:5]]
+        needed = max(self.cfg.fl.min_accepted,
+                     math.ceil(self.cfg.fl.min_accepted_fraction * len(sent)))
+        if outcome.mean is None or len(contributors) < needed:
+            log(WARNING, "Round %d: %d update(s) in the secure sum, %d needed (min-accepted / "
+                "min-accepted-fraction / secure aggregation threshold): round abandoned, the "
+                "global adapter is unchanged", server_round, len(contributors), needed)
+            record["abandoned"] = True
+            if outcome.aborted:
+                record["abandon_reason"] = "SECAGG_ABORTED"
+            record["duration_s"] = time.perf_counter() - start
+            return record
+
+        node = contributors[0][0]
+        weights = [int(m["num-examples"]) for _, m in contributors]
+        scale = scale_for_rank(node.rank, self.glob.lora_alpha, self.glob.rslora)
+        factors, heads = split_arrays({**sent[node.node_id], **outcome.mean}, scale)
+        update = ClientUpdate(factors=factors, num_examples=sum(weights))
+        result = aggregate(self.cfg.fl.strategy, [update], lora_alpha=self.glob.lora_alpha,
+                           rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
+                           seed=self.cfg.fl.seed * 100_003 + server_round, **plan.options)
+        self.glob.apply(result, heads, self.optimizer, rank=node.rank)
+        total = float(sum(weights))
+        record.update({
+            "train_loss": sum(m["train-loss"] * w for (_, m), w in zip(contributors, weights,
+                                                                      strict=True)) / total,
+            "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for _, m in contributors),
+            "num_examples": int(total),
+            "effective_rank_mean": result.diagnostics([update])["effective_rank_mean"],
+            "base_version": self.glob.version,
+            "secagg_error_bound": outcome.error_bound,
         })
         if "phase" in plan.options:
             record["phase"] = plan.options["phase"]

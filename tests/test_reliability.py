@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ConfigRecord, Message
 
 from clients.app import app as client_app
@@ -213,8 +214,8 @@ def test_a_reply_from_a_node_that_was_not_asked_is_rejected(references):
         return replies
 
     records, glob = run(tiny_config(num_server_rounds=1), transform=transform)
-    # the stranger's reply is refused, and the node that was asked never answered
-    assert records[1]["rejected"] == {"DUPLICATE_OR_UNKNOWN": 1, "NO_REPLY": 1}
+    # the reply answers the message sent to BAD but comes from a node nobody asked: refused
+    assert records[1]["rejected"] == {"DUPLICATE_OR_UNKNOWN": 1}
     for key, value in glob.arrays_for(8).items():
         assert np.array_equal(value, references["without"][key])
 
@@ -360,3 +361,48 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path):
                           server_model.initial_global(), server_model.evaluate, lambda rec: None)
     with pytest.raises(checkpoint.CheckpointError, match="different configuration"):
         other.restore(checkpoint.load_latest(tmp_path))
+
+
+def test_adaptive_clipping_tracks_the_quantile_of_update_norms(tmp_path):
+    """The bound starts tiny, so every update is clipped and the bound grows round by round;
+    it is checkpointed and restored with the rest of the server state."""
+    flat = tiny_config(num_server_rounds=3, clip_update_norm=1e-4, clip_quantile=0.5,
+                       clip_learning_rate=1.0)
+    cfg = config.from_flat(flat)
+    server_model = ServerModel(cfg, 64)
+    records: list[dict] = []
+    strategy = FederatedLora(cfg, server_model.initial_global(), server_model.evaluate,
+                             records.append)
+    grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": 2} for i in range(2)],
+                         flat)
+    strategy.run(grid, checkpoint_dir=tmp_path)
+    bounds = [r["clip_bound"] for r in records[1:]]
+    assert bounds[0] == pytest.approx(1e-4)
+    assert bounds[1] == pytest.approx(1e-4 * math.exp(0.5))  # none fitted: grow by e^(η/2)
+    assert bounds[2] == pytest.approx(1e-4 * math.exp(1.0))
+    again = FederatedLora(cfg, server_model.initial_global(), server_model.evaluate,
+                          lambda rec: None)
+    again.restore(checkpoint.load_latest(tmp_path))
+    assert again.adaptive_clip.bound == pytest.approx(1e-4 * math.exp(1.5))
+
+
+def test_a_client_out_of_memory_replies_with_an_error_and_the_round_goes_on(monkeypatch):
+    from fedlora import training
+
+    real = training.train
+
+    def train(model, examples, spec, pad, anchors=None):
+        if spec.seed == _seed_of(2):  # partition 2, round 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, examples, spec, pad, anchors)
+
+    monkeypatch.setattr(training, "train", train)
+    records, glob = run(tiny_config(num_server_rounds=1))
+    assert records[1]["rejected"] == {"CLIENT_ERROR": 1} and records[1]["clients"] == [0, 1]
+    assert "out of memory while training" in records[1]["errors"][0]
+
+
+def _seed_of(partition: int, server_round: int = 1) -> int:
+    from fedlora import builders
+
+    return builders.train_spec(config.from_flat(tiny_config()), server_round, partition).seed

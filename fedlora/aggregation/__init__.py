@@ -10,7 +10,7 @@ folded in, so clients of different ranks combine correctly.
 >>> result.for_client(8)                               # doctest: +SKIP
 
 Rules (one module each, registered by name): ``fedit``, ``ffa``, ``fedsa``,
-``rolora``, ``hetlora``, ``flora``, ``flexlora``, ``fedex``. Everything here
+``rolora``, ``hetlora``, ``flora``, ``flexlora``, ``fedex``, ``robust``. Everything here
 is numpy only, never mutates its inputs, and sums in the order given.
 """
 
@@ -22,6 +22,7 @@ from fedlora.aggregation import (  # noqa: F401  (imported to register the rules
     flexlora,
     flora,
     hetlora,
+    robust,
     rolora,
 )
 from fedlora.aggregation.context import RoundContext

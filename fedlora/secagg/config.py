@@ -38,6 +38,7 @@ INCOMPATIBLE: dict[str, str] = {
     "flora": "it stacks every client's individual factors into the global adapter",
     "flexlora": "it needs each client's product s_k B_k A_k to form ΔW* before its SVD",
     "fedex": "its residual Σ p_k s_k B_k A_k − s·B̄Ā needs each client's product B_k A_k",
+    "robust": "its median / trimmed mean is taken over each client's own ΔW_k",
 }
 
 

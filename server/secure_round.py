@@ -1,0 +1,257 @@
+"""Server side of a secure training round: one strategy round as four message rounds.
+
+Stage 0 is the round's usual ``train`` message (its config says ``secagg-stage = "train"``);
+the nodes train, keep their factors and answer with public keys and their metrics. Stages 1–3
+(``query.secagg_share_keys`` / ``secagg_masked_input`` / ``secagg_unmask``, see
+:mod:`fedlora.secure_wire`) relay keys and encrypted shares, collect the masked inputs and the
+shares that unmask their sum. The server learns ``Σ_k n_k·clip(x_k)`` and ``Σ_k n_k`` over the
+contributors — the example-weighted mean of the uploaded arrays, which is exactly what the
+linear rules (fedit, ffa, fedsa, rolora) compute from individual replies.
+
+Per reply: a node that fails, does not answer or sends something malformed, stale or
+duplicated is dropped at that stage and counted in ``rejected`` by reason; the round goes on
+while every needed secret can be rebuilt from ``t`` shares. Otherwise
+:class:`~fedlora.secagg.SecAggAborted` ends it with no sum (the caller abandons the round).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from fedlora.config import RunConfig
+from fedlora.errors import PayloadError
+from fedlora.secagg import SecAggAborted, SecAggServer, flatten_arrays
+from fedlora.secure_wire import (
+    MASKED_INPUT,
+    SECAGG,
+    SHARE_KEYS,
+    STAGE_KEY,
+    UNMASK,
+    check_secure_aggregation,
+    directory_record,
+    payload_bytes,
+    read_advert,
+    read_bundle,
+    read_masked,
+    read_unmask,
+    relayed_record,
+    secagg_config,
+    unmask_request_record,
+)
+
+if TYPE_CHECKING:
+    from server.strategy import NodeInfo
+
+# SecAggServer's rejection codes, named like the plain round's where they mean the same
+_REASONS = {"UNEXPECTED_SENDER": "DUPLICATE_OR_UNKNOWN", "DUPLICATE": "DUPLICATE_OR_UNKNOWN"}
+
+
+@dataclass
+class SecureOutcome:
+    """What a secure round produced, for the strategy's metrics line.
+
+    Parameters
+    ----------
+    trained
+        Nodes that answered the stage-0 train message (they hold every base correction sent).
+    contributors
+        ``(node, stage-0 metrics)`` of the nodes whose input is in the sum, by partition.
+    mean
+        Example-weighted mean of the uploaded arrays by name (float32); ``None`` if aborted.
+    error_bound
+        Largest fixed-point error of a coordinate of ``mean`` (codec bound / total weight).
+    dropped
+        Nodes lost at each stage, by stage label (``advertise-keys`` includes failed training).
+    aborted
+        The :class:`~fedlora.secagg.SecAggAborted` message, or ``""``.
+    """
+
+    trained: list[NodeInfo] = field(default_factory=list)
+    contributors: list[tuple[NodeInfo, dict[str, Any]]] = field(default_factory=list)
+    mean: dict[str, np.ndarray] | None = None
+    error_bound: float = 0.0
+    rejected: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+    aborted: str = ""
+
+
+class SecureRound:
+    """Runs the message rounds of secure aggregation for :class:`server.strategy.FederatedLora`.
+
+    Raises
+    ------
+    ConfigError
+        At construction, for a strategy that cannot aggregate securely (before any round).
+    """
+
+    def __init__(self, cfg: RunConfig) -> None:
+        check_secure_aggregation(cfg)
+        self.settings = secagg_config(cfg)
+        self.timeout = cfg.fl.round_timeout
+        self.max_weight = cfg.fl.secagg_max_weight
+
+    def run(self, grid: Grid, server_round: int, sampled: list[NodeInfo],
+            messages: list[Message], template: Mapping[str, np.ndarray],
+            check_metrics: Callable[[dict[str, Any]], int]) -> SecureOutcome:
+        """Stage 0 (``messages``, the round's train messages) and stages 1–3.
+
+        Parameters
+        ----------
+        template
+            The arrays one node would send back in a plain round (names and shapes); every
+            sampled node has the same rank, so the same layout.
+        check_metrics
+            Validates a reply's metrics (round, example count, loss) and returns its
+            example count, or raises :class:`~fedlora.errors.PayloadError`.
+        """
+        out = SecureOutcome()
+        by_id = {n.node_id: n for n in sampled}
+        _, layout = flatten_arrays(template)
+        server = SecAggServer(self.settings, server_round, list(by_id), layout.size)
+        for msg in messages:
+            msg.content["config"][STAGE_KEY] = "train"
+        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        started = time.perf_counter()
+        adverts, metrics = [], {}
+        for reply in self._answers(messages, replies, by_id, out):
+            src = reply.metadata.src_node_id
+            out.trained.append(by_id[src])
+            try:
+                metrics[src] = self._check_stage0(reply.content, check_metrics)
+                adverts.append(read_advert(reply.content, src))
+            except PayloadError as exc:
+                self._reject(out, server_round, src, exc)
+        seen = 0  # server.rejections already counted
+        try:
+            directory = server.collect_keys(adverts)
+            seen = self._count(server, out, before=seen)
+            bundles = self._exchange(grid, server_round, SHARE_KEYS, {
+                node: directory_record(directory) for node in directory.public_keys
+            }, read_bundle, out)
+            relays = server.collect_shares(bundles)
+            seen = self._count(server, out, before=seen)
+            inputs = self._exchange(grid, server_round, MASKED_INPUT, {
+                node: relayed_record(relayed) for node, relayed in relays.items()
+            }, lambda content, src: read_masked(content, src, layout.size), out)
+            requests = server.collect_masked_inputs(inputs)
+            seen = self._count(server, out, before=seen)
+            responses = self._exchange(grid, server_round, UNMASK, {
+                node: unmask_request_record(request) for node, request in requests.items()
+            }, read_unmask, out)
+            total = server.collect_unmask_responses(responses)
+            self._count(server, out, before=seen)
+        except SecAggAborted as exc:
+            self._count(server, out, before=seen)
+            out.aborted = str(exc)
+            log(WARNING, "Round %d: %s", server_round, exc)
+        else:
+            if not total.total_weight > 0:  # only a client that encoded a bogus weight does this
+                out.aborted = (f"the securely summed weight of round {server_round} is "
+                               f"{total.total_weight}; no mean exists")
+                return self._finish(out, server, server_round, started)
+            out.mean = layout.unflatten(total.mean())
+            out.error_bound = total.error_bound / total.total_weight
+            out.contributors = sorted(((by_id[n], metrics[n]) for n in total.contributors),
+                                      key=lambda item: item[0].partition_id)
+        return self._finish(out, server, server_round, started)
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _finish(out: SecureOutcome, server: SecAggServer, server_round: int,
+                started: float) -> SecureOutcome:
+        out.dropped = {stage.label: len(nodes) for stage, nodes in server.dropped.items()}
+        out.seconds = time.perf_counter() - started
+        log(INFO, "Round %d: secure aggregation, %d contributor(s), dropped per stage %s, "
+            "%.2f s", server_round, len(out.contributors), out.dropped, out.seconds)
+        return out
+
+    def _check_stage0(self, content: RecordDict, check_metrics: Callable[[dict[str, Any]], int]
+                      ) -> dict[str, Any]:
+        if "metrics" not in content:
+            raise PayloadError("MALFORMED", "a stage-0 reply lacks 'metrics'")
+        if "arrays" in content:
+            raise PayloadError("MALFORMED", "a stage-0 reply of a secure round must not carry "
+                               "the factors; they are uploaded masked in stage 2")
+        metrics = dict(content["metrics"])
+        n = check_metrics(metrics)
+        if n > self.max_weight:
+            raise PayloadError("BAD_EXAMPLE_COUNT", f"num-examples {n} exceeds "
+                               f"secagg-max-weight {self.max_weight}, the largest weight the "
+                               f"fixed-point encoding holds; raise secagg-max-weight")
+        return metrics
+
+    def _answers(self, messages: Iterable[Message], replies: Iterable[Message],
+                 expected: Mapping[int, Any], out: SecureOutcome) -> list[Message]:
+        """First error-free reply of each expected node; the rest counted as rejected.
+
+        A reply counts for the node it comes from; whether a node answered at all is read
+        from the message it answers (the SuperLink's own error replies carry its id).
+        """
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+                 if m.metadata.message_id}
+        kept, seen, answered = [], set(), set()
+        for reply in replies:
+            src = reply.metadata.src_node_id
+            answered.add(asked.get(reply.metadata.reply_to_message_id, src))
+            if reply.has_error():
+                out.rejected["CLIENT_ERROR"] += 1
+                out.errors.append(reply.error.reason or "")
+                log(WARNING, "Secure round: node %s failed: %s",
+                    asked.get(reply.metadata.reply_to_message_id, src), reply.error.reason)
+                continue
+            out.bytes_up += payload_bytes(reply.content)
+            if src not in expected or src in seen:
+                out.rejected["DUPLICATE_OR_UNKNOWN"] += 1
+                continue
+            seen.add(src)
+            kept.append(reply)
+        out.rejected["NO_REPLY"] += len(set(expected) - answered)
+        return kept
+
+    def _exchange(self, grid: Grid, server_round: int, message_type: str,
+                  records: Mapping[int, ConfigRecord], parse: Callable[[RecordDict, int], Any],
+                  out: SecureOutcome) -> list[Any]:
+        """One stage: a message per node, the parsed replies (the server checks the rest)."""
+        messages = [Message(RecordDict({SECAGG: record}), dst_node_id=node,
+                            message_type=message_type, group_id=str(server_round))
+                    for node, record in records.items()]
+        out.bytes_down += sum(payload_bytes(m.content) for m in messages)
+        parsed = []
+        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        for reply in self._answers(messages, replies, records, out):
+            try:
+                parsed.append(parse(reply.content, reply.metadata.src_node_id))
+            except PayloadError as exc:
+                self._reject(out, server_round, reply.metadata.src_node_id, exc)
+        return parsed
+
+    @staticmethod
+    def _reject(out: SecureOutcome, server_round: int, node: int, exc: PayloadError) -> None:
+        out.rejected[exc.reason] += 1
+        log(WARNING, "Round %d: rejected secure-aggregation reply of node %s: %s",
+            server_round, node, exc)
+
+    @staticmethod
+    def _count(server: SecAggServer, out: SecureOutcome, before: int) -> int:
+        """Add the server's rejections after the first ``before``; returns how many it has."""
+        for rejection in server.rejections[before:]:
+            out.rejected[_REASONS.get(rejection.reason, rejection.reason)] += 1
+            log(WARNING, "Secure round, %s: rejected node %s: %s (%s)", rejection.stage.label,
+                rejection.node, rejection.reason, rejection.detail)
+        return len(server.rejections)
+
