@@ -212,3 +212,24 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path):
 def test_resume_needs_a_run_directory(tmp_path):
     res = fedlora_cli("run", "--resume", str(tmp_path), timeout=60)
     assert res.returncode == 2 and "is not the output directory of a `fedlora run`" in res.stderr
+
+
+@pytest.mark.slow
+def test_a_client_raising_in_training_is_excluded_and_the_run_goes_on(tmp_path):
+    """Real processes (Ray): node 1's own file lacks the label column, so its training raises;
+    it replies with an error every round, node 0's updates carry the run to the end."""
+    good = tmp_path / "site-0.jsonl"
+    good.write_text("".join(json.dumps({"text": f"note {i} about topic {i % 2}",
+                                        "label": i % 2}) + "\n" for i in range(24)))
+    (tmp_path / "site-1.jsonl").write_text('{"text": "no label here"}\n' * 24)
+    out = tmp_path / "run"
+    res = fedlora_cli("run", "--num-clients", "2", "--rounds", "2", "--out", str(out), "-c",
+                      f"model.num-hidden-layers=1 model.num-labels=2 data.source=files "
+                      f"data.path='{tmp_path}/site-{{partition-id}}.jsonl' min-train-nodes=1 "
+                      f"data.max-length=24 train.local-steps=2 train.batch-size=8")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rec in read_metrics(out)[1:]:
+        assert rec["num_accepted"] == 1 and rec["clients"] == [0]
+        assert rec["rejected"] == {"CLIENT_ERROR": 1}
+        assert "lacks column(s) ['label']" in rec["errors"][0]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
