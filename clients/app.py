@@ -21,7 +21,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import builders, client, config, lora, outputs, secure_client, training
+from fedlora import builders, client, config, lora, outputs, privacy, secure_client, training
 from fedlora.aggregation import LoraFactors
 from fedlora.errors import ConfigError
 from fedlora.secure_wire import SECAGG, STAGE_KEY, secagg_config
@@ -90,6 +90,10 @@ def train(msg: Message, context: Context) -> Message:
         context.state[BASE] = pack_correction(base.factors)
         context.state[BASE_META] = ConfigRecord({"version": base.version})
     outgoing = client.select_outgoing(trained, str(instructions.get("send", "ab")))
+    dp = cfg.fl.dp_spec()
+    if dp.enabled:  # clip (and in local mode, noise) before anything leaves the node
+        outgoing, dp_metrics = privacy.privatize(outgoing, arrays, dp)
+        metrics.update(dp_metrics)
     metrics.update({"partition-id": node.partition_id, "lora-rank": node.rank,
                     "base-version": base.version,
                     "server-round": int(instructions["server-round"]),

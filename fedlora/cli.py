@@ -124,6 +124,9 @@ def preflight(cfg: config.RunConfig, clients: int) -> None:
     from fedlora.secure_wire import check_secure_aggregation
 
     check_secure_aggregation(cfg, clients)  # e.g. flora needs the individual factors
+    from fedlora.privacy import check_config
+
+    check_config(cfg)  # DP needs a mean of equal-shape updates
     if cfg.model.name not in assets.MODEL_ALIASES:
         assets.resolve_model(cfg.model.name)
     if cfg.data.source == "files":

@@ -106,6 +106,13 @@ class FederationConfig:
     secagg_max_weight: int = _f(10_000, "secure aggregation: largest num-examples a client may "
                                 "declare (its weight); a larger one is rejected. The "
                                 "fixed-point step grows with it")
+    dp_mode: str = _f("off", "client-level differential privacy: off, central (clients clip, the "
+                      "server adds noise) or local (clients clip and add noise); fedit, ffa "
+                      "(recommended), fedsa, rolora")
+    dp_clip_norm: float = _f(1.0, "DP: L2 bound of each client's update (sent - received)")
+    dp_noise_multiplier: float = _f(1.0, "DP: noise std / clip norm (on the sum, or per client "
+                                    "in local mode)")
+    dp_delta: float = _f(1e-5, "DP: the delta for which epsilon is reported per round")
 
     def __post_init__(self) -> None:
         _positive("num-server-rounds", self.num_server_rounds)
@@ -148,6 +155,12 @@ class FederationConfig:
                               f"magnitude of an uploaded coordinate); got "
                               f"{self.secagg_clip_range}")
         _positive("secagg-max-weight", self.secagg_max_weight)
+        self.dp_spec()  # validates the DP keys
+
+    def dp_spec(self) -> Any:
+        from fedlora.privacy import DPSpec
+
+        return DPSpec(self.dp_mode, self.dp_clip_norm, self.dp_noise_multiplier, self.dp_delta)
 
     def ranks(self) -> tuple[int, ...]:
         """Parsed ``rank-by-partition`` (empty when every client uses ``lora.r``)."""

@@ -409,7 +409,8 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
            ranks: Sequence[int] | None = None, port: int | None = None,
            on_round: Callable[[dict[str, Any]], None] | None = None,
            on_warning: Callable[[str], None] | None = None,
-           poll_s: float = 3.0, startup_timeout: float = 120.0) -> LaunchResult:
+           poll_s: float = 3.0, startup_timeout: float = 120.0,
+           settings_record: Mapping[str, Any] | None = None) -> LaunchResult:
     """Run one federated job on real SuperLink/SuperNode processes on this host.
 
     Parameters
@@ -464,6 +465,8 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
 
     logs, home = out / "logs", out / ".flwr"
     logs.mkdir(parents=True, exist_ok=True)
+    if settings_record is not None:  # what `fedlora launch --resume` relaunches with
+        (out / "launch-settings.json").write_text(json.dumps(dict(settings_record), default=str))
     if tls and creds is None:
         creds = certs.generate(out / "certs", nodes=n if auth else 0, force=True)
     run_config = write_run_config(flat, out)

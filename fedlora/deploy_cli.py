@@ -77,12 +77,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     settings = {"nodes": None if gpus is not None else nodes, "gpus": gpus,
                 "tls": True if args.tls or args.certs else None, "auth": args.auth,
                 "certs_dir": args.certs, "data_paths": data_paths, "ranks": ranks}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / LAUNCH_FILE).write_text(json.dumps(settings, default=str))
-    return _run(flat, out, settings, args.port, console, rounds)
+    return _run(flat, out, settings, args.port, console, rounds, record=True)
 
 
-LAUNCH_FILE = "launch-settings.json"
+LAUNCH_FILE = "launch-settings.json"  # written by deploy.launch once its checks passed
 
 
 def _resume(args: argparse.Namespace, console: Any) -> int:
@@ -111,7 +109,7 @@ def _resume(args: argparse.Namespace, console: Any) -> int:
 
 
 def _run(flat: dict[str, Any], out: Path, settings: dict[str, Any], port: int | None,
-         console: Any, rounds: int) -> int:
+         console: Any, rounds: int, record: bool = False) -> int:
     from rich.markup import escape
 
     from fedlora import deploy
@@ -136,7 +134,8 @@ def _run(flat: dict[str, Any], out: Path, settings: dict[str, Any], port: int | 
 
     try:
         result = deploy.launch(flat, out=out, port=port, on_round=on_round,
-                               on_warning=on_warning, **settings)
+                               on_warning=on_warning, settings_record=settings if record else None,
+                               **settings)
     except deploy.RunFailed as exc:
         console.print(f"[red]run failed:[/] {escape(str(exc))}")
         return 1

@@ -72,6 +72,16 @@ def check_strategy(spec: DPSpec, strategy: str) -> None:
                           f"factors non-linearly. Use ffa (recommended with DP) or fedit")
 
 
+def check_config(cfg: Any) -> DPSpec:
+    """Start-up check of a run's DP settings (before any model is loaded)."""
+    spec = cfg.fl.dp_spec()
+    check_strategy(spec, cfg.fl.strategy)
+    if spec.enabled and cfg.fl.secure_aggregation:
+        raise ConfigError("dp-mode with secure-aggregation is not supported yet (the noise "
+                          "would have to be added inside the secure sum); use one of them")
+    return spec
+
+
 def update_norm(sent: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]) -> float:
     """L2 norm of ``sent - received`` over every key of ``sent`` (float64)."""
     return math.sqrt(sum(float(np.sum((np.asarray(v, np.float64) - received[k]) ** 2))

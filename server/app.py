@@ -10,7 +10,7 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import checkpoint, config, outputs
+from fedlora import checkpoint, config, outputs, privacy
 from fedlora.evaluator import ServerModel
 from fedlora.secure_wire import check_secure_aggregation
 from server.strategy import FederatedLora, build_optimizer
@@ -24,6 +24,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config.from_flat(context.run_config)
     build_optimizer(cfg)  # refuse a bad strategy/optimizer pair before loading anything
     check_secure_aggregation(cfg)  # ... and a strategy that needs individual client factors
+    privacy.check_config(cfg)  # ... and DP with a rule that is not a mean of updates
     directory = outputs.output_dir(cfg)
     checkpoints = directory / "checkpoints"
     resumed = None

@@ -22,7 +22,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedlora import checkpoint
+from fedlora import checkpoint, privacy
 from fedlora.aggregation import (
     ClientUpdate,
     LoraFactors,
@@ -138,6 +138,8 @@ class FederatedLora:
                               "update; with secure-aggregation use a fixed clip-update-norm, "
                               "which the clients apply themselves")
         self._round_norms: list[float] = []
+        self.dp = privacy.check_config(cfg)
+        self.accountant: privacy.Accountant | None = None
 
     # ------------------------------------------------------------------ discovery
 
@@ -232,6 +234,11 @@ class FederatedLora:
         if extra or missing:
             raise PayloadError("KEY_MISMATCH", f"expected the {send!r} factors and heads; "
                                f"missing {missing[:3]}, unexpected {extra[:3]}")
+        if self.dp.mode == "central":  # the sensitivity the noise is calibrated to
+            norm = privacy.update_norm(arrays, sent)
+            if norm > self.dp.clip_norm * (1 + 1e-4):
+                raise PayloadError("DP_NORM_EXCEEDED", f"update norm {norm:.4g} exceeds "
+                                   f"dp-clip-norm {self.dp.clip_norm}; the client must clip")
         # frozen or personal factors were not sent back: they are what this node received
         full = {**sent, **arrays}
         scale = scale_for_rank(node.rank, self.glob.lora_alpha, self.glob.rslora)
@@ -240,7 +247,8 @@ class FederatedLora:
         for key, value in heads.items():
             if value.shape != sent_heads[key].shape or not np.all(np.isfinite(value)):
                 raise PayloadError("BAD_HEAD", f"head {key}: shape {value.shape} or non-finite")
-        update = ClientUpdate(factors=factors, num_examples=n)
+        # under DP every update weighs the same: an example count would scale its sensitivity
+        update = ClientUpdate(factors=factors, num_examples=1 if self.dp.enabled else n)
         validate_update(update, {m: (f.b.shape[0], f.a.shape[1]) for m, f in sent_factors.items()},
                         max_rank=self.cfg.fl.max_rank, declared_rank=node.rank)
         return self._bound_norm(update, sent_factors), heads, metrics
@@ -322,6 +330,9 @@ class FederatedLora:
                                  "config_digest": config_digest(self.cfg)}
         if self.adaptive_clip is not None:
             state["adaptive_clip_bound"] = self.adaptive_clip.bound
+        if self.accountant is not None:
+            state["dp_population"] = self.accountant.population
+            state["dp_events"] = self.accountant.state()
         if self.optimizer is not None:
             opt = self.optimizer.state_dict()
             state["optimizer"] = {k: float(v) for k, v in opt.items()
@@ -354,6 +365,9 @@ class FederatedLora:
             self.optimizer.load_state_dict(opt)
         if self.adaptive_clip is not None:
             self.adaptive_clip.bound = float(ck.state["adaptive_clip_bound"])
+        if "dp_events" in ck.state:
+            self.accountant = privacy.Accountant(self.dp, int(ck.state["dp_population"]))
+            self.accountant.load(ck.state["dp_events"])
         self.base_version = {}  # fresh node processes: every correction is sent again
 
     def train_round(self, grid: Grid, nodes: list[NodeInfo], server_round: int) -> dict:
@@ -444,6 +458,8 @@ class FederatedLora:
             record["duration_s"] = time.perf_counter() - start
             return record
 
+        if self.dp.mode == "central":
+            accepted[0] = self._with_central_noise(accepted[0], plan.send)
         updates = [u for _, u, _, _ in accepted]
         weights = [u.num_examples for u in updates]
         result = aggregate(self.cfg.fl.strategy, updates, lora_alpha=self.glob.lora_alpha,
@@ -457,7 +473,7 @@ class FederatedLora:
             "train_loss": sum(m["train-loss"] * w for (*_, m), w in zip(accepted, weights,
                                                                        strict=True)) / total,
             "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for *_, m in accepted),
-            "num_examples": int(total),
+            "num_examples": int(sum(m["num-examples"] for *_, m in accepted)),
             "agg_error": diagnostics["agg_error"],
             "agg_error_mean": diagnostics["agg_error_mean"],
             "agg_error_max": diagnostics["agg_error_max"],
@@ -466,8 +482,26 @@ class FederatedLora:
         })
         if "phase" in plan.options:
             record["phase"] = plan.options["phase"]
+        if self.dp.enabled:
+            if self.accountant is None:
+                self.accountant = privacy.Accountant(self.dp, population=len(nodes))
+            self.accountant.record_round(len(sampled))
+            record["dp_epsilon"] = self.accountant.epsilon()
+            record["dp_delta"] = self.dp.delta
         record["duration_s"] = time.perf_counter() - start
         return record
+
+    def _with_central_noise(self, item: tuple, send: str) -> tuple:
+        """Central DP: adding N(0, (σC)²) to one of k equally weighted updates adds exactly
+        N(0, (σC/k)²) to their mean — the Gaussian mechanism on the sum of clipped updates."""
+        node, update, heads, metrics = item
+        noisy = {}
+        for module, f in update.factors.items():
+            pair = privacy.add_central_noise({"a": f.a, "b": f.b},
+                                             [k for k in ("a", "b") if k in send], self.dp, k=1)
+            noisy[module] = LoraFactors(a=pair["a"], b=pair["b"], scale=f.scale)
+        heads = privacy.add_central_noise(heads, list(heads), self.dp, k=1)
+        return node, ClientUpdate(factors=noisy, num_examples=update.num_examples), heads, metrics
 
     def _adopt_secure(self, outcome: SecureOutcome, sent: Mapping[int, Mapping[str, np.ndarray]],
                       plan: RoundPlan, server_round: int, start: float, bytes_down: int

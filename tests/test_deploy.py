@@ -324,7 +324,7 @@ def test_sigkilled_launch_resumes_bit_identically(tmp_path):
     process here, so nothing but the server's checkpoint carries state)."""
     from safetensors.numpy import load_file
 
-    args = ["--nodes", "2", "--rounds", "3", "-c", TINY + " strategy=fedit "
+    args = ["--nodes", "2", "--rounds", "2", "-c", TINY + " strategy=fedit "
             "server-optimizer=fedadam"]
     straight = tmp_path / "straight"
     res = fedlora_cli("launch", "--out", str(straight), *args)
@@ -346,7 +346,7 @@ def test_sigkilled_launch_resumes_bit_identically(tmp_path):
 
     res = fedlora_cli("launch", "--resume", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert [r["round"] for r in read_metrics(out)] == [0, 1, 2, 3]
+    assert [r["round"] for r in read_metrics(out)] == [0, 1, 2]
     want = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert want.keys() == got.keys()

@@ -123,3 +123,77 @@ def test_epsilon_grows_with_rounds_and_sampling_amplifies_privacy():
     again = Accountant(sampled.spec, 100)
     again.load(sampled.state())
     assert again.epsilon() == sampled.epsilon()
+
+
+# ------------------------------------------------------------------ in rounds (in process)
+
+
+def _run(flat, on_reply=None):
+    from tests.fl_harness import run_rounds
+
+    return run_rounds(flat, num_nodes=3, on_reply=on_reply)
+
+
+def test_central_dp_with_ffa_clips_on_clients_noises_once_and_reports_epsilon():
+    from tests.fl_harness import tiny_config
+
+    norms = []
+
+    def watch(reply):
+        if reply.metadata.message_type == "train" and not reply.has_error():
+            norms.append(float(reply.content["metrics"]["dp-norm"]) *
+                         float(reply.content["metrics"]["dp-clip-factor"]))
+
+    flat = tiny_config(strategy="ffa", num_server_rounds=2, dp_mode="central",
+                       dp_clip_norm=0.05, dp_noise_multiplier=0.5)
+    records, _, glob, _ = _run(flat, on_reply=watch)
+    assert all(n <= 0.05 * (1 + 1e-5) for n in norms) and len(norms) == 6  # sent clipped
+    eps = [r["dp_epsilon"] for r in records[1:]]
+    assert 0 < eps[0] < eps[1] and records[1]["dp_delta"] == 1e-5
+    assert all(r["num_accepted"] == 3 for r in records[1:])
+    # FFA: A is frozen, so neither clipping nor noise ever touches it
+    from fedlora import config
+    from fedlora.evaluator import ServerModel
+
+    initial = ServerModel(config.from_flat(flat), 64).initial_global().arrays_for(8)
+    for key, value in glob.arrays_for(8).items():
+        if key.endswith("lora_A.weight"):
+            assert np.array_equal(value, initial[key])
+
+
+def test_central_dp_rejects_a_client_that_did_not_clip():
+    from flwr.app import Array
+
+    from tests.fl_harness import tiny_config
+
+    def unclip(reply):
+        if reply.metadata.message_type == "train" and \
+                int(reply.content["metrics"]["partition-id"]) == 1:
+            arrays = reply.content["arrays"]
+            key = next(k for k in arrays if k.endswith("lora_B.weight"))
+            arrays[key] = Array(arrays[key].numpy() + 1.0)
+
+    flat = tiny_config(strategy="fedit", num_server_rounds=1, dp_mode="central",
+                       dp_clip_norm=0.1)
+    records, *_ = _run(flat, on_reply=unclip)
+    assert records[1]["rejected"] == {"DP_NORM_EXCEEDED": 1}
+
+
+def test_local_dp_runs_and_accounts_per_client():
+    from tests.fl_harness import tiny_config
+
+    flat = tiny_config(strategy="fedit", num_server_rounds=1, dp_mode="local",
+                       dp_clip_norm=0.1, dp_noise_multiplier=2.0)
+    records, *_ = _run(flat)
+    assert records[1]["num_accepted"] == 3 and records[1]["dp_epsilon"] > 0
+    assert np.isfinite(records[1]["eval_loss"])
+
+
+def test_dp_with_a_nonlinear_rule_fails_before_anything_runs():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "fedlora", "run", "-c",
+                          "strategy=flexlora dp-mode=central", "--out", "/tmp/never-started"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Use ffa" in res.stderr
