@@ -151,8 +151,8 @@ def run_status(run_id: int, env: Mapping[str, str], cwd: Path,
 class StatusPoller:
     """The run's final status, without paying for a ``flwr ls`` process every poll.
 
-    Each ``flwr ls`` starts a Python process that imports Flower (about a second of CPU): on a
-    2-core machine, asking every second takes a good share of the cores the clients train on.
+    Each ``flwr ls`` starts a Python process that imports Flower (``ps`` showed one at ~70 % of
+    a core): on a 2-core machine, asking every second takes CPU the clients train on.
     The ServerApp writes ``summary.json`` when it completes, so the status is asked for at every
     poll once that file exists, and otherwise only every ``every`` seconds (to notice a run
     that failed without writing it).
