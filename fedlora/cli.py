@@ -149,6 +149,17 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+PROGRESS_KEYS = ("train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
+                 "fed_eval_accuracy", "agg_error_mean")
+
+
+def round_parts(rec: dict[str, Any], rounds: int) -> list[str]:
+    """``round r/R`` and the headline metrics of one metrics record (progress lines)."""
+    parts = [f"round {rec['round']}/{rounds}"]
+    parts += [f"{key}={rec[key]:.4f}" for key in PROGRESS_KEYS if rec.get(key) is not None]
+    return parts
+
+
 def write_run_config(flat: dict[str, Any], out: Path) -> Path:
     """The run config as a TOML file for ``flwr run --run-config``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -176,11 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
 
     def on_round(rec: dict[str, Any]) -> None:
-        parts = [f"round {rec['round']}/{rounds}"]
-        for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
-                    "fed_eval_accuracy", "agg_error_mean"):
-            if rec.get(key) is not None:
-                parts.append(f"{key}={rec[key]:.4f}")
+        parts = round_parts(rec, rounds)
         if rec.get("rejected"):
             parts.append(f"rejected={rec['rejected']}")
         parts.append(f"[{time.perf_counter() - started:.0f}s]")

@@ -113,15 +113,12 @@ def _run(flat: dict[str, Any], out: Path, settings: dict[str, Any], port: int | 
     from rich.markup import escape
 
     from fedlora import deploy
+    from fedlora.cli import round_parts
 
     started = time.perf_counter()
 
     def on_round(rec: dict[str, Any]) -> None:
-        parts = [f"round {rec['round']}/{rounds}"]
-        for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
-                    "fed_eval_accuracy", "agg_error_mean"):
-            if rec.get(key) is not None:
-                parts.append(f"{key}={rec[key]:.4f}")
+        parts = round_parts(rec, rounds)
         if rec.get("round", 0) > 0:
             parts.append(f"replies={rec.get('num_accepted')}/{rec.get('num_sampled')}")
         if rec.get("rejected"):

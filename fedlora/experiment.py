@@ -39,7 +39,7 @@ import json
 import re
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,11 +331,3 @@ class Runner:
         report.write(self.spec, self.out)
         return results
 
-
-def summarize_failures(out: Path, cells: Sequence[Cell]) -> list[dict[str, Any]]:
-    failed = []
-    for cell in cells:
-        status = cell_status(out / "cells" / cell.id) or {}
-        if status.get("status") == "failed":
-            failed.append(status)
-    return failed

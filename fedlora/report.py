@@ -243,7 +243,7 @@ def _curves(runs: list[Series], x_key: str | None, y_key: str
 
 
 def _plot(spec: Spec, series: list[Series], path: Path, y_key: str, x_key: str | None,
-          title: str, ylabel: str, include_baselines: bool, log_y: bool = False) -> bool:
+          title: str, ylabel: str, include_baselines: bool, log_y: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,7 +255,6 @@ def _plot(spec: Spec, series: list[Series], path: Path, y_key: str, x_key: str |
     rows_n = math.ceil(len(settings) / cols)
     size = (max(7.0, 5.2 * cols), 4.2 * rows_n)
     fig, axes = plt.subplots(rows_n, cols, figsize=size, squeeze=False)
-    drew = False
     rows = group(series)
     labels = list(dict.fromkeys(r.label for r in rows if r.kind == "federated"))
     colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
@@ -279,7 +278,6 @@ def _plot(spec: Spec, series: list[Series], path: Path, y_key: str, x_key: str |
             if len(row.runs) > 1:
                 ax.fill_between(xs, mean - std, mean + std, alpha=0.15,
                                 color=style.get("color"))
-            drew = True
         ax.set_title(setting, fontsize=10)
         ax.set_xlabel("round" if x_key is None else "cumulative MB (up + down)")
         if x_key is None:
@@ -296,7 +294,6 @@ def _plot(spec: Spec, series: list[Series], path: Path, y_key: str, x_key: str |
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return drew
 
 
 def write_plots(spec: Spec, series: list[Series], out: Path) -> list[Path]:
