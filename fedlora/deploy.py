@@ -45,6 +45,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -103,10 +104,15 @@ class NodeSpec:
     gpu: str | None = None  # the CUDA_VISIBLE_DEVICES value
     private_key: Path | None = None
     public_key: Path | None = None
+    warm: bool = False  # ClientApp tasks run in one long-lived `fedlora worker` process
 
     @property
     def name(self) -> str:
         return f"supernode-{self.index}"
+
+    @property
+    def worker_log_path(self) -> Path:
+        return self.log_path.with_name(f"worker-{self.index}.log")
 
     def node_config(self) -> str:
         """``--node-config`` as Flower parses it (TOML values; strings quoted)."""
@@ -119,12 +125,25 @@ class NodeSpec:
 
     def command(self, superlink: str, ca_cert: Path | None) -> list[str]:
         cmd = [console_script("flower-supernode"), "--superlink", superlink,
-               "--isolation", "subprocess", "--host", HOST, "--port", str(self.port),
+               "--isolation", "process" if self.warm else "subprocess",
+               "--host", HOST, "--port", str(self.port),
                "--node-config", self.node_config()]
         cmd += ["--root-certificates", str(ca_cert)] if ca_cert else ["--insecure"]
         if self.private_key:
             cmd += ["--auth-supernode-private-key", str(self.private_key)]
         return cmd
+
+    def worker_command(self) -> list[str]:
+        """The long-lived executor of a warm node (its Runtime API stays on loopback)."""
+        return [sys.executable, "-m", "fedlora", "worker", "--runtime-api-address",
+                f"{HOST}:{self.port}", "--insecure"]
+
+    def worker_env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """The node's environment, importing the same ``fedlora`` as this launcher."""
+        env = self.env(base)
+        library = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (library, env.get("PYTHONPATH")) if p)
+        return env
 
     def env(self, base: Mapping[str, str]) -> dict[str, str]:
         env = dict(base, FLWR_HOME=str(self.home))
@@ -406,7 +425,7 @@ def _wait_online(specs: Sequence[NodeSpec], procs: Sequence[Guarded], link: Guar
 def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None,
            gpus: Sequence[int] | None = None, tls: bool | None = None, auth: bool = False,
            certs_dir: str | Path | None = None, data_paths: Sequence[str | Path] | None = None,
-           ranks: Sequence[int] | None = None, port: int | None = None,
+           ranks: Sequence[int] | None = None, port: int | None = None, warm: bool = False,
            on_round: Callable[[dict[str, Any]], None] | None = None,
            on_warning: Callable[[str], None] | None = None,
            poll_s: float = 3.0, startup_timeout: float = 120.0,
@@ -431,6 +450,11 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
         and rank limits are checked before anything starts.
     port
         SuperLink port (Fleet, Control and ServerAppIo share it in Flower 1.41); default free.
+    warm
+        Run each node's ClientApp tasks in one long-lived ``fedlora worker`` process
+        (SuperNodes with ``--isolation process``) instead of a new ``flwr-clientapp`` process
+        per message, so imports and the loaded base model survive across rounds
+        (:mod:`fedlora.warm`; log in ``logs/worker-<i>.log``).
     on_round, on_warning
         Called with each ``metrics.jsonl`` record, and with a message per lost SuperNode.
 
@@ -478,7 +502,8 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
                       rank=rank_list[i] if rank_list else None,
                       data_path=paths[i] if paths else None, gpu=devices[i],
                       private_key=creds.node_keys[i] if auth and creds else None,
-                      public_key=creds.node_public_keys[i] if auth and creds else None)
+                      public_key=creds.node_public_keys[i] if auth and creds else None,
+                      warm=warm)
              for i in range(n)]
     for spec in specs:
         spec.home.mkdir(parents=True, exist_ok=True)
@@ -493,6 +518,9 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
         node_ids = register_keys(specs, env, cwd)
         node_procs = [processes.start(s.command(f"{HOST}:{link_port}", ca_cert), s.env(env),
                                       s.log_path) for s in specs]
+        for s in specs:
+            if s.warm:
+                processes.start(s.worker_command(), s.worker_env(env), s.worker_log_path)
         _wait_online(specs, node_procs, link, link_log, env, cwd, startup_timeout, poll_s)
         _write_deployment(out, link_port, tls, auth, creds, specs, node_ids)
         (out / "summary.json").unlink(missing_ok=True)  # written when the run completes

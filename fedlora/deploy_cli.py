@@ -76,7 +76,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
                   + escape(f"{out} (process logs in {out / 'logs'})"))
     settings = {"nodes": None if gpus is not None else nodes, "gpus": gpus,
                 "tls": True if args.tls or args.certs else None, "auth": args.auth,
-                "certs_dir": args.certs, "data_paths": data_paths, "ranks": ranks}
+                "certs_dir": args.certs, "data_paths": data_paths, "ranks": ranks,
+                "warm": args.warm}
     return _run(flat, out, settings, args.port, console, rounds, record=True)
 
 
@@ -189,6 +190,35 @@ def add_commands(subparsers: Any) -> None:
                              "(data.path is the server's held-out file for central evaluation)")
     launch.add_argument("--ranks", help="LoRA rank per node, e.g. 4,8 (one rank: all nodes)")
     launch.add_argument("--port", type=int, help="SuperLink port on 127.0.0.1 (default: free)")
+    launch.add_argument("--warm", action="store_true",
+                        help="run each node's rounds in one long-lived `fedlora worker` process "
+                             "(imports and the base model are loaded once, not every round)")
     launch.add_argument("--resume", metavar="OUT",
                         help="relaunch the interrupted launch in OUT from its last checkpoint")
     launch.set_defaults(func=cmd_launch)
+
+    worker = subparsers.add_parser(
+        "worker", help="a SuperNode's long-lived ClientApp process (SuperNode started with "
+                       "--isolation process; see README 'Warm clients')")
+    worker.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT",
+                        help="the SuperNode's Runtime API (its --host:--port)")
+    tls = worker.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--insecure", action="store_true",
+                     help="the SuperNode's Runtime API has no TLS (keep it on loopback)")
+    tls.add_argument("--root-certificates", metavar="PEM",
+                     help="CA of the SuperNode's Runtime API certificate (its --ssl-certfile)")
+    worker.add_argument("--parent-pid", type=int, help="exit when this process exits")
+    worker.add_argument("--poll-interval", type=float, default=0.1,
+                        help="seconds between task polls while idle (default 0.1)")
+    worker.set_defaults(func=cmd_worker)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from fedlora import warm
+
+    try:
+        warm.serve(args.runtime_api_address, args.root_certificates, args.parent_pid,
+                   args.poll_interval)
+    except FileNotFoundError as exc:
+        raise FedLoraError(str(exc)) from None
+    return 0

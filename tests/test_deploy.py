@@ -8,6 +8,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -320,15 +321,23 @@ def test_a_supernode_lost_mid_run_is_reported_and_the_run_goes_on(tmp_path):
 @pytest.mark.slow
 def test_sigkilled_launch_resumes_bit_identically(tmp_path):
     """`fedlora launch` killed with SIGKILL after round 1, then `--resume`: the adapter equals
-    that of the same launch left alone, bit for bit (every ClientApp message runs in a fresh
-    process here, so nothing but the server's checkpoint carries state)."""
+    that of the same launch left alone, bit for bit (every ClientApp message of the killed
+    launch runs in a fresh process, so nothing but the server's checkpoint carries state).
+
+    The launch left alone runs with ``--warm`` (one long-lived ``fedlora worker`` per node), so
+    this also shows that warm clients compute exactly what per-message processes compute."""
     from safetensors.numpy import load_file
 
     args = ["--nodes", "2", "--rounds", "2", "-c", TINY + " strategy=fedit "
             "server-optimizer=fedadam"]
     straight = tmp_path / "straight"
-    res = fedlora_cli("launch", "--out", str(straight), *args)
+    res = fedlora_cli("launch", "--warm", "--out", str(straight), *args)
     assert res.returncode == 0, res.stderr[-2000:]
+    for i in range(2):  # capabilities, then train × 2 rounds, each node's in one process
+        worker_log = (straight / "logs" / f"worker-{i}.log").read_text()
+        assert len(re.findall(r"task \d+ \(completed\)", worker_log)) == 3, worker_log[-2000:]
+        assert "(failed)" not in worker_log
+    assert our_processes(str(straight)) == []
 
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "fedlora", "launch", "--out", str(out),
@@ -375,3 +384,20 @@ def _supernode_pid(out: Path, index: int) -> int:
         if len(cmd) > 1 and cmd[1].endswith(b"flower-supernode") and home in env:
             return int(proc.name)
     raise AssertionError(f"no flower-supernode process for node {index} of {out}")
+
+
+def test_a_warm_worker_forgets_the_modules_of_a_replaced_app(tmp_path, monkeypatch):
+    """A new FAB (another run, or changed app code) must not reuse the old app's modules."""
+    from fedlora import warm
+
+    old_app = tmp_path / "old-app"
+    (old_app / "oldpkg").mkdir(parents=True)
+    (old_app / "oldpkg" / "__init__.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(old_app))
+    import oldpkg  # noqa: F401  (imported from the app directory, as Flower's loader would)
+
+    warm.forget_modules_under(old_app)
+
+    assert "oldpkg" not in sys.modules
+    assert str(old_app.resolve()) not in sys.path
+    assert "fedlora.warm" in sys.modules  # the library, installed elsewhere, stays
