@@ -41,7 +41,7 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
     return ModelSpec(
         path=assets.resolve_model(cfg.model.name), task=cfg.model.task, dtype=cfg.model.dtype,
         num_labels=num_labels(cfg), num_hidden_layers=cfg.model.num_hidden_layers,
-        device=device(),
+        device=device(), quantization=cfg.model.quantization,
     )
 
 

@@ -19,6 +19,7 @@ from fedlora.errors import ConfigError
 
 TASKS = ("seq-cls", "causal-lm")
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "nf4", "int8")
 DATA_SOURCES = ("bbc-news", "chatterbot", "files")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 LORA_BIASES = ("none", "all", "lora_only")
@@ -187,10 +188,14 @@ class ModelConfig:
     dtype: str = _f("float32", "dtype of the frozen base weights: " + ", ".join(DTYPES))
     num_hidden_layers: int = _f(0, "truncate the model to this many layers (0 = all; tests)")
     num_labels: int = _f(0, "classes of a seq-cls task (0 = from the packaged corpus)")
+    quantization: str = _f("none", "QLoRA: load the frozen base in 4-bit 'nf4' or 'int8' through "
+                           "bitsandbytes (pip install 'fedlora[qlora]'); model.dtype is then the "
+                           "compute dtype (bfloat16 on GPUs)")
 
     def __post_init__(self) -> None:
         _choice("model.task", self.task, TASKS)
         _choice("model.dtype", self.dtype, DTYPES)
+        _choice("model.quantization", self.quantization, QUANTIZATIONS)
         _positive("model.num-hidden-layers", self.num_hidden_layers, zero_ok=True)
         _positive("model.num-labels", self.num_labels, zero_ok=True)
         if not self.name:

@@ -40,6 +40,7 @@ class ModelSpec:
     num_labels: int = 0
     num_hidden_layers: int = 0
     device: str = "cpu"
+    quantization: str = "none"  # "nf4" / "int8": QLoRA, base weights through bitsandbytes
 
 
 @dataclass(frozen=True)
@@ -96,16 +97,71 @@ def load_base(spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
             f"reachable from this machine, or 'minilm' / 'smollm2'"
         ) from exc
     auto = AutoModelForSequenceClassification if spec.task == "seq-cls" else AutoModelForCausalLM
-    model = auto.from_pretrained(spec.path, config=config, dtype=_DTYPES[spec.dtype])
+    if spec.quantization == "none":
+        model = auto.from_pretrained(spec.path, config=config, dtype=_DTYPES[spec.dtype])
+        model.to(spec.device)
+    else:
+        model = _load_quantized(auto, spec, config)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(spec.device)
     if spec.device == "cpu":
         # Small activations underflow to denormals in deep LMs; on CPUs they are ~3x slower
         # (SmolLM2 forward: 19 s -> 6 s here). Flushing them to zero changes no result we use.
         torch.set_flush_denormal(True)
     return model, tokenizer
+
+
+# Task heads trained in full (modules_to_save) must stay floating point; lm_head is kept by
+# transformers itself.
+HEAD_MODULES = ("classifier", "score")
+
+
+def _load_quantized(auto: Any, spec: ModelSpec, config: Any) -> torch.nn.Module:
+    """QLoRA: the frozen base in 4-bit NF4 or 8-bit (bitsandbytes), prepared for k-bit training.
+
+    Quantized weights, float ``spec.dtype`` compute, LoRA factors and heads in float32; peft's
+    :func:`~peft.prepare_model_for_kbit_training` casts the remaining float weights (norms) to
+    float32 and turns on gradient checkpointing.
+    """
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"model.quantization={spec.quantization} needs bitsandbytes, which is not installed: "
+            f"pip install 'fedlora[qlora]' (or set model.quantization=none)") from None
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    if spec.quantization == "nf4":
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_DTYPES[spec.dtype], llm_int8_skip_modules=list(HEAD_MODULES))
+    else:
+        quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(HEAD_MODULES))
+    try:
+        model = auto.from_pretrained(spec.path, config=config, quantization_config=quant,
+                                     device_map={"": spec.device}, dtype=_DTYPES[spec.dtype])
+    except (RuntimeError, ValueError, NotImplementedError) as exc:
+        raise ConfigError(
+            f"bitsandbytes could not load {spec.path!r} with model.quantization="
+            f"{spec.quantization} on {spec.device}: {exc}. bitsandbytes >= 0.50 has CPU and "
+            f"CUDA kernels; on other devices set model.quantization=none") from exc
+    for layer in model.modules():
+        # bitsandbytes 0.50 repacks 4-bit weights for AVX512-BF16 CPU inference on the first
+        # eval forward, and a later training forward on the repacked weight fails (in-place bias
+        # add on a leaf); a client model alternates both, so keep the trainable layout.
+        if getattr(layer, "support_avx512bf16_for_cpu", False):
+            layer.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_quantized(layer: torch.nn.Module) -> bool:
+    """Whether a layer's weight is stored quantized (bitsandbytes 4-/8-bit)."""
+    weight = getattr(layer, "weight", None)
+    return weight is not None and not torch.is_floating_point(weight)
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -246,28 +302,59 @@ def save_adapter(model: Any, directory: str | Path) -> Path:
 
 def set_base_delta(model: Any, deltas: Mapping[str, tuple[np.ndarray, np.ndarray]],
                    tag: Any) -> None:
-    """Make each adapted module's frozen weight ``W0 + B @ A`` (FLoRA/FedEx base corrections).
+    """Make each adapted module compute with ``W0 + B @ A`` (FLoRA/FedEx base corrections).
 
-    ``deltas`` maps a LoRA module name to scale-1 factors ``(B (out, R), A (R, in))``. The
-    original weights are kept on the model the first time, so the call is idempotent and a
-    cached model shared by several virtual clients can move to any correction; ``tag`` names the
+    ``deltas`` maps a LoRA module name to scale-1 factors ``(B (out, R), A (R, in))``. A float32
+    weight takes the correction in place (its original is kept on the model the first time, so
+    the call is idempotent and a cached model shared by several virtual clients can move to any
+    correction). A quantized (QLoRA) or half-precision weight cannot hold it — a 4-bit weight has
+    no room for it and bfloat16 rounds small corrections away — so those layers keep the factors
+    in a separate float32 buffer, added to the layer's output as ``x Aᵀ Bᵀ``. ``tag`` names the
     correction applied (nothing is recomputed when it is unchanged).
     """
     if getattr(model, "_fedlora_base_tag", None) == tag:
         return
     originals: dict[str, torch.Tensor] = model.__dict__.setdefault("_fedlora_base_w0", {})
+    buffered: set[str] = model.__dict__.setdefault("_fedlora_buffered", set())
     with torch.no_grad():
         for module, (b, a) in deltas.items():
             layer = model.get_submodule(module).base_layer
-            if module not in originals:
-                originals[module] = layer.weight.detach().clone()
-            w0 = originals[module]
-            delta = torch.from_numpy(np.asarray(b, np.float32) @ np.asarray(a, np.float32))
-            if delta.shape != w0.shape:
+            expected = (layer.out_features, layer.in_features)
+            if (np.shape(b)[0], np.shape(a)[-1]) != expected or np.shape(b)[1] != np.shape(a)[0]:
                 raise PayloadError("SHAPE_MISMATCH", f"base correction of {module}: expected "
-                                   f"{tuple(w0.shape)}, got {tuple(delta.shape)}")
-            layer.weight.copy_(w0 + delta.to(device=w0.device, dtype=w0.dtype))
+                                   f"{expected}, got B {np.shape(b)} @ A {np.shape(a)}")
+            if layer.weight.dtype == torch.float32:
+                if module not in originals:
+                    originals[module] = layer.weight.detach().clone()
+                delta = torch.from_numpy(np.asarray(b, np.float32) @ np.asarray(a, np.float32))
+                layer.weight.copy_(originals[module] + delta.to(layer.weight.device))
+            else:
+                set_correction_buffer(layer, b, a)
+                buffered.add(module)
         for module, w0 in originals.items():
             if module not in deltas:
                 model.get_submodule(module).base_layer.weight.copy_(w0)
+        for module in buffered - set(deltas):
+            set_correction_buffer(model.get_submodule(module).base_layer, None, None)
+        buffered &= set(deltas)
     model._fedlora_base_tag = tag
+
+
+def _add_correction(layer: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    b, a = layer._fedlora_correction
+    return output + ((inputs[0].to(a.dtype) @ a.T) @ b.T).to(output.dtype)
+
+
+def set_correction_buffer(layer: torch.nn.Module, b: np.ndarray | None,
+                          a: np.ndarray | None) -> None:
+    """Add ``x Aᵀ Bᵀ`` (float32) to ``layer``'s output; ``None`` removes the correction."""
+    handle = layer.__dict__.pop("_fedlora_hook", None)
+    if handle is not None:
+        handle.remove()
+    layer.__dict__.pop("_fedlora_correction", None)
+    if b is None:
+        return
+    device = next(layer.parameters()).device
+    layer._fedlora_correction = (torch.as_tensor(np.asarray(b, np.float32), device=device),
+                                 torch.as_tensor(np.asarray(a, np.float32), device=device))
+    layer._fedlora_hook = layer.register_forward_hook(_add_correction)

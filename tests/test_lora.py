@@ -342,7 +342,8 @@ def test_set_base_delta_rejects_wrong_shape(model: Any) -> None:
         lora.set_base_delta(model, {QUERY: (b[:10], a)}, tag=1)
 
     assert excinfo.value.reason == "SHAPE_MISMATCH"
-    assert f"expected ({HIDDEN}, {HIDDEN}), got (10, {HIDDEN})" in str(excinfo.value)
+    assert f"expected ({HIDDEN}, {HIDDEN}), got B (10, 3) @ A (3, {HIDDEN})" in \
+        str(excinfo.value)
 
 
 # ----------------------------------------------------------------------------- saving

@@ -1,0 +1,140 @@
+"""QLoRA: a 4-bit NF4 / 8-bit base through bitsandbytes (its CPU kernels here), LoRA factors in
+float32, and base corrections (FLoRA, FedEx) in a separate float32 buffer."""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fl_harness import run_rounds, tiny_config
+
+from fedlora import lora
+from fedlora.errors import ConfigError
+
+pytest.importorskip("bitsandbytes")
+
+PREFIX = "base_model.model.bert.encoder.layer.0.attention.self."
+QUERY, VALUE = PREFIX + "query", PREFIX + "value"
+ADAPTER = lora.AdapterSpec(r=4, alpha=8.0, target_modules=("query", "value"))
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102], [101, 2748, 102, 0, 0, 0, 0]])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+def _logits(model: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**_inputs()).logits
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_a_quantized_base_keeps_the_wire_format_and_trains(minilm_spec, quantization):
+    plain, _ = lora.build_peft_model(minilm_spec, ADAPTER, seed=0)
+    model, _ = lora.build_peft_model(replace(minilm_spec, quantization=quantization), ADAPTER,
+                                     seed=0)
+
+    query = model.get_submodule(QUERY).base_layer
+    assert lora.is_quantized(query)  # 4-bit packed uint8 / int8 weight
+    assert not lora.is_quantized(model.get_submodule("base_model.model.classifier"))
+    # the same adapter on the wire: keys, shapes, float32 — a QLoRA client can join any run
+    want, got = lora.adapter_arrays(plain), lora.adapter_arrays(model)
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == \
+        {k: (v.shape, v.dtype) for k, v in want.items()}
+    # the quantized model is close to the float one (same seed: same adapter and head)
+    close = torch.nn.functional.cosine_similarity(_logits(model).flatten(),
+                                                  _logits(plain).flatten(), dim=0)
+    assert close > 0.9
+
+    # one optimizer step moves exactly the trainable LoRA factors and the head
+    lora.set_trainable(model, train_a=True, train_b=True)
+    model.train()
+    loss = model(**_inputs(), labels=torch.tensor([1, 3])).loss
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(".lora_" in n or "classifier" in n for n in with_grad)
+    assert torch.isfinite(loss)
+
+
+def test_a_base_correction_on_a_quantized_base_lives_in_a_float32_buffer(minilm_spec):
+    model, _ = lora.build_peft_model(replace(minilm_spec, quantization="nf4"), ADAPTER, seed=0)
+    rng = np.random.default_rng(0)
+    b = rng.normal(scale=0.02, size=(384, 6)).astype(np.float32)
+    a = rng.normal(scale=0.02, size=(6, 384)).astype(np.float32)
+    layer = model.get_submodule(QUERY).base_layer
+    packed = layer.weight.detach().clone()
+    x = torch.randn(3, 384)
+    with torch.no_grad():
+        before = layer(x)
+
+    lora.set_base_delta(model, {QUERY: (b, a)}, tag=1)
+    with torch.no_grad():
+        after = layer(x)
+
+    assert torch.equal(layer.weight, packed)  # the 4-bit weight is untouched
+    assert layer._fedlora_correction[0].dtype == torch.float32
+    torch.testing.assert_close(after - before, x @ torch.from_numpy(b @ a).T,
+                               rtol=1e-4, atol=1e-5)
+    lora.set_base_delta(model, {}, tag=2)  # removing the correction restores the layer
+    with torch.no_grad():
+        assert torch.equal(layer(x), before)
+
+
+def test_a_bfloat16_base_keeps_small_corrections_that_its_weights_would_round_away(
+        minilm_spec):
+    """A FLoRA/FedEx correction is small next to W0; added into bfloat16 weights (8 bits of
+    mantissa) most of it would vanish. The float32 buffer applies all of it."""
+    model, _ = lora.build_peft_model(replace(minilm_spec, dtype="bfloat16"), ADAPTER, seed=0)
+    layer = model.get_submodule(QUERY).base_layer
+    b = np.full((384, 1), 1e-2, np.float32)
+    a = np.full((1, 384), 1e-2, np.float32)  # each weight moves by 1e-4
+    x = torch.ones(1, 384, dtype=torch.bfloat16)
+    expected_shift = 384 * 1e-4  # on every output of x = 1
+    with torch.no_grad():
+        before = layer(x).float()
+        in_place = (layer.weight.float() + torch.from_numpy(b @ a)).to(torch.bfloat16)
+        retained = (in_place.float() - layer.weight.float()).sum() / (384 * 384 * 1e-4)
+    assert retained < 0.5  # in place, most of the correction rounds away (32 % kept here)
+
+    lora.set_base_delta(model, {QUERY: (b, a)}, tag=1)
+    with torch.no_grad():
+        after = layer(x).float()
+
+    assert (after - before).mean().item() == pytest.approx(expected_shift, rel=0.05)
+
+
+@pytest.mark.parametrize("strategy", ["fedex", "flora"])
+def test_qlora_clients_run_base_modifying_rules_end_to_end(strategy):
+    """Two rounds of the real ClientApp/ServerApp with an NF4 base on every client and the
+    server; the base corrections travel and apply through the float32 buffers."""
+    flat = tiny_config(strategy=strategy, **{"model.quantization": "nf4"})
+    records, *_ = run_rounds(flat, num_nodes=2)
+
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(r["num_accepted"] == 2 for r in records[1:])
+    assert all(np.isfinite(r["eval_loss"]) for r in records)
+    assert records[-1]["base_version"] == 2  # both rounds moved the base
+
+
+def test_quantization_without_bitsandbytes_says_what_to_install(minilm_spec, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    with pytest.raises(ConfigError, match=r"pip install 'fedlora\[qlora\]'"):
+        lora.load_base(replace(minilm_spec, quantization="nf4"))
+
+
+def test_quantization_must_be_a_known_mode():
+    from fedlora import config
+
+    with pytest.raises(ConfigError, match="model.quantization"):
+        config.from_flat(tiny_config(**{"model.quantization": "fp4"}))
