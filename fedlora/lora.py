@@ -112,9 +112,10 @@ def load_base(spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
     return model, tokenizer
 
 
-# Task heads trained in full (modules_to_save) must stay floating point; lm_head is kept by
-# transformers itself.
-HEAD_MODULES = ("classifier", "score")
+# Output heads stay floating point: classification heads are trained in full (modules_to_save),
+# and lm_head is often tied to the input embeddings (an explicit skip list replaces
+# transformers' default one, which would have kept it).
+HEAD_MODULES = ("classifier", "score", "lm_head")
 
 
 def _load_quantized(auto: Any, spec: ModelSpec, config: Any) -> torch.nn.Module:

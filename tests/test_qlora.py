@@ -60,6 +60,36 @@ def test_a_quantized_base_keeps_the_wire_format_and_trains(minilm_spec, quantiza
     assert torch.isfinite(loss)
 
 
+def test_a_quantized_causal_lm_keeps_its_tied_output_head_in_float(tmp_path):
+    """SmolLM2-style tied embeddings: lm_head shares the (float) embedding matrix, so it must
+    not be converted to a 4-bit layer (it then fails on its first forward)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedlora import assets
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, vocab_size=30522,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    for name in ("vocab.txt", "tokenizer_config.json", "tokenizer.json",
+                 "special_tokens_map.json"):
+        if (assets.minilm_dir() / name).exists():
+            (tmp_path / name).write_bytes((assets.minilm_dir() / name).read_bytes())
+    spec = lora.ModelSpec(path=str(tmp_path), task="causal-lm", quantization="nf4")
+    adapter = lora.AdapterSpec(r=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+
+    model, _ = lora.build_peft_model(spec, adapter)
+
+    assert lora.is_quantized(model.get_submodule("base_model.model.model.layers.0.self_attn"
+                                                 ".q_proj").base_layer)
+    assert not lora.is_quantized(model.get_submodule("base_model.model.lm_head"))
+    ids = torch.randint(0, 30522, (2, 8))
+    loss = model.train()(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def test_a_base_correction_on_a_quantized_base_lives_in_a_float32_buffer(minilm_spec):
     model, _ = lora.build_peft_model(replace(minilm_spec, quantization="nf4"), ADAPTER, seed=0)
     rng = np.random.default_rng(0)
