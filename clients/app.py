@@ -21,7 +21,17 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import builders, client, config, lora, outputs, privacy, secure_client, training
+from fedlora import (
+    builders,
+    client,
+    config,
+    lora,
+    outputs,
+    privacy,
+    secure_client,
+    secure_hetlora,
+    training,
+)
 from fedlora.aggregation import LoraFactors
 from fedlora.errors import ConfigError
 from fedlora.secure_wire import SECAGG, STAGE_KEY, secagg_config
@@ -100,6 +110,12 @@ def train(msg: Message, context: Context) -> Message:
                     "rss-mb": outputs.rss_mb()})
     if instructions.get(STAGE_KEY) == "train":  # secure aggregation: the factors stay here
         outgoing = secure_client.clip_update(outgoing, arrays, cfg.fl.clip_update_norm)
+        if cfg.fl.strategy == "hetlora":  # norm weights and padding applied here, summed there
+            outgoing = secure_hetlora.prescale(
+                outgoing, int(metrics["num-examples"]), node.rank,
+                int(instructions["hetlora-rank"]),
+                cfg.lora.alpha, cfg.lora.use_rslora, cfg.fl.hetlora_weight_by_examples,
+                gain=float(instructions["hetlora-gain"]), clip_range=cfg.fl.secagg_clip_range)
         keys = secure_client.begin(context, secagg_config(cfg), int(instructions["server-round"]),
                                    outgoing, int(metrics["num-examples"]))
         return Message(RecordDict({SECAGG: keys, "metrics": MetricRecord(metrics)}),

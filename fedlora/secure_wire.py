@@ -54,10 +54,6 @@ STAGE_KEY = "secagg-stage"  # in a train message's config: "train" = stage 0
 SHARE_KEYS = "query.secagg_share_keys"
 MASKED_INPUT = "query.secagg_masked_input"
 UNMASK = "query.secagg_unmask"
-# HetLoRA's norm weights differ per module; one securely summed normaliser cannot carry them.
-_NOT_YET = {"hetlora": "its norm weights ‖s_k B_k A_k‖_F differ per module and would each need "
-                       "a securely summed normaliser (and clients zero-padding to the largest "
-                       "rank)"}
 
 
 def secagg_config(cfg: RunConfig) -> SecAggConfig:
@@ -81,20 +77,18 @@ def check_secure_aggregation(cfg: RunConfig, num_clients: int | None = None) -> 
     Raises
     ------
     ConfigError
-        The strategy needs individual factors (flora, flexlora, fedex), is not supported
-        yet (hetlora), or the threshold/neighbour settings cannot work.
+        The strategy needs individual factors (flora, flexlora, fedex, robust), or the
+        threshold/neighbour settings cannot work.
     """
     if not cfg.fl.secure_aggregation:
         return
     name = cfg.fl.strategy
-    supported = ", ".join(s for s in sorted(COMPATIBLE) if s not in _NOT_YET)
+    supported = ", ".join(sorted(COMPATIBLE))
     ok, why = secagg_compatible(name)
     if name in INCOMPATIBLE:
         why = (f"{name} cannot run with secure aggregation because {INCOMPATIBLE[name]}, and "
                f"the server only learns the sum")
-    elif name in _NOT_YET:
-        why = f"secure aggregation of {name} is not supported yet: {_NOT_YET[name]}"
-    if not ok or name in _NOT_YET:
+    if not ok:
         raise ConfigError(f"secure-aggregation = true: {why}; use one of {supported}, or set "
                           f"secure-aggregation = false")
     settings = secagg_config(cfg)

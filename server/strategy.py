@@ -22,7 +22,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedlora import checkpoint, privacy
+from fedlora import checkpoint, privacy, secure_hetlora
 from fedlora.aggregation import (
     ClientUpdate,
     LoraFactors,
@@ -39,6 +39,7 @@ from fedlora.client import select_outgoing
 from fedlora.config import RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
 from fedlora.federation import GlobalAdapter, aggregate_heads, split_arrays
+from fedlora.lora import LORA_A
 from fedlora.outputs import rss_mb
 from fedlora.transport import nbytes, pack, pack_correction, unpack
 from server.secure_round import SecureOutcome, SecureRound
@@ -384,8 +385,15 @@ class FederatedLora:
                          "correction" in m.content else 0) for m in messages)
         start_version = self.glob.version
         if self.secure is not None:
-            outcome = self.secure.run(grid, server_round, sampled, messages,
-                                      select_outgoing(sent[sampled[0].node_id], plan.send),
+            template = select_outgoing(sent[sampled[0].node_id], plan.send)
+            if self.cfg.fl.strategy == "hetlora":  # uploads padded to the round's largest rank
+                gain, pad = secure_hetlora.gain(self.glob.adapter), max(n.rank for n in sampled)
+                for msg in messages:
+                    msg.content["config"]["hetlora-gain"] = gain
+                    msg.content["config"]["hetlora-rank"] = pad
+                template = secure_hetlora.prescale(template, 1, sampled[0].rank, pad,
+                                                   self.glob.lora_alpha, self.glob.rslora)
+            outcome = self.secure.run(grid, server_round, sampled, messages, template,
                                       lambda metrics: self.check_metrics(metrics, server_round))
             for node in outcome.trained:
                 self.base_version[node.partition_id] = start_version
@@ -521,12 +529,19 @@ class FederatedLora:
             "bytes_up": outcome.bytes_up, "bytes_down": bytes_down + outcome.bytes_down,
             "secagg_dropped": outcome.dropped, "secagg_s": outcome.seconds,
         }
+        mean, error_bound = outcome.mean, outcome.error_bound
+        if mean is not None and self.cfg.fl.strategy == "hetlora":
+            try:  # norm-weighted sums and their normalisers → HetLoRA's padded means
+                mean, normaliser = secure_hetlora.unscale(mean)
+                error_bound /= normaliser
+            except PayloadError as exc:
+                mean, outcome.aborted = None, str(exc)
         errors = ([outcome.aborted] if outcome.aborted else []) + outcome.errors
         if errors:
             record["errors"] = [_last_line(e) for e in errors[:5]]
         needed = max(self.cfg.fl.min_accepted,
                      math.ceil(self.cfg.fl.min_accepted_fraction * len(sent)))
-        if outcome.mean is None or len(contributors) < needed:
+        if mean is None or len(contributors) < needed:
             log(WARNING, "Round %d: %d update(s) in the secure sum, %d needed (min-accepted / "
                 "min-accepted-fraction / secure aggregation threshold): round abandoned, the "
                 "global adapter is unchanged", server_round, len(contributors), needed)
@@ -538,8 +553,11 @@ class FederatedLora:
 
         node = contributors[0][0]
         weights = [int(m["num-examples"]) for _, m in contributors]
-        scale = scale_for_rank(node.rank, self.glob.lora_alpha, self.glob.rslora)
-        factors, heads = split_arrays({**sent[node.node_id], **outcome.mean}, scale)
+        rank = node.rank
+        if self.cfg.fl.strategy == "hetlora":  # every upload was padded to one rank
+            rank = next(v.shape[0] for k, v in mean.items() if k.endswith(LORA_A))
+        scale = scale_for_rank(rank, self.glob.lora_alpha, self.glob.rslora)
+        factors, heads = split_arrays({**sent[node.node_id], **mean}, scale)
         update = ClientUpdate(factors=factors, num_examples=sum(weights))
         result = aggregate(self.cfg.fl.strategy, [update], lora_alpha=self.glob.lora_alpha,
                            rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
@@ -553,7 +571,7 @@ class FederatedLora:
             "num_examples": int(total),
             "effective_rank_mean": result.diagnostics([update])["effective_rank_mean"],
             "base_version": self.glob.version,
-            "secagg_error_bound": outcome.error_bound,
+            "secagg_error_bound": error_bound,
         })
         if "phase" in plan.options:
             record["phase"] = plan.options["phase"]

@@ -295,7 +295,7 @@ def test_a_bad_protocol_reply_is_rejected_and_its_node_dropped(transform, reason
 # --------------------------------------------------------------------------- start-up
 
 
-@pytest.mark.parametrize("strategy", ["flora", "flexlora", "fedex", "hetlora"])
+@pytest.mark.parametrize("strategy", ["flora", "flexlora", "fedex", "robust"])
 def test_a_strategy_that_cannot_aggregate_securely_fails_before_any_model_loads(
         strategy, monkeypatch):
     import server.app
@@ -306,7 +306,7 @@ def test_a_strategy_that_cannot_aggregate_securely_fails_before_any_model_loads(
     monkeypatch.setattr(server.app, "ServerModel", no_model)
     flat = tiny_config(strategy=strategy, secure_aggregation=True)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=flat)
-    expected = "not supported yet" if strategy == "hetlora" else "cannot run with secure"
+    expected = "cannot run with secure"
     with pytest.raises(ConfigError, match=expected):
         server.app.main(None, context)
     with pytest.raises(ConfigError, match=expected):
@@ -320,7 +320,7 @@ def test_fedlora_run_refuses_flora_with_secure_aggregation_before_starting(tmp_p
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr
     assert "flora cannot run with secure aggregation" in res.stderr
-    assert "use one of fedit, fedsa, ffa, rolora" in res.stderr
+    assert "use one of fedit, fedsa, ffa, hetlora, rolora" in res.stderr
     assert not out.exists()  # preflight only: nothing was started or written
 
 
@@ -381,3 +381,27 @@ def test_secure_rounds_on_flowers_simulation_engine(tmp_path):
         assert sum(record["secagg_dropped"].values()) == 0
     assert json.loads((out / "config.json").read_text())["secure-aggregation"] is True
     assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_hetlora_aggregates_securely_with_mixed_ranks():
+    """Ranks 4, 8, 8: clients pad to 8 and pre-scale by their norm weights; the securely summed
+    normalisers turn the sum into HetLoRA's norm-weighted mean. The global adapter equals the
+    plain round's within the reported bound (codec bound / normaliser, doubled for the
+    normaliser's own rounding); heads keep the example weighting."""
+    ranks = {"rank_by_partition": "4,8,8"}
+    records, glob, _, error = run(flat_config(False, strategy="hetlora", **ranks))
+    assert error is None
+    want = glob.arrays_for(8)
+    replies: list[Message] = []
+    records, glob, _, error = run(flat_config(True, strategy="hetlora", **ranks),
+                                  on_reply=replies.append)
+    assert error is None
+    record = records[1]
+
+    assert record["num_accepted"] == 3 and not record.get("abandoned")
+    assert 0 < record["secagg_error_bound"] < 1e-3
+    assert_close(glob.arrays_for(8), want, 2 * record["secagg_error_bound"])
+    # the rank-4 client gets the same prefix view as in the plain round
+    assert glob.arrays_for(4)[next(k for k in want if k.endswith(lora.LORA_A))].shape[0] == 4
+    # no reply carried plain factors: stage 2 uploads are masked ring elements
+    assert not any("arrays" in r.content for r in replies if not r.has_error())
