@@ -9,6 +9,9 @@ Wire contract (see ``server/strategy.py`` for the other side)
 * out ``arrays``      ArrayRecord — only the LoRA factors in ``send`` and the declared heads
 * out ``metrics``     MetricRecord — ``num-examples``, ``train-loss``, ``server-round`` (the
   round this reply answers: stale replies are rejected) and other numbers
+* out ``signature``   ConfigRecord, with ``sign-updates`` only — the Ed25519 envelope over the
+  other records (``fedlora/signed_wire.py``); the capability reply then also announces the
+  node's public key
 
 With ``secure-aggregation`` a train message's config has ``secagg-stage = "train"``: the node
 trains the same way but replies with public keys instead of ``arrays``, and three ``query``
@@ -21,7 +24,17 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import builders, client, config, lora, outputs, privacy, secure_client, training
+from fedlora import (
+    builders,
+    client,
+    config,
+    lora,
+    outputs,
+    privacy,
+    secure_client,
+    signed_wire,
+    training,
+)
 from fedlora.aggregation import LoraFactors
 from fedlora.errors import ConfigError
 from fedlora.secure_wire import SECAGG, STAGE_KEY, secagg_config
@@ -67,6 +80,9 @@ def capabilities(msg: Message, context: Context) -> Message:
     node = client.Node.from_configs(cfg, context.node_config)
     caps = ConfigRecord({"partition-id": node.partition_id,
                          "num-partitions": node.num_partitions, "lora-rank": node.rank})
+    if cfg.fl.sign_updates:
+        caps.update(signed_wire.announcement(signed_wire.node_key(context), context.run_id,
+                                             context.node_id))
     return Message(RecordDict({"caps": caps}), reply_to=msg)
 
 
@@ -104,8 +120,11 @@ def train(msg: Message, context: Context) -> Message:
                                    outgoing, int(metrics["num-examples"]))
         return Message(RecordDict({SECAGG: keys, "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
-    return Message(RecordDict({"arrays": pack(outgoing), "metrics": MetricRecord(metrics)}),
-                   reply_to=msg)
+    reply = RecordDict({"arrays": pack(outgoing), "metrics": MetricRecord(metrics)})
+    if cfg.fl.sign_updates:
+        signed_wire.sign_reply(reply, signed_wire.node_key(context), context.run_id,
+                               context.node_id, int(instructions["server-round"]))
+    return Message(reply, reply_to=msg)
 
 
 @app.query("secagg_share_keys")
@@ -117,9 +136,14 @@ def secagg_share_keys(msg: Message, context: Context) -> Message:
 
 @app.query("secagg_masked_input")
 def secagg_masked_input(msg: Message, context: Context) -> Message:
-    """Secure round, stage 2: the masked, weighted, fixed-point update."""
-    settings = secagg_config(config.from_flat(context.run_config))
-    return Message(secure_client.mask_input(context, settings, msg.content), reply_to=msg)
+    """Secure round, stage 2: the masked, weighted, fixed-point update (signed with
+    ``sign-updates``: it is the only message that carries this node's update)."""
+    cfg = config.from_flat(context.run_config)
+    reply = secure_client.mask_input(context, secagg_config(cfg), msg.content)
+    if cfg.fl.sign_updates:
+        signed_wire.sign_reply(reply, signed_wire.node_key(context), context.run_id,
+                               context.node_id, int(reply[SECAGG]["server-round"]))
+    return Message(reply, reply_to=msg)
 
 
 @app.query("secagg_unmask")

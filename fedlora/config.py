@@ -106,6 +106,12 @@ class FederationConfig:
     secagg_max_weight: int = _f(10_000, "secure aggregation: largest num-examples a client may "
                                 "declare (its weight); a larger one is rejected. The "
                                 "fixed-point step grows with it")
+    sign_updates: bool = _f(False, "each client signs its update (Ed25519 over run, round, node, "
+                            "a nonce and the reply's hash); the server verifies it before "
+                            "decoding and rejects tampered, replayed and duplicate replies")
+    signing_keys: str = _f("", "sign-updates: server-side directory of the registered public "
+                           "keys (signing-*.pub from `fedlora certs`); '' = trust each node's "
+                           "key on first use, announced in the capability query")
     dp_mode: str = _f("off", "client-level differential privacy: off, central (clients clip, the "
                       "server adds noise) or local (clients clip and add noise); fedit, ffa "
                       "(recommended), fedsa, rolora")
@@ -155,6 +161,10 @@ class FederationConfig:
                               f"magnitude of an uploaded coordinate); got "
                               f"{self.secagg_clip_range}")
         _positive("secagg-max-weight", self.secagg_max_weight)
+        if self.signing_keys and not self.sign_updates:
+            raise ConfigError("signing-keys is set but sign-updates is false; set "
+                              "sign-updates = true to verify signed updates, or drop "
+                              "signing-keys")
         self.dp_spec()  # validates the DP keys
 
     def dp_spec(self) -> Any:

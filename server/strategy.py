@@ -1,9 +1,10 @@
 """Thin Flower adapter around fedlora's pure aggregation rules.
 
 One round: sample nodes (seeded) → one Message per node with the arrays of *its* rank and its own
-config copy → ``grid.send_and_receive`` → validate and decode each reply (a bad reply is
-rejected with a reason, never the run) → ``fedlora.aggregation.aggregate`` in partition order →
-adopt the result (optionally through a server optimizer) → evaluate → one metrics line.
+config copy → ``grid.send_and_receive`` → verify each reply's signature (``sign-updates``), then
+validate and decode it (a bad reply is rejected with a reason, never the run) →
+``fedlora.aggregation.aggregate`` in partition order → adopt the result (optionally through a
+server optimizer) → evaluate → one metrics line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedlora import checkpoint, privacy
+from fedlora import checkpoint, privacy, signed_wire
 from fedlora.aggregation import (
     ClientUpdate,
     LoraFactors,
@@ -40,6 +41,7 @@ from fedlora.config import RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
 from fedlora.federation import GlobalAdapter, aggregate_heads, split_arrays
 from fedlora.outputs import rss_mb
+from fedlora.secagg.signing import SignatureRejected, UpdateVerifier
 from fedlora.transport import nbytes, pack, pack_correction, unpack
 from server.secure_round import SecureOutcome, SecureRound
 
@@ -117,12 +119,15 @@ class FederatedLora:
         Central evaluation of the global model, or ``None`` when the server has no data.
     log_round
         Receives one metrics record per round (``metrics.jsonl``).
+    run_id
+        Flower's run id, which signed updates are bound to (``sign-updates``).
     """
 
     def __init__(self, cfg: RunConfig, glob: GlobalAdapter,
                  evaluate_fn: Callable[[GlobalAdapter], dict[str, float] | None],
-                 log_round: Callable[[dict[str, Any]], None]) -> None:
+                 log_round: Callable[[dict[str, Any]], None], run_id: int = 0) -> None:
         self.cfg = cfg
+        self.run_id = run_id
         self.glob = glob
         self.evaluate_fn = evaluate_fn
         self.log_round = log_round
@@ -140,6 +145,10 @@ class FederatedLora:
         self._round_norms: list[float] = []
         self.dp = privacy.check_config(cfg)
         self.accountant: privacy.Accountant | None = None
+        # the registered signing keys (None: trust each node's announced key on first use)
+        self.registered = (signed_wire.registered_keys(cfg.fl.signing_keys)
+                           if cfg.fl.signing_keys else None)
+        self.verifier: UpdateVerifier | None = None  # set by discover() with sign-updates
 
     # ------------------------------------------------------------------ discovery
 
@@ -158,7 +167,7 @@ class FederatedLora:
             raise RuntimeError("no node connected before round-timeout")
         msgs = [Message(RecordDict({"q": ConfigRecord({})}), dst_node_id=n,
                         message_type="query.capabilities") for n in node_ids]
-        nodes, errors = [], []
+        nodes, errors, announced = [], [], {}
         for reply in grid.send_and_receive(msgs, timeout=self.cfg.fl.round_timeout):
             if reply.has_error():
                 errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
@@ -166,13 +175,39 @@ class FederatedLora:
             caps = reply.content["caps"]
             nodes.append(NodeInfo(reply.metadata.src_node_id, int(caps["partition-id"]),
                                   int(caps["lora-rank"])))
+            announced[reply.metadata.src_node_id] = caps
         for err in errors:
             log(WARNING, "Capability query failed on %s", err)
         if not nodes:
             raise RuntimeError(f"no node answered the capability query: {errors}")
         nodes.sort(key=lambda n: (n.partition_id, n.node_id))
         self.check_ranks(nodes)
+        if self.cfg.fl.sign_updates:
+            self.verifier = self._signature_verifier(nodes, announced)
         return nodes
+
+    def _signature_verifier(self, nodes: list[NodeInfo],
+                            announced: Mapping[int, Mapping[str, Any]]) -> UpdateVerifier:
+        """Verifier of this run's signed updates, with the key each node announced and proved
+        (only registered keys when ``signing-keys`` names a directory)."""
+        keys, problems = signed_wire.node_keys(self.run_id, announced, self.registered)
+        for node in nodes:
+            if node.node_id in problems:
+                log(WARNING, "Partition %d (node %d) has no signing key: %s; each of its "
+                    "updates will be rejected (UNKNOWN_NODE)", node.partition_id, node.node_id,
+                    problems[node.node_id])
+        trust = "registered keys" if self.registered is not None else "trust on first use"
+        log(INFO, "fedlora: signed updates, %d of %d node keys (%s)", len(keys), len(nodes),
+            trust)
+        return UpdateVerifier(str(self.run_id), keys)
+
+    def verify_signature(self, content: RecordDict, node_id: int, server_round: int) -> None:
+        """Check a signed reply before anything is decoded (no-op without sign-updates).
+
+        Raises :class:`~fedlora.secagg.signing.SignatureRejected` with a reason code.
+        """
+        if self.verifier is not None:
+            signed_wire.verify_reply(self.verifier, content, node_id, server_round)
 
     def check_ranks(self, nodes: Iterable[NodeInfo]) -> None:
         ranks = sorted({n.rank for n in nodes})
@@ -384,9 +419,11 @@ class FederatedLora:
                          "correction" in m.content else 0) for m in messages)
         start_version = self.glob.version
         if self.secure is not None:
-            outcome = self.secure.run(grid, server_round, sampled, messages,
-                                      select_outgoing(sent[sampled[0].node_id], plan.send),
-                                      lambda metrics: self.check_metrics(metrics, server_round))
+            outcome = self.secure.run(
+                grid, server_round, sampled, messages,
+                select_outgoing(sent[sampled[0].node_id], plan.send),
+                lambda metrics: self.check_metrics(metrics, server_round),
+                lambda content, node_id: self.verify_signature(content, node_id, server_round))
             for node in outcome.trained:
                 self.base_version[node.partition_id] = start_version
             return self._adopt_secure(outcome, sent, plan, server_round, start, bytes_down)
@@ -414,12 +451,22 @@ class FederatedLora:
                     reply.error.reason)
                 continue
             bytes_up += nbytes(reply.content["arrays"]) if "arrays" in reply.content else 0
-            if node is None or node.node_id in seen:
+            if node is None:
+                rejected["DUPLICATE_OR_UNKNOWN"] += 1
+                continue
+            # the node finished its round, so it now holds every correction it was sent
+            self.base_version[node.partition_id] = start_version
+            try:  # first, so that replayed and duplicate signed replies get their own codes
+                self.verify_signature(reply.content, node.node_id, server_round)
+            except SignatureRejected as exc:
+                rejected[exc.reason] += 1
+                log(WARNING, "Round %d: rejected the signed update of partition %d: %s",
+                    server_round, node.partition_id, exc)
+                continue
+            if node.node_id in seen:
                 rejected["DUPLICATE_OR_UNKNOWN"] += 1
                 continue
             seen.add(node.node_id)
-            # the node finished its round, so it now holds every correction it was sent
-            self.base_version[node.partition_id] = start_version
             try:
                 update, heads, metrics = self.decode(reply, node, sent[node.node_id], plan.send,
                                                      server_round)
