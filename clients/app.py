@@ -2,11 +2,13 @@
 
 Wire contract (see ``server/strategy.py`` for the other side)
 
-* in  ``arrays``      ArrayRecord — the adapter for this node's rank (peft key names)
+* in  ``arrays``      ArrayRecord — the adapter for this node's rank (peft key names), in the
+  run's ``wire-dtype`` (float32, float16 or bfloat16; ``fedlora/transport.py``)
 * in  ``config``      ConfigRecord — ``server-round``, ``trainable``/``send`` ("ab", "a", "b"),
   ``personal`` ("b" for FedSA: B never leaves the node), ``base-from``/``base-to``
 * in  ``correction``  ArrayRecord, optional — base correction versions base-from..base-to
-* out ``arrays``      ArrayRecord — only the LoRA factors in ``send`` and the declared heads
+* out ``arrays``      ArrayRecord — only the LoRA factors in ``send`` and the declared heads,
+  in ``wire-dtype``
 * out ``metrics``     MetricRecord — ``num-examples``, ``train-loss``, ``server-round`` (the
   round this reply answers: stale replies are rejected) and other numbers
 * out ``signature``   ConfigRecord, with ``sign-updates`` only — the Ed25519 envelope over the
@@ -120,7 +122,8 @@ def train(msg: Message, context: Context) -> Message:
                                    outgoing, int(metrics["num-examples"]))
         return Message(RecordDict({SECAGG: keys, "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
-    reply = RecordDict({"arrays": pack(outgoing), "metrics": MetricRecord(metrics)})
+    reply = RecordDict({"arrays": pack(outgoing, cfg.fl.wire_dtype),
+                        "metrics": MetricRecord(metrics)})
     if cfg.fl.sign_updates:
         signed_wire.sign_reply(reply, signed_wire.node_key(context), context.run_id,
                                context.node_id, int(instructions["server-round"]))

@@ -234,8 +234,12 @@ class FederatedLora:
 
     def _message(self, node: NodeInfo, server_round: int, plan: RoundPlan,
                  message_type: str) -> tuple[Message, dict[str, np.ndarray]]:
+        """The message for ``node`` and the arrays it receives (after ``wire-dtype`` rounding:
+        what it trains from, and what frozen factors of its reply are filled in with)."""
         arrays = self.glob.arrays_for(node.rank)
-        content = RecordDict({"arrays": pack(arrays)})
+        content = RecordDict({"arrays": pack(arrays, self.cfg.fl.wire_dtype)})
+        if self.cfg.fl.wire_dtype != "float32":
+            arrays = unpack(content["arrays"])
         config = ConfigRecord({"server-round": server_round, "trainable": plan.trainable,
                                "send": plan.send, "personal": plan.personal})
         have = self.base_version.get(node.partition_id, 0)
