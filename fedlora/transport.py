@@ -89,12 +89,17 @@ def bfloat16_values(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def unpack(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """``ArrayRecord`` → named float32 arrays (writable, owned); refuses non-float payloads."""
+def unpack(record: ArrayRecord, *, copy: bool = True) -> dict[str, np.ndarray]:
+    """``ArrayRecord`` → named float32 arrays; refuses non-float payloads.
+
+    With ``copy`` (the default) every array is writable and owns its memory; without, float32
+    arrays are read-only views into the record's bytes (:func:`read_array`), for readers that
+    never write into them.
+    """
     out: dict[str, np.ndarray] = {}
     for key, array in record.items():
         value = read_array(key, array)
-        out[key] = value if value.flags.writeable else value.copy()
+        out[key] = value if value.flags.writeable or not copy else value.copy()
     return out
 
 
