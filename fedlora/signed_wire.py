@@ -86,7 +86,7 @@ def reply_hash(content: RecordDict) -> bytes:
             if isinstance(record, ArrayRecord):
                 array = record[key]
                 _put(digest, key.encode(), array.dtype.encode(), array.stype.encode(),
-                     struct.pack(f">Q{len(array.shape)}Q", len(array.shape), *array.shape),
+                     struct.pack(f">Q{len(array.shape)}q", len(array.shape), *array.shape),
                      array.data)
             else:
                 _put(digest, key.encode(), _value_bytes(record[key]))

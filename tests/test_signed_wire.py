@@ -77,8 +77,10 @@ def _relabel(content: RecordDict) -> None:  # same bytes, another declared dtype
     lambda c: c.__setitem__("extra", ConfigRecord({"k": 1})),
     lambda c: c["arrays"].__setitem__("m.lora_C.weight", Array(np.zeros(1, np.float32))),
     lambda c: c.__setitem__("metrics", ConfigRecord(dict(c["metrics"]))),  # record kind
+    # a malformed shape is hashed too (and refused later), never an error of the server
+    lambda c: c["arrays"].__setitem__("x", Array("float32", (-1,), "numpy.ndarray", b"")),
 ], ids=["array-byte", "array-dtype", "example-count", "int-to-float", "extra-record",
-        "extra-array", "record-kind"])
+        "extra-array", "record-kind", "negative-shape"])
 def test_every_change_of_a_reply_changes_its_hash(change: Callable[[RecordDict], None]):
     content = _reply()
     reference = signed_wire.reply_hash(content)
