@@ -2,13 +2,18 @@
 
 Wire contract (see ``server/strategy.py`` for the other side)
 
-* in  ``arrays``      ArrayRecord — the adapter for this node's rank (peft key names)
+* in  ``arrays``      ArrayRecord — the adapter for this node's rank (peft key names), in the
+  run's ``wire-dtype`` (float32, float16 or bfloat16; ``fedlora/transport.py``)
 * in  ``config``      ConfigRecord — ``server-round``, ``trainable``/``send`` ("ab", "a", "b"),
   ``personal`` ("b" for FedSA: B never leaves the node), ``base-from``/``base-to``
 * in  ``correction``  ArrayRecord, optional — base correction versions base-from..base-to
-* out ``arrays``      ArrayRecord — only the LoRA factors in ``send`` and the declared heads
+* out ``arrays``      ArrayRecord — only the LoRA factors in ``send`` and the declared heads,
+  in ``wire-dtype``
 * out ``metrics``     MetricRecord — ``num-examples``, ``train-loss``, ``server-round`` (the
   round this reply answers: stale replies are rejected) and other numbers
+* out ``signature``   ConfigRecord, with ``sign-updates`` only — the Ed25519 envelope over the
+  other records (``fedlora/signed_wire.py``); the capability reply then also announces the
+  node's public key
 
 With ``secure-aggregation`` a train message's config has ``secagg-stage = "train"``: the node
 trains the same way but replies with public keys instead of ``arrays``, and three ``query``
@@ -30,6 +35,7 @@ from fedlora import (
     privacy,
     secure_client,
     secure_hetlora,
+    signed_wire,
     training,
 )
 from fedlora.aggregation import LoraFactors
@@ -77,6 +83,9 @@ def capabilities(msg: Message, context: Context) -> Message:
     node = client.Node.from_configs(cfg, context.node_config)
     caps = ConfigRecord({"partition-id": node.partition_id,
                          "num-partitions": node.num_partitions, "lora-rank": node.rank})
+    if cfg.fl.sign_updates:
+        caps.update(signed_wire.announcement(signed_wire.node_key(context), context.run_id,
+                                             context.node_id))
     return Message(RecordDict({"caps": caps}), reply_to=msg)
 
 
@@ -120,8 +129,12 @@ def train(msg: Message, context: Context) -> Message:
                                    outgoing, int(metrics["num-examples"]))
         return Message(RecordDict({SECAGG: keys, "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
-    return Message(RecordDict({"arrays": pack(outgoing), "metrics": MetricRecord(metrics)}),
-                   reply_to=msg)
+    reply = RecordDict({"arrays": pack(outgoing, cfg.fl.wire_dtype),
+                        "metrics": MetricRecord(metrics)})
+    if cfg.fl.sign_updates:
+        signed_wire.sign_reply(reply, signed_wire.node_key(context), context.run_id,
+                               context.node_id, int(instructions["server-round"]))
+    return Message(reply, reply_to=msg)
 
 
 @app.query("secagg_share_keys")
@@ -133,9 +146,14 @@ def secagg_share_keys(msg: Message, context: Context) -> Message:
 
 @app.query("secagg_masked_input")
 def secagg_masked_input(msg: Message, context: Context) -> Message:
-    """Secure round, stage 2: the masked, weighted, fixed-point update."""
-    settings = secagg_config(config.from_flat(context.run_config))
-    return Message(secure_client.mask_input(context, settings, msg.content), reply_to=msg)
+    """Secure round, stage 2: the masked, weighted, fixed-point update (signed with
+    ``sign-updates``: it is the only message that carries this node's update)."""
+    cfg = config.from_flat(context.run_config)
+    reply = secure_client.mask_input(context, secagg_config(cfg), msg.content)
+    if cfg.fl.sign_updates:
+        signed_wire.sign_reply(reply, signed_wire.node_key(context), context.run_id,
+                               context.node_id, int(reply[SECAGG]["server-round"]))
+    return Message(reply, reply_to=msg)
 
 
 @app.query("secagg_unmask")

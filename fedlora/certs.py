@@ -2,7 +2,8 @@
 
 :func:`generate` writes, with ``cryptography`` only, everything ``flower-superlink`` (TLS),
 ``flower-supernode`` (``--root-certificates``, ``--auth-supernode-private-key``) and
-``flwr supernode register`` expect in Flower 1.41::
+``flwr supernode register`` expect in Flower 1.41, and each node's update-signing key
+(``sign-updates``, :mod:`fedlora.signed_wire`)::
 
     DIR/ca.crt                 CA certificate (PEM)            -> SuperNodes, flwr CLI
     DIR/ca.key                 CA private key (PEM, 0600)      -> keep offline (signs new certs)
@@ -10,9 +11,12 @@
     DIR/server.key             its private key (PEM, 0600)
     DIR/supernode-<i>.key      SuperNode i's EC P-384 private key (OpenSSH, 0600)
     DIR/supernode-<i>.pub      its public key (OpenSSH), registered on the SuperLink
+    DIR/signing-<i>.key        SuperNode i's Ed25519 update-signing key (OpenSSH, 0600)
+                               -> node config signing-key of SuperNode i only
+    DIR/signing-<i>.pub        its public key -> the server's signing-keys directory
 
-Every key is EC P-384: Flower's SuperNode loader takes any EC key in OpenSSH format and
-``flwr supernode register`` only NIST curves; uvicorn serves EC certificates.
+The TLS and SuperNode keys are EC P-384: Flower's SuperNode loader takes any EC key in OpenSSH
+format and ``flwr supernode register`` only NIST curves; uvicorn serves EC certificates.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedlora.errors import FedLoraError
@@ -51,6 +56,8 @@ class Credentials:
     server_key: Path
     node_keys: tuple[Path, ...]
     node_public_keys: tuple[Path, ...]
+    signing_keys: tuple[Path, ...]
+    signing_public_keys: tuple[Path, ...]
 
     @classmethod
     def at(cls, directory: str | Path, nodes: int) -> Credentials:
@@ -58,13 +65,18 @@ class Credentials:
         d = Path(directory).expanduser().resolve()
         return cls(d, d / "ca.crt", d / "ca.key", d / "server.pem", d / "server.key",
                    tuple(d / f"supernode-{i}.key" for i in range(nodes)),
-                   tuple(d / f"supernode-{i}.pub" for i in range(nodes)))
+                   tuple(d / f"supernode-{i}.pub" for i in range(nodes)),
+                   tuple(d / f"signing-{i}.key" for i in range(nodes)),
+                   tuple(d / f"signing-{i}.pub" for i in range(nodes)))
 
     def files(self) -> list[Path]:
         return [self.ca_cert, self.ca_key, self.server_cert, self.server_key,
-                *self.node_keys, *self.node_public_keys]
+                *self.node_keys, *self.node_public_keys, *self.signing_files()]
 
-    def require(self, *, tls: bool, auth: bool) -> None:
+    def signing_files(self) -> list[Path]:
+        return [*self.signing_keys, *self.signing_public_keys]
+
+    def require(self, *, tls: bool, auth: bool, signing: bool = False) -> None:
         """Raise :class:`CertsError` naming every file a launch with these options lacks.
 
         The CA's private key is never needed to run, so it may be kept elsewhere.
@@ -72,6 +84,8 @@ class Credentials:
         needed = [self.ca_cert, self.server_cert, self.server_key] if tls or auth else []
         if auth:
             needed += [*self.node_keys, *self.node_public_keys]
+        if signing:
+            needed += self.signing_files()
         missing = [str(p) for p in needed if not p.is_file()]
         if missing:
             raise CertsError(
@@ -113,7 +127,8 @@ def generate(directory: str | Path, hosts: Sequence[str] = (), nodes: int = 2,
         Names and IP addresses SuperNodes use to reach the SuperLink; 127.0.0.1 and
         localhost are always included. IP addresses become IP SANs, the rest DNS SANs.
     nodes
-        SuperNode key pairs to create (``supernode-0`` .. ``supernode-<nodes-1>``).
+        SuperNode key pairs to create (``supernode-0`` .. ``supernode-<nodes-1>``), and as
+        many update-signing key pairs (``signing-0`` ..).
     force
         Replace existing files; without it, any existing target file is an error.
     days
@@ -179,7 +194,33 @@ def generate(directory: str | Path, hosts: Sequence[str] = (), nodes: int = 2,
         _write(pub_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                        serialization.PublicFormat.OpenSSH)
                + f" {key_path.stem}\n".encode())
+    _write_signing_keys(creds)
     return creds
+
+
+def generate_signing_keys(directory: str | Path, nodes: int, force: bool = False
+                          ) -> Credentials:
+    """Write only the ``nodes`` update-signing key pairs (``signing-<i>.key/.pub``)."""
+    creds = Credentials.at(directory, nodes)
+    existing = [str(p) for p in creds.signing_files() if p.exists()]
+    if existing and not force:
+        raise CertsError(f"refusing to overwrite {', '.join(existing)}; pass --force "
+                         f"(force=True) to replace them")
+    creds.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    creds.directory.chmod(0o700)
+    _write_signing_keys(creds)
+    return creds
+
+
+def _write_signing_keys(creds: Credentials) -> None:
+    for key_path, pub_path in zip(creds.signing_keys, creds.signing_public_keys, strict=True):
+        key = Ed25519PrivateKey.generate()
+        _write(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()), private=True)
+        _write(pub_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                       serialization.PublicFormat.OpenSSH)
+               + f" {key_path.stem}\n".encode())
 
 
 def subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:

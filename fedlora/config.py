@@ -25,6 +25,7 @@ PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 LORA_BIASES = ("none", "all", "lora_only")
 LORA_INITS = ("default", "gaussian")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+WIRE_DTYPES = ("float32", "float16", "bfloat16")  # see fedlora.transport
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best in the tables below
@@ -107,6 +108,15 @@ class FederationConfig:
     secagg_max_weight: int = _f(10_000, "secure aggregation: largest num-examples a client may "
                                 "declare (its weight); a larger one is rejected. The "
                                 "fixed-point step grows with it")
+    wire_dtype: str = _f("float32", "dtype of the LoRA factors and heads on the wire, server to "
+                         "client and back: float32, float16 or bfloat16 (half the bytes); the "
+                         "server aggregates in float32")
+    sign_updates: bool = _f(False, "each client signs its update (Ed25519 over run, round, node, "
+                            "a nonce and the reply's hash); the server verifies it before "
+                            "decoding and rejects tampered, replayed and duplicate replies")
+    signing_keys: str = _f("", "sign-updates: server-side directory of the registered public "
+                           "keys (signing-*.pub from `fedlora certs`); '' = trust each node's "
+                           "key on first use, announced in the capability query")
     dp_mode: str = _f("off", "client-level differential privacy: off, central (clients clip, the "
                       "server adds noise) or local (clients clip and add noise); fedit, ffa "
                       "(recommended), fedsa, rolora")
@@ -156,6 +166,15 @@ class FederationConfig:
                               f"magnitude of an uploaded coordinate); got "
                               f"{self.secagg_clip_range}")
         _positive("secagg-max-weight", self.secagg_max_weight)
+        _choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        if self.wire_dtype != "float32" and self.dp_mode != "off":
+            raise ConfigError(f"dp-mode {self.dp_mode!r} needs wire-dtype = 'float32': rounding "
+                              f"a clipped update to {self.wire_dtype} can move it past "
+                              f"dp-clip-norm, the bound its noise is calibrated to")
+        if self.signing_keys and not self.sign_updates:
+            raise ConfigError("signing-keys is set but sign-updates is false; set "
+                              "sign-updates = true to verify signed updates, or drop "
+                              "signing-keys")
         self.dp_spec()  # validates the DP keys
 
     def dp_spec(self) -> Any:

@@ -21,6 +21,10 @@ turns TLS on by itself; an explicit ``tls=False`` together with ``auth=True`` is
 ``certs_dir`` a fresh CA, server certificate and SuperNode keys are generated into
 ``OUT/certs`` (:func:`fedlora.certs.generate`).
 
+Signed updates (``sign-updates = true``): node ``i`` gets ``signing-key=DIR/signing-<i>.key`` in
+its node config and the ServerApp reads the registered public keys from ``signing-keys``
+(default ``DIR``), where ``DIR`` is ``certs_dir`` or ``OUT/certs`` (generated when absent).
+
 A SuperNode that exits mid-run is reported through ``on_warning`` and the run goes on: the
 SuperLink answers messages to the lost node with an error reply (at once when it shut down
 cleanly, after about a minute of missed heartbeats when it was killed), and the ServerApp counts
@@ -104,6 +108,7 @@ class NodeSpec:
     gpu: str | None = None  # the CUDA_VISIBLE_DEVICES value
     private_key: Path | None = None
     public_key: Path | None = None
+    signing_key: Path | None = None  # its update-signing key (sign-updates)
     warm: bool = False  # ClientApp tasks run in one long-lived `fedlora worker` process
 
     @property
@@ -121,6 +126,8 @@ class NodeSpec:
             items.append(f"lora-rank={self.rank}")
         if self.data_path:
             items.append(f"data-path={json.dumps(self.data_path)}")
+        if self.signing_key:
+            items.append(f"signing-key={json.dumps(str(self.signing_key))}")
         return " ".join(items)
 
     def command(self, superlink: str, ca_cert: Path | None) -> list[str]:
@@ -479,10 +486,11 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
     if rank_list:
         flat["rank-by-partition"] = ",".join(map(str, rank_list))
     flat = finalize(flat, n)
+    signing = bool(flat["sign-updates"])
     creds = None  # set exactly when TLS is on
     if certs_dir is not None:
         creds = certs.Credentials.at(certs_dir, n)
-        creds.require(tls=tls, auth=auth)
+        creds.require(tls=tls, auth=auth, signing=signing)
     if port is not None:
         ensure_port_free(port)
     warn = on_warning or log.warning
@@ -492,7 +500,12 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
     if settings_record is not None:  # what `fedlora launch --resume` relaunches with
         (out / "launch-settings.json").write_text(json.dumps(dict(settings_record), default=str))
     if tls and creds is None:
-        creds = certs.generate(out / "certs", nodes=n if auth else 0, force=True)
+        creds = certs.generate(out / "certs", nodes=n if auth or signing else 0, force=True)
+    signing_keys: tuple[Path, ...] = ()
+    if signing:
+        keys = creds or certs.generate_signing_keys(out / "certs", nodes=n, force=True)
+        signing_keys = keys.signing_keys
+        flat["signing-keys"] = flat["signing-keys"] or str(keys.directory)
     run_config = write_run_config(flat, out)
     env, cwd = flwr_env(home), app_dir()
     link_port = port or free_port()
@@ -503,7 +516,7 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
                       data_path=paths[i] if paths else None, gpu=devices[i],
                       private_key=creds.node_keys[i] if auth and creds else None,
                       public_key=creds.node_public_keys[i] if auth and creds else None,
-                      warm=warm)
+                      signing_key=signing_keys[i] if signing_keys else None, warm=warm)
              for i in range(n)]
     for spec in specs:
         spec.home.mkdir(parents=True, exist_ok=True)

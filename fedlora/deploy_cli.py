@@ -34,6 +34,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
           f"SANs                {', '.join([*certs.LOOPBACK, *hosts])}")
     for key, pub in zip(creds.node_keys, creds.node_public_keys, strict=True):
         print(f"SuperNode key pair  {key} {pub}")
+    for key, pub in zip(creds.signing_keys, creds.signing_public_keys, strict=True):
+        print(f"Signing key pair    {key} {pub}")
     return 0
 
 
@@ -154,7 +156,8 @@ def _run(flat: dict[str, Any], out: Path, settings: dict[str, Any], port: int | 
 def add_commands(subparsers: Any) -> None:
     """Register ``certs`` and ``launch`` on the ``fedlora`` sub-command parsers."""
     certs = subparsers.add_parser(
-        "certs", help="create a CA, a SuperLink TLS certificate and SuperNode key pairs")
+        "certs", help="create a CA, a SuperLink TLS certificate, SuperNode key pairs and "
+                      "update-signing key pairs")
     certs.add_argument("dir", help="directory for the files (created private, mode 0700)")
     certs.add_argument("--hosts", nargs="+", metavar="HOST",
                        help="names/IPs SuperNodes use to reach the SuperLink (added to the "

@@ -41,7 +41,7 @@ def main(grid: Grid, context: Context) -> None:
     # built at max-rank: a node of any allowed rank gets the leading slice of the same init
     server_model = ServerModel(cfg, max_rank=cfg.fl.max_rank)
     strategy = FederatedLora(cfg, server_model.initial_global(), server_model.evaluate,
-                             out.log_round)
+                             out.log_round, run_id=context.run_id)
     start = 1
     if resumed is not None:
         strategy.restore(resumed)

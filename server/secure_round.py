@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from fedlora.config import RunConfig
 from fedlora.errors import PayloadError
 from fedlora.secagg import SecAggAborted, SecAggServer, flatten_arrays
+from fedlora.secagg.signing import SignatureRejected
 from fedlora.secure_wire import (
     MASKED_INPUT,
     SECAGG,
@@ -106,7 +107,9 @@ class SecureRound:
 
     def run(self, grid: Grid, server_round: int, sampled: list[NodeInfo],
             messages: list[Message], template: Mapping[str, np.ndarray],
-            check_metrics: Callable[[dict[str, Any]], int]) -> SecureOutcome:
+            check_metrics: Callable[[dict[str, Any]], int],
+            check_signature: Callable[[RecordDict, int], None] | None = None
+            ) -> SecureOutcome:
         """Stage 0 (``messages``, the round's train messages) and stages 1–3.
 
         Parameters
@@ -117,11 +120,20 @@ class SecureRound:
         check_metrics
             Validates a reply's metrics (round, example count, loss) and returns its
             example count, or raises :class:`~fedlora.errors.PayloadError`.
+        check_signature
+            ``(content, sender)``: verifies a masked input's signature before it is decoded
+            (``sign-updates``), or raises :class:`~fedlora.secagg.signing.SignatureRejected`.
         """
         out = SecureOutcome()
         by_id = {n.node_id: n for n in sampled}
         _, layout = flatten_arrays(template)
         server = SecAggServer(self.settings, server_round, list(by_id), layout.size)
+
+        def masked_input(content: RecordDict, src: int) -> Any:
+            if check_signature is not None:  # before a byte of the input is decoded
+                check_signature(content, src)
+            return read_masked(content, src, layout.size)
+
         for msg in messages:
             msg.content["config"][STAGE_KEY] = "train"
         replies = list(grid.send_and_receive(messages, timeout=self.timeout))
@@ -146,7 +158,7 @@ class SecureRound:
             seen = self._count(server, out, before=seen)
             inputs = self._exchange(grid, server_round, MASKED_INPUT, {
                 node: relayed_record(relayed) for node, relayed in relays.items()
-            }, lambda content, src: read_masked(content, src, layout.size), out)
+            }, masked_input, out)
             requests = server.collect_masked_inputs(inputs)
             seen = self._count(server, out, before=seen)
             responses = self._exchange(grid, server_round, UNMASK, {
@@ -236,12 +248,13 @@ class SecureRound:
         for reply in self._answers(messages, replies, records, out):
             try:
                 parsed.append(parse(reply.content, reply.metadata.src_node_id))
-            except PayloadError as exc:
+            except (PayloadError, SignatureRejected) as exc:
                 self._reject(out, server_round, reply.metadata.src_node_id, exc)
         return parsed
 
     @staticmethod
-    def _reject(out: SecureOutcome, server_round: int, node: int, exc: PayloadError) -> None:
+    def _reject(out: SecureOutcome, server_round: int, node: int,
+                exc: PayloadError | SignatureRejected) -> None:
         out.rejected[exc.reason] += 1
         log(WARNING, "Round %d: rejected secure-aggregation reply of node %s: %s",
             server_round, node, exc)

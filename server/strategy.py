@@ -1,13 +1,21 @@
 """Thin Flower adapter around fedlora's pure aggregation rules.
 
 One round: sample nodes (seeded) → one Message per node with the arrays of *its* rank and its own
-config copy → ``grid.send_and_receive`` → validate and decode each reply (a bad reply is
-rejected with a reason, never the run) → ``fedlora.aggregation.aggregate`` in partition order →
-adopt the result (optionally through a server optimizer) → evaluate → one metrics line.
+config copy → ``grid.send_and_receive`` → verify each reply's signature (``sign-updates``), then
+validate and decode it (a bad reply is rejected with a reason, never the run) →
+``fedlora.aggregation.aggregate`` in partition order → adopt the result (optionally through a
+server optimizer) → evaluate → one metrics line.
+
+Where the rule is a weighted mean of same-shape arrays (fedit, ffa, fedsa, rolora: the linear
+equal-rank rules) and the server left every accepted update as it arrived (no clipping, no
+central DP noise), the mean is taken on the replies' records themselves
+(:func:`fedlora.fastagg.weighted_mean_records`, zero-copy) and adopted like one update of the
+total weight, as a secure round's sum is; only validated replies ever reach it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -18,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedlora import checkpoint, privacy, secure_hetlora
+from fedlora import checkpoint, privacy, secure_hetlora, signed_wire
 from fedlora.aggregation import (
+    AggregationResult,
     ClientUpdate,
     LoraFactors,
     ServerOptimizer,
@@ -38,9 +47,11 @@ from fedlora.aggregation.clipping import AdaptiveClip
 from fedlora.client import select_outgoing
 from fedlora.config import RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
+from fedlora.fastagg import weighted_mean_records
 from fedlora.federation import GlobalAdapter, aggregate_heads, split_arrays
 from fedlora.lora import LORA_A
 from fedlora.outputs import rss_mb
+from fedlora.secagg.signing import SignatureRejected, UpdateVerifier
 from fedlora.transport import nbytes, pack, pack_correction, unpack
 from server.secure_round import SecureOutcome, SecureRound
 
@@ -57,6 +68,21 @@ class NodeInfo:
     node_id: int
     partition_id: int
     rank: int
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A validated reply, ready to be aggregated.
+
+    ``record`` is the reply's ``arrays`` record when ``update`` and ``heads`` are exactly its
+    values, and ``None`` once the server changed them (clipping, central DP noise).
+    """
+
+    node: NodeInfo
+    update: ClientUpdate
+    heads: dict[str, np.ndarray]
+    metrics: dict[str, Any]
+    record: ArrayRecord | None
 
 
 @dataclass
@@ -118,12 +144,15 @@ class FederatedLora:
         Central evaluation of the global model, or ``None`` when the server has no data.
     log_round
         Receives one metrics record per round (``metrics.jsonl``).
+    run_id
+        Flower's run id, which signed updates are bound to (``sign-updates``).
     """
 
     def __init__(self, cfg: RunConfig, glob: GlobalAdapter,
                  evaluate_fn: Callable[[GlobalAdapter], dict[str, float] | None],
-                 log_round: Callable[[dict[str, Any]], None]) -> None:
+                 log_round: Callable[[dict[str, Any]], None], run_id: int = 0) -> None:
         self.cfg = cfg
+        self.run_id = run_id
         self.glob = glob
         self.evaluate_fn = evaluate_fn
         self.log_round = log_round
@@ -141,6 +170,10 @@ class FederatedLora:
         self._round_norms: list[float] = []
         self.dp = privacy.check_config(cfg)
         self.accountant: privacy.Accountant | None = None
+        # the registered signing keys (None: trust each node's announced key on first use)
+        self.registered = (signed_wire.registered_keys(cfg.fl.signing_keys)
+                           if cfg.fl.signing_keys else None)
+        self.verifier: UpdateVerifier | None = None  # set by discover() with sign-updates
 
     # ------------------------------------------------------------------ discovery
 
@@ -159,7 +192,7 @@ class FederatedLora:
             raise RuntimeError("no node connected before round-timeout")
         msgs = [Message(RecordDict({"q": ConfigRecord({})}), dst_node_id=n,
                         message_type="query.capabilities") for n in node_ids]
-        nodes, errors = [], []
+        nodes, errors, announced = [], [], {}
         for reply in grid.send_and_receive(msgs, timeout=self.cfg.fl.round_timeout):
             if reply.has_error():
                 errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
@@ -167,13 +200,39 @@ class FederatedLora:
             caps = reply.content["caps"]
             nodes.append(NodeInfo(reply.metadata.src_node_id, int(caps["partition-id"]),
                                   int(caps["lora-rank"])))
+            announced[reply.metadata.src_node_id] = caps
         for err in errors:
             log(WARNING, "Capability query failed on %s", err)
         if not nodes:
             raise RuntimeError(f"no node answered the capability query: {errors}")
         nodes.sort(key=lambda n: (n.partition_id, n.node_id))
         self.check_ranks(nodes)
+        if self.cfg.fl.sign_updates:
+            self.verifier = self._signature_verifier(nodes, announced)
         return nodes
+
+    def _signature_verifier(self, nodes: list[NodeInfo],
+                            announced: Mapping[int, Mapping[str, Any]]) -> UpdateVerifier:
+        """Verifier of this run's signed updates, with the key each node announced and proved
+        (only registered keys when ``signing-keys`` names a directory)."""
+        keys, problems = signed_wire.node_keys(self.run_id, announced, self.registered)
+        for node in nodes:
+            if node.node_id in problems:
+                log(WARNING, "Partition %d (node %d) has no signing key: %s; each of its "
+                    "updates will be rejected (UNKNOWN_NODE)", node.partition_id, node.node_id,
+                    problems[node.node_id])
+        trust = "registered keys" if self.registered is not None else "trust on first use"
+        log(INFO, "fedlora: signed updates, %d of %d node keys (%s)", len(keys), len(nodes),
+            trust)
+        return UpdateVerifier(str(self.run_id), keys)
+
+    def verify_signature(self, content: RecordDict, node_id: int, server_round: int) -> None:
+        """Check a signed reply before anything is decoded (no-op without sign-updates).
+
+        Raises :class:`~fedlora.secagg.signing.SignatureRejected` with a reason code.
+        """
+        if self.verifier is not None:
+            signed_wire.verify_reply(self.verifier, content, node_id, server_round)
 
     def check_ranks(self, nodes: Iterable[NodeInfo]) -> None:
         ranks = sorted({n.rank for n in nodes})
@@ -198,10 +257,21 @@ class FederatedLora:
         picked = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
         return [nodes[i] for i in picked]
 
-    def _message(self, node: NodeInfo, server_round: int, plan: RoundPlan,
-                 message_type: str) -> tuple[Message, dict[str, np.ndarray]]:
-        arrays = self.glob.arrays_for(node.rank)
-        content = RecordDict({"arrays": pack(arrays)})
+    def _message(self, node: NodeInfo, server_round: int, plan: RoundPlan, message_type: str,
+                 encoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]]
+                 ) -> tuple[Message, dict[str, np.ndarray]]:
+        """The message for ``node`` and the arrays it receives (after ``wire-dtype`` rounding:
+        what it trains from, and what frozen factors of its reply are filled in with).
+
+        ``encoded`` holds the adapter of each rank once encoded; nodes of one rank share it.
+        """
+        if node.rank not in encoded:
+            arrays = self.glob.arrays_for(node.rank)
+            record = pack(arrays, self.cfg.fl.wire_dtype)
+            encoded[node.rank] = (record, arrays if self.cfg.fl.wire_dtype == "float32"
+                                  else unpack(record))
+        record, arrays = encoded[node.rank]
+        content = RecordDict({"arrays": record})
         config = ConfigRecord({"server-round": server_round, "trainable": plan.trainable,
                                "send": plan.send, "personal": plan.personal})
         have = self.base_version.get(node.partition_id, 0)
@@ -213,12 +283,12 @@ class FederatedLora:
                         group_id=str(server_round)), arrays)
 
     def decode(self, reply: Message, node: NodeInfo, sent: Mapping[str, np.ndarray],
-               send: str = "ab", server_round: int | None = None
-               ) -> tuple[ClientUpdate, dict[str, np.ndarray], dict[str, float]]:
+               send: str = "ab", server_round: int | None = None) -> Accepted:
         """Validate one reply before anything touches the global state.
 
         Raises UpdateRejected/PayloadError with a reason code. Order matters: cheap checks of
-        the metadata and the payload size come before decoding any array.
+        the metadata and the payload size come before decoding any array. Arrays are read as
+        views into the reply's bytes where they allow it; nothing here writes into them.
         """
         if "arrays" not in reply.content or "metrics" not in reply.content:
             raise PayloadError("MALFORMED", "reply lacks 'arrays' or 'metrics'")
@@ -230,7 +300,7 @@ class FederatedLora:
         if size > limit:
             raise PayloadError("PAYLOAD_TOO_LARGE", f"{size} bytes of arrays; this node's "
                                f"adapter is at most {limit} bytes")
-        arrays = unpack(reply.content["arrays"])
+        arrays = unpack(reply.content["arrays"], copy=False)
         extra, missing = sorted(set(arrays) - set(expected)), sorted(set(expected) - set(arrays))
         if extra or missing:
             raise PayloadError("KEY_MISMATCH", f"expected the {send!r} factors and heads; "
@@ -252,7 +322,9 @@ class FederatedLora:
         update = ClientUpdate(factors=factors, num_examples=1 if self.dp.enabled else n)
         validate_update(update, {m: (f.b.shape[0], f.a.shape[1]) for m, f in sent_factors.items()},
                         max_rank=self.cfg.fl.max_rank, declared_rank=node.rank)
-        return self._bound_norm(update, sent_factors), heads, metrics
+        bounded = self._bound_norm(update, sent_factors)
+        return Accepted(node, bounded, heads, metrics,
+                        reply.content["arrays"] if bounded is update else None)
 
     def check_metrics(self, metrics: Mapping[str, Any], server_round: int | None) -> int:
         """The reply's example count, after checking its round, count and loss."""
@@ -377,8 +449,9 @@ class FederatedLora:
         sampled = self.sample(nodes, server_round)
         by_id = {n.node_id: n for n in sampled}
         messages, sent = [], {}
+        encoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
         for node in sampled:
-            msg, arrays = self._message(node, server_round, plan, MessageType.TRAIN)
+            msg, arrays = self._message(node, server_round, plan, MessageType.TRAIN, encoded)
             messages.append(msg)
             sent[node.node_id] = arrays
         bytes_down = sum(nbytes(m.content["arrays"]) + (nbytes(m.content["correction"]) if
@@ -393,14 +466,16 @@ class FederatedLora:
                     msg.content["config"]["hetlora-rank"] = pad
                 template = secure_hetlora.prescale(template, 1, sampled[0].rank, pad,
                                                    self.glob.lora_alpha, self.glob.rslora)
-            outcome = self.secure.run(grid, server_round, sampled, messages, template,
-                                      lambda metrics: self.check_metrics(metrics, server_round))
+            outcome = self.secure.run(
+                grid, server_round, sampled, messages, template,
+                lambda metrics: self.check_metrics(metrics, server_round),
+                lambda content, node_id: self.verify_signature(content, node_id, server_round))
             for node in outcome.trained:
                 self.base_version[node.partition_id] = start_version
             return self._adopt_secure(outcome, sent, plan, server_round, start, bytes_down)
         replies = list(grid.send_and_receive(messages, timeout=self.cfg.fl.round_timeout))
 
-        accepted: list[tuple[NodeInfo, ClientUpdate, dict, dict]] = []
+        accepted: list[Accepted] = []
         rejected: Counter[str] = Counter()
         errors: list[str] = []
         seen: set[int] = set()
@@ -422,25 +497,33 @@ class FederatedLora:
                     reply.error.reason)
                 continue
             bytes_up += nbytes(reply.content["arrays"]) if "arrays" in reply.content else 0
-            if node is None or node.node_id in seen:
+            if node is None:
+                rejected["DUPLICATE_OR_UNKNOWN"] += 1
+                continue
+            # the node finished its round, so it now holds every correction it was sent
+            self.base_version[node.partition_id] = start_version
+            try:  # first, so that replayed and duplicate signed replies get their own codes
+                self.verify_signature(reply.content, node.node_id, server_round)
+            except SignatureRejected as exc:
+                rejected[exc.reason] += 1
+                log(WARNING, "Round %d: rejected the signed update of partition %d: %s",
+                    server_round, node.partition_id, exc)
+                continue
+            if node.node_id in seen:
                 rejected["DUPLICATE_OR_UNKNOWN"] += 1
                 continue
             seen.add(node.node_id)
-            # the node finished its round, so it now holds every correction it was sent
-            self.base_version[node.partition_id] = start_version
             try:
-                update, heads, metrics = self.decode(reply, node, sent[node.node_id], plan.send,
-                                                     server_round)
+                accepted.append(self.decode(reply, node, sent[node.node_id], plan.send,
+                                            server_round))
             except (UpdateRejected, PayloadError) as exc:
                 rejected[exc.reason] += 1
                 log(WARNING, "Round %d: rejected update of partition %d: %s", server_round,
                     node.partition_id, exc)
-                continue
-            accepted.append((node, update, heads, metrics))
         answered = {asked_node(reply) for reply in replies}
         rejected["NO_REPLY"] += len(set(by_id) - answered)
 
-        accepted.sort(key=lambda item: item[0].partition_id)  # fixed order → reproducible sums
+        accepted.sort(key=lambda item: item.node.partition_id)  # fixed order → reproducible sums
         clip_bound = None
         if self.adaptive_clip is not None:  # this round used the old bound; adapt for the next
             clip_bound = self.adaptive_clip.bound
@@ -448,7 +531,7 @@ class FederatedLora:
         self._round_norms = []
         record: dict[str, Any] = {
             "num_sampled": len(sampled), "num_accepted": len(accepted),
-            "clients": [n.partition_id for n, *_ in accepted],
+            "clients": [item.node.partition_id for item in accepted],
             "rejected": {k: v for k, v in sorted(rejected.items()) if v},
             "bytes_up": bytes_up, "bytes_down": bytes_down,
         }
@@ -468,20 +551,28 @@ class FederatedLora:
 
         if self.dp.mode == "central":
             accepted[0] = self._with_central_noise(accepted[0], plan.send)
-        updates = [u for _, u, _, _ in accepted]
+        updates = [item.update for item in accepted]
         weights = [u.num_examples for u in updates]
-        result = aggregate(self.cfg.fl.strategy, updates, lora_alpha=self.glob.lora_alpha,
-                           rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
-                           seed=self.cfg.fl.seed * 100_003 + server_round, **plan.options)
+        node = accepted[0].node
+        records = self.records_to_average(accepted)
+        if records is not None:
+            mean = unpack(weighted_mean_records(records, weights))  # what arrived, as it is
+            result, heads, _ = self._adopt_mean(mean, sent[node.node_id], node, sum(weights),
+                                                plan, server_round)
+        else:
+            result = aggregate(self.cfg.fl.strategy, updates, lora_alpha=self.glob.lora_alpha,
+                               rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
+                               seed=self.cfg.fl.seed * 100_003 + server_round, **plan.options)
+            heads = aggregate_heads([item.heads for item in accepted], weights)
         diagnostics = result.diagnostics(updates)
-        heads = aggregate_heads([h for _, _, h, _ in accepted], weights)
-        self.glob.apply(result, heads, self.optimizer, rank=accepted[0][0].rank)
+        self.glob.apply(result, heads, self.optimizer, rank=node.rank)
         total = float(sum(weights))
+        metrics = [item.metrics for item in accepted]
         record.update({
-            "train_loss": sum(m["train-loss"] * w for (*_, m), w in zip(accepted, weights,
-                                                                       strict=True)) / total,
-            "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for *_, m in accepted),
-            "num_examples": int(sum(m["num-examples"] for *_, m in accepted)),
+            "train_loss": sum(m["train-loss"] * w for m, w in zip(metrics, weights,
+                                                                  strict=True)) / total,
+            "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for m in metrics),
+            "num_examples": int(sum(m["num-examples"] for m in metrics)),
             "agg_error": diagnostics["agg_error"],
             "agg_error_mean": diagnostics["agg_error_mean"],
             "agg_error_max": diagnostics["agg_error_max"],
@@ -499,28 +590,53 @@ class FederatedLora:
         record["duration_s"] = time.perf_counter() - start
         return record
 
-    def _with_central_noise(self, item: tuple, send: str) -> tuple:
+    def records_to_average(self, accepted: list[Accepted]) -> list[ArrayRecord] | None:
+        """The accepted replies' records when the round's aggregate is their weighted mean:
+        a linear equal-rank rule, and every update as it arrived. ``None`` otherwise."""
+        records = [item.record for item in accepted]
+        if self.info.linear and self.info.equal_ranks and None not in records:
+            return [record for record in records if record is not None]
+        return None
+
+    def _with_central_noise(self, item: Accepted, send: str) -> Accepted:
         """Central DP: adding N(0, (σC)²) to one of k equally weighted updates adds exactly
         N(0, (σC/k)²) to their mean — the Gaussian mechanism on the sum of clipped updates."""
-        node, update, heads, metrics = item
         noisy = {}
-        for module, f in update.factors.items():
+        for module, f in item.update.factors.items():
             pair = privacy.add_central_noise({"a": f.a, "b": f.b},
                                              [k for k in ("a", "b") if k in send], self.dp, k=1)
             noisy[module] = LoraFactors(a=pair["a"], b=pair["b"], scale=f.scale)
-        heads = privacy.add_central_noise(heads, list(heads), self.dp, k=1)
-        return node, ClientUpdate(factors=noisy, num_examples=update.num_examples), heads, metrics
+        heads = privacy.add_central_noise(item.heads, list(item.heads), self.dp, k=1)
+        update = ClientUpdate(factors=noisy, num_examples=item.update.num_examples)
+        return dataclasses.replace(item, update=update, heads=heads, record=None)
+
+    def _adopt_mean(self, mean: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray],
+                    node: NodeInfo, weight: int, plan: RoundPlan, server_round: int
+                    ) -> tuple[AggregationResult, dict[str, np.ndarray], ClientUpdate]:
+        """The aggregate of a round whose weighted mean of the uploaded arrays is known.
+
+        The factors that were not sent are filled in from what was sent (as :meth:`decode`
+        does for one reply), and the whole is a single update of weight ``weight``; every
+        linear rule returns such an update unchanged, so ``aggregate`` builds the same kind
+        of result (and view) as from the individual replies, and server optimizers apply as
+        usual. Returns the result, the mean heads and that update.
+        """
+        rank = node.rank
+        if self.cfg.fl.strategy == "hetlora":  # secure: every upload was padded to one rank
+            rank = next(v.shape[0] for k, v in mean.items() if k.endswith(LORA_A))
+        scale = scale_for_rank(rank, self.glob.lora_alpha, self.glob.rslora)
+        factors, heads = split_arrays({**sent, **mean}, scale)
+        update = ClientUpdate(factors=factors, num_examples=weight)
+        result = aggregate(self.cfg.fl.strategy, [update], lora_alpha=self.glob.lora_alpha,
+                           rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
+                           seed=self.cfg.fl.seed * 100_003 + server_round, **plan.options)
+        return result, heads, update
 
     def _adopt_secure(self, outcome: SecureOutcome, sent: Mapping[int, Mapping[str, np.ndarray]],
                       plan: RoundPlan, server_round: int, start: float, bytes_down: int
                       ) -> dict[str, Any]:
-        """A secure round's metrics line; its mean is adopted like a plain aggregate.
-
-        The mean of the uploaded arrays, with the factors that were not sent filled in from
-        what was sent (as :meth:`decode` does for one reply), is a single update of weight 1;
-        every linear rule returns such an update unchanged, so ``aggregate`` builds the same
-        kind of result (and view) as in a plain round, and server optimizers apply as usual.
-        """
+        """A secure round's metrics line; its mean is adopted like a plain aggregate
+        (:meth:`_adopt_mean`)."""
         contributors = outcome.contributors
         record: dict[str, Any] = {
             "num_sampled": len(sent), "num_accepted": len(contributors),
@@ -553,15 +669,8 @@ class FederatedLora:
 
         node = contributors[0][0]
         weights = [int(m["num-examples"]) for _, m in contributors]
-        rank = node.rank
-        if self.cfg.fl.strategy == "hetlora":  # every upload was padded to one rank
-            rank = next(v.shape[0] for k, v in mean.items() if k.endswith(LORA_A))
-        scale = scale_for_rank(rank, self.glob.lora_alpha, self.glob.rslora)
-        factors, heads = split_arrays({**sent[node.node_id], **mean}, scale)
-        update = ClientUpdate(factors=factors, num_examples=sum(weights))
-        result = aggregate(self.cfg.fl.strategy, [update], lora_alpha=self.glob.lora_alpha,
-                           rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
-                           seed=self.cfg.fl.seed * 100_003 + server_round, **plan.options)
+        result, heads, update = self._adopt_mean(mean, sent[node.node_id], node,
+                                                 sum(weights), plan, server_round)
         self.glob.apply(result, heads, self.optimizer, rank=node.rank)
         total = float(sum(weights))
         record.update({
@@ -604,7 +713,9 @@ class FederatedLora:
             nodes[i] for i in sorted(np.random.default_rng([self.cfg.fl.seed, server_round, 1])
                                      .choice(len(nodes), size=k, replace=False).tolist())]
         plan = round_plan(self.cfg, max(server_round, 1))
-        msgs = [self._message(n, server_round, plan, MessageType.EVALUATE)[0] for n in chosen]
+        encoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
+        msgs = [self._message(n, server_round, plan, MessageType.EVALUATE, encoded)[0]
+                for n in chosen]
         results = [r.content["metrics"] for r in grid.send_and_receive(
             msgs, timeout=self.cfg.fl.round_timeout) if not r.has_error()]
         if not results:

@@ -40,6 +40,7 @@ def run_rounds(flat: dict[str, Any], num_nodes: int = 3, *,
     server_model = ServerModel(cfg, cfg.fl.max_rank)
     glob = server_model.initial_global()
     records: list[dict] = []
-    strategy = FederatedLora(cfg, glob, server_model.evaluate, records.append)
+    strategy = FederatedLora(cfg, glob, server_model.evaluate, records.append,
+                             run_id=grid.run_id)
     strategy.run(grid)
     return records, grid, glob, server_model

@@ -213,14 +213,17 @@ def test_supernode_command_environment_and_node_config(tmp_path):
 
     spec = deploy.NodeSpec(index=1, num_nodes=2, port=9101, home=tmp_path / "home",
                            log_path=tmp_path / "sn.log", rank=8, data_path="/data/my file.jsonl",
-                           gpu="1", private_key=tmp_path / "supernode-1.key")
+                           gpu="1", private_key=tmp_path / "supernode-1.key",
+                           signing_key=tmp_path / "signing-1.key")
 
     cmd = spec.command("127.0.0.1:9100", tmp_path / "ca.crt")
     env = spec.env({"PATH": "/bin"})
 
-    # Flower reads back exactly what the ClientApp's Node.from_configs expects
+    # Flower reads back exactly what the ClientApp's Node.from_configs (and, for the signing
+    # key, signed_wire.node_key) expects
     assert parse_config_args([cmd[cmd.index("--node-config") + 1]]) == {
-        "partition-id": 1, "num-partitions": 2, "lora-rank": 8, "data-path": "/data/my file.jsonl"}
+        "partition-id": 1, "num-partitions": 2, "lora-rank": 8, "data-path": "/data/my file.jsonl",
+        "signing-key": str(tmp_path / "signing-1.key")}
     assert cmd[cmd.index("--port") + 1] == "9101"
     assert cmd[cmd.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tmp_path / "supernode-1.key")
@@ -315,6 +318,27 @@ def test_a_supernode_lost_mid_run_is_reported_and_the_run_goes_on(tmp_path):
     # the SuperLink answered for the lost node; the server counted it as a failed client
     assert any("Node Unavailable" in error for error in last["errors"]), last
     assert last["rejected"] == {"CLIENT_ERROR": 1}  # counted once, not also as NO_REPLY
+    assert our_processes(str(out)) == []
+
+
+@pytest.mark.slow
+def test_launch_with_signed_updates_from_key_files(tmp_path):
+    """sign-updates: each SuperNode signs with its key file from `fedlora certs` (node config
+    signing-key), the ServerApp verifies every update against the registered public keys."""
+    creds = certs.generate(tmp_path / "creds", nodes=2)
+    out = tmp_path / "run"
+    res = fedlora_cli("launch", "--nodes", "2", "--rounds", "2", "--certs", str(creds.directory),
+                      "--out", str(out), "-c", f"sign-updates=true {TINY}")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    records = read_metrics(out)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all(r["num_accepted"] == 2 and r["rejected"] == {} for r in records[1:])
+    assert "signed updates, 2 of 2 node keys (registered keys)" in (out / "run.log").read_text()
+    deployment = json.loads((out / "deployment.json").read_text())
+    assert [n["node-config"] for n in deployment["nodes"]] == [
+        f'partition-id={i} num-partitions=2 signing-key="{creds.signing_keys[i]}"'
+        for i in range(2)]
     assert our_processes(str(out)) == []
 
 

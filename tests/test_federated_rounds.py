@@ -11,6 +11,7 @@ from fedlora import builders, client, config
 from fedlora.aggregation import available_strategies, requires_equal_ranks
 from fedlora.errors import ConfigError
 from fedlora.evaluator import ServerModel
+from server import strategy as strategy_module
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora
 
@@ -169,3 +170,57 @@ def test_every_round_records_server_and_client_memory():
     records, *_ = run_rounds(tiny_config(num_server_rounds=1), num_nodes=2)
     assert records[0]["server_rss_mb"] > 50
     assert records[1]["server_rss_mb"] > 50 and records[1]["client_rss_mb_max"] > 50
+
+
+def _spy_on_the_fast_mean(monkeypatch) -> list[int]:
+    """Counts the records each call of the server's zero-copy weighted mean averages."""
+    calls: list[int] = []
+    real = strategy_module.weighted_mean_records
+
+    def spy(records, weights):
+        calls.append(len(records))
+        return real(records, weights)
+
+    monkeypatch.setattr(strategy_module, "weighted_mean_records", spy)
+    return calls
+
+
+@pytest.mark.parametrize(("strategy", "extra", "rounds"), [
+    ("fedit", {}, 2), ("ffa", {}, 2), ("fedsa", {}, 2), ("rolora", {}, 2),
+    # one round where a last-ulp difference of the mean is amplified before round 2: a
+    # bfloat16 downlink may round it to the neighbouring bfloat16 (2^-8 apart), and FedAdam
+    # moves a coordinate by lr(1-β1)/τ = 10 times a small change of the mean
+    ("fedit", {"wire_dtype": "bfloat16"}, 1),
+    ("fedit", {"server_optimizer": "fedadam"}, 1),
+], ids=["fedit", "ffa", "fedsa", "rolora", "fedit-bfloat16", "fedit-fedadam"])
+def test_the_zero_copy_mean_of_the_replies_equals_the_generic_aggregate(
+        strategy, extra, rounds, monkeypatch):
+    """Linear equal-rank rules average the replies' records as they arrived (float32
+    accumulation); the generic path (decoded updates through ``aggregate``, float64
+    accumulation) gives the same global adapter to 1e-6."""
+    flat = tiny_config(strategy=strategy, num_server_rounds=rounds, **extra)
+    calls = _spy_on_the_fast_mean(monkeypatch)
+    fast_records, _, fast, _ = run_rounds(flat)
+    assert calls == [3] * rounds
+
+    monkeypatch.setattr(FederatedLora, "records_to_average", lambda self, accepted: None)
+    generic_records, _, generic, _ = run_rounds(flat)
+    assert calls == [3] * rounds
+
+    got, want = fast.arrays_for(8), generic.arrays_for(8)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype == np.float32
+        np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-6, err_msg=key)
+    for fast_rec, generic_rec in zip(fast_records[1:], generic_records[1:], strict=True):
+        assert fast_rec["agg_error_mean"] == pytest.approx(generic_rec["agg_error_mean"],
+                                                           abs=1e-6)
+
+
+@pytest.mark.parametrize("extra", [{"clip_update_norm": 1e-6}, {"strategy": "hetlora"},
+                                   {"dp_mode": "central", "strategy": "ffa"}])
+def test_a_round_the_server_changed_or_a_non_mean_rule_takes_the_generic_path(
+        extra, monkeypatch):
+    calls = _spy_on_the_fast_mean(monkeypatch)
+    records, *_ = run_rounds(tiny_config(num_server_rounds=1, **extra))
+    assert records[1]["num_accepted"] == 3 and calls == []

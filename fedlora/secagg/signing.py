@@ -16,6 +16,7 @@ with a distinct reason code:
 ``BAD_SIGNATURE``   the signature does not verify (forged, altered envelope, wrong key)
 ``TAMPERED``        the payload received does not hash to the signed payload hash
 ``WRONG_RUN``       validly signed, but for another run
+``WRONG_NODE``      validly signed by another node than the one it came from (a relayed update)
 ``WRONG_ROUND``     validly signed, but for another round (a stale or replayed update)
 ``REPLAYED``        the nonce was already accepted (an exact replay)
 ``DUPLICATE``       the node already has an accepted update in this round
@@ -51,6 +52,7 @@ REASONS = (
     "BAD_SIGNATURE",
     "TAMPERED",
     "WRONG_RUN",
+    "WRONG_NODE",
     "WRONG_ROUND",
     "REPLAYED",
     "DUPLICATE",
@@ -175,7 +177,8 @@ class UpdateVerifier:
         self._nonces: set[bytes] = set()
         self._accepted: set[tuple[int, int]] = set()
 
-    def check(self, update: SignedUpdate, payload_hash: bytes, server_round: int) -> str | None:
+    def check(self, update: SignedUpdate, payload_hash: bytes, server_round: int,
+              sender: int | None = None) -> str | None:
         """The reason code rejecting ``update``, or ``None`` if it is acceptable.
 
         Accepting records the nonce and the (round, node) pair, so the same
@@ -189,21 +192,25 @@ class UpdateVerifier:
             Hash of the payload as received (:func:`hash_arrays`).
         server_round
             The round the server is collecting.
+        sender
+            The node the update came from, as the transport reports it; ``None`` skips
+            the check that it is the node that signed.
         """
-        reason = self._first_problem(update, payload_hash, server_round)
+        reason = self._first_problem(update, payload_hash, server_round, sender)
         if reason is None:
             self._nonces.add(update.nonce)
             self._accepted.add((server_round, update.node_id))
         return reason
 
-    def verify(self, update: SignedUpdate, payload_hash: bytes, server_round: int) -> None:
+    def verify(self, update: SignedUpdate, payload_hash: bytes, server_round: int,
+               sender: int | None = None) -> None:
         """Like :meth:`check`, but raise :class:`SignatureRejected` instead of returning a code."""
-        reason = self.check(update, payload_hash, server_round)
+        reason = self.check(update, payload_hash, server_round, sender)
         if reason is not None:
             raise SignatureRejected(reason, _explain(reason, update, server_round))
 
     def _first_problem(
-        self, update: SignedUpdate, payload_hash: bytes, server_round: int
+        self, update: SignedUpdate, payload_hash: bytes, server_round: int, sender: int | None
     ) -> str | None:
         if not _well_formed(update, payload_hash):
             return "MALFORMED"
@@ -221,6 +228,8 @@ class UpdateVerifier:
             return "TAMPERED"
         if update.run_id != self.run_id:
             return "WRONG_RUN"
+        if sender is not None and update.node_id != sender:
+            return "WRONG_NODE"
         if update.server_round != server_round:
             return "WRONG_ROUND"
         if update.nonce in self._nonces:
@@ -255,6 +264,7 @@ def _explain(reason: str, update: SignedUpdate, server_round: int) -> str:
         "BAD_SIGNATURE": f"the signature of node {node} does not verify with its registered key",
         "TAMPERED": f"the payload of node {node} differs from the one it signed",
         "WRONG_RUN": f"node {node} signed this update for run {update.run_id!r}",
+        "WRONG_NODE": f"node {node} signed this update, but another node sent it",
         "WRONG_ROUND": (
             f"node {node} signed this update for round {update.server_round}, the server "
             f"collects round {server_round}"

@@ -115,6 +115,14 @@ def test_unknown_node_and_wrong_run(
     assert nobody.check(update, hash_arrays(payload), 3) == "UNKNOWN_NODE"
 
 
+def test_an_update_relayed_by_another_node_is_rejected(
+    signer: UpdateSigner, verifier: UpdateVerifier, payload: Payload
+) -> None:
+    update = signer.sign(3, hash_arrays(payload))
+    assert verifier.check(update, hash_arrays(payload), 3, sender=NODE + 1) == "WRONG_NODE"
+    assert verifier.check(update, hash_arrays(payload), 3, sender=NODE) is None
+
+
 @pytest.mark.parametrize(
     "change",
     [
