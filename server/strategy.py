@@ -296,11 +296,13 @@ class FederatedLora:
             checkpoint_dir: Path | None = None) -> GlobalAdapter:
         """Rounds ``start_round``..``num-server-rounds`` (round 0 = evaluate the initial
         adapter when starting fresh); a checkpoint after every ``checkpoint-every`` rounds."""
+        started = time.perf_counter()
         nodes = self.discover(grid)
         log(INFO, "fedlora: %d nodes, ranks %s, strategy %s", len(nodes),
             {n.partition_id: n.rank for n in nodes}, self.cfg.fl.strategy)
         if start_round == 1:
-            self._evaluate_and_log(0, grid, nodes, {"duration_s": 0.0})
+            self._evaluate_and_log(0, grid, nodes, {
+                "duration_s": 0.0, "discover_s": time.perf_counter() - started})
         failures = 0
         last = self.cfg.fl.num_server_rounds
         for server_round in range(start_round, last + 1):
@@ -458,6 +460,7 @@ class FederatedLora:
             record["duration_s"] = time.perf_counter() - start
             return record
 
+        aggregating = time.perf_counter()
         if self.dp.mode == "central":
             accepted[0] = self._with_central_noise(accepted[0], plan.send)
         updates = [u for _, u, _, _ in accepted]
@@ -468,6 +471,8 @@ class FederatedLora:
         diagnostics = result.diagnostics(updates)
         heads = aggregate_heads([h for _, _, h, _ in accepted], weights)
         self.glob.apply(result, heads, self.optimizer, rank=accepted[0][0].rank)
+        record["aggregate_s"] = time.perf_counter() - aggregating
+        record.update(client_timings([m for *_, m in accepted]))
         total = float(sum(weights))
         record.update({
             "train_loss": sum(m["train-loss"] * w for (*_, m), w in zip(accepted, weights,
@@ -540,11 +545,14 @@ class FederatedLora:
         weights = [int(m["num-examples"]) for _, m in contributors]
         scale = scale_for_rank(node.rank, self.glob.lora_alpha, self.glob.rslora)
         factors, heads = split_arrays({**sent[node.node_id], **outcome.mean}, scale)
+        aggregating = time.perf_counter()
         update = ClientUpdate(factors=factors, num_examples=sum(weights))
         result = aggregate(self.cfg.fl.strategy, [update], lora_alpha=self.glob.lora_alpha,
                            rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
                            seed=self.cfg.fl.seed * 100_003 + server_round, **plan.options)
         self.glob.apply(result, heads, self.optimizer, rank=node.rank)
+        record["aggregate_s"] = time.perf_counter() - aggregating
+        record.update(client_timings([m for _, m in contributors]))
         total = float(sum(weights))
         record.update({
             "train_loss": sum(m["train-loss"] * w for (_, m), w in zip(contributors, weights,
@@ -573,6 +581,7 @@ class FederatedLora:
         line.update(record)
         line["eval_s"] = time.perf_counter() - start
         line["server_rss_mb"] = round(rss_mb(), 1)
+        line["time"] = time.time()  # Unix time the round ended: wall time between rounds
         log(INFO, "fedlora round %d: %s", server_round,
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()})
         self.log_round(line)
@@ -599,6 +608,17 @@ class FederatedLora:
         out["fed_eval_clients"] = len(results)
         return out
 
+
+
+def client_timings(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """The slowest accepted client's loading and training seconds (clients run in parallel)."""
+    out = {}
+    for key, name in (("load-seconds", "client_load_s_max"), ("train-seconds",
+                                                             "client_train_s_max")):
+        values = [float(m[key]) for m in metrics if isinstance(m.get(key), int | float)]
+        if values:
+            out[name] = max(values)
+    return out
 
 
 def _last_line(reason: str) -> str:
