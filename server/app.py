@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora import checkpoint, config, outputs, privacy
 from fedlora.evaluator import ServerModel
 from fedlora.secure_wire import check_secure_aggregation
+from fedlora.threads import single_threaded_blas
 from server.polling import PromptGrid
 from server.strategy import FederatedLora, build_optimizer
 
@@ -22,6 +23,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     started, started_at = time.perf_counter(), time.time()
+    single_threaded_blas()  # numpy's BLAS threads would spin on the cores torch evaluates on
     cfg = config.from_flat(context.run_config)
     build_optimizer(cfg)  # refuse a bad strategy/optimizer pair before loading anything
     check_secure_aggregation(cfg)  # ... and a strategy that needs individual client factors
