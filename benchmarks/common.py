@@ -14,6 +14,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 VERSIONED = ("numpy", "torch", "flwr", "peft")
@@ -111,6 +112,13 @@ def versions() -> dict[str, str]:
     for package in VERSIONED:
         out[package] = importlib.metadata.version(package)
     return out
+
+
+def checkout_pythonpath() -> str:
+    """``PYTHONPATH`` for subprocesses: this checkout first, so that the Flower processes a
+    benchmark starts import the code being measured."""
+    root = str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def now() -> str:

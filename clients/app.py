@@ -23,6 +23,8 @@ the server only ever sees the masked sum (``fedlora/secure_wire.py`` lists every
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -91,6 +93,7 @@ def capabilities(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     cfg, node, model, tokenizer, instructions, base, arrays = _prepare(msg, context)
     if cfg.fl.secure_aggregation and instructions.get(STAGE_KEY) != "train":
         raise ConfigError("this run has secure-aggregation = true, but the server asked for "
@@ -98,6 +101,7 @@ def train(msg: Message, context: Context) -> Message:
                           "the node refuses to send them")
     train_examples, _ = client.examples(cfg, node, tokenizer)
     spec = builders.train_spec(cfg, int(instructions["server-round"]), node.partition_id)
+    load_seconds = time.perf_counter() - started  # model (cached after the first), data, adapter
 
     trained, metrics = client.train_round(model, tokenizer, train_examples, arrays, spec,
                                           str(instructions.get("trainable", "ab")))
@@ -116,7 +120,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update({"partition-id": node.partition_id, "lora-rank": node.rank,
                     "base-version": base.version,
                     "server-round": int(instructions["server-round"]),
-                    "rss-mb": outputs.rss_mb()})
+                    "rss-mb": outputs.rss_mb(), "load-seconds": load_seconds})
     if instructions.get(STAGE_KEY) == "train":  # secure aggregation: the factors stay here
         outgoing = secure_client.clip_update(outgoing, arrays, cfg.fl.clip_update_norm)
         if cfg.fl.strategy == "hetlora":  # norm weights and padding applied here, summed there

@@ -20,6 +20,7 @@ from fedlora.aggregation import LoraFactors
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.federation import stack
+from fedlora.threads import single_threaded_blas
 
 MODELS = lora.ModelCache()
 _EXAMPLES: dict[tuple, tuple[list[dict], list[dict]]] = {}
@@ -53,6 +54,7 @@ class Node:
 
 def load_model(cfg: RunConfig, node: Node) -> tuple[Any, Any]:
     """The node's PEFT model (cached frozen base) and tokenizer."""
+    single_threaded_blas()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     return MODELS.get(builders.model_spec(cfg), builders.adapter_spec(cfg, node.rank))

@@ -247,10 +247,8 @@ class ModelCache:
 
 def adapter_arrays(model: Any) -> dict[str, np.ndarray]:
     """The adapter (LoRA factors + declared heads) as float32 numpy arrays, peft key names."""
-    from peft import get_peft_model_state_dict
-
     return {k: v.detach().to("cpu", torch.float32).numpy().copy()
-            for k, v in get_peft_model_state_dict(model).items()}
+            for k, v in _adapter_tensors(model).items()}
 
 
 def load_adapter_arrays(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
@@ -280,7 +278,10 @@ def load_adapter_arrays(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
 def _adapter_tensors(model: Any) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model)
+    # "auto" (peft's default) re-reads the base model's config from disk on every call to see
+    # whether the vocabulary was resized (~12 ms here); fedlora never resizes it, and never
+    # sends base embedding weights
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
 def set_trainable(model: Any, train_a: bool = True, train_b: bool = True) -> None:

@@ -56,15 +56,12 @@ class InProcessGrid:
                                              node_config=dict(node_config), state=RecordDict(),
                                              run_config=dict(run_config))
         self.delivered: list[Message] = []
+        self._replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
     def _deliver(self, msg: Message) -> Message:
-        meta = msg.metadata.__dict__
-        meta["_message_id"] = str(uuid.uuid4())
-        meta["_src_node_id"] = SUPERLINK_NODE_ID
-        meta["_run_id"] = self.run_id
         context = self.contexts[msg.metadata.dst_node_id]
         partition = int(context.node_config["partition-id"])
         if self.fail is not None and self.fail(partition, msg):
@@ -76,14 +73,27 @@ class InProcessGrid:
             return Message(Error(code=0, reason=reason), reply_to=msg)
         return reply
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
-                         ) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Deliver each message now; its reply waits for :meth:`pull_messages`."""
+        ids = []
         for msg in messages:
+            meta = msg.metadata.__dict__
+            meta["_message_id"] = str(uuid.uuid4())
+            meta["_src_node_id"] = SUPERLINK_NODE_ID
+            meta["_run_id"] = self.run_id
             self.delivered.append(msg)
             reply = self._deliver(msg)
             reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
             if self.on_reply is not None:
                 self.on_reply(reply)
-            replies.append(reply)
-        return replies
+            self._replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """The replies to ``message_ids`` not pulled yet, in the order they were sent."""
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))

@@ -369,11 +369,13 @@ class FederatedLora:
             checkpoint_dir: Path | None = None) -> GlobalAdapter:
         """Rounds ``start_round``..``num-server-rounds`` (round 0 = evaluate the initial
         adapter when starting fresh); a checkpoint after every ``checkpoint-every`` rounds."""
+        started = time.perf_counter()
         nodes = self.discover(grid)
         log(INFO, "fedlora: %d nodes, ranks %s, strategy %s", len(nodes),
             {n.partition_id: n.rank for n in nodes}, self.cfg.fl.strategy)
         if start_round == 1:
-            self._evaluate_and_log(0, grid, nodes, {"duration_s": 0.0})
+            self._evaluate_and_log(0, grid, nodes, {
+                "duration_s": 0.0, "discover_s": time.perf_counter() - started})
         failures = 0
         last = self.cfg.fl.num_server_rounds
         for server_round in range(start_round, last + 1):
@@ -549,6 +551,7 @@ class FederatedLora:
             record["duration_s"] = time.perf_counter() - start
             return record
 
+        aggregating = time.perf_counter()
         if self.dp.mode == "central":
             accepted[0] = self._with_central_noise(accepted[0], plan.send)
         updates = [item.update for item in accepted]
@@ -566,6 +569,8 @@ class FederatedLora:
             heads = aggregate_heads([item.heads for item in accepted], weights)
         diagnostics = result.diagnostics(updates)
         self.glob.apply(result, heads, self.optimizer, rank=node.rank)
+        record["aggregate_s"] = time.perf_counter() - aggregating
+        record.update(client_timings([item.metrics for item in accepted]))
         total = float(sum(weights))
         metrics = [item.metrics for item in accepted]
         record.update({
@@ -669,9 +674,12 @@ class FederatedLora:
 
         node = contributors[0][0]
         weights = [int(m["num-examples"]) for _, m in contributors]
+        aggregating = time.perf_counter()
         result, heads, update = self._adopt_mean(mean, sent[node.node_id], node,
                                                  sum(weights), plan, server_round)
         self.glob.apply(result, heads, self.optimizer, rank=node.rank)
+        record["aggregate_s"] = time.perf_counter() - aggregating
+        record.update(client_timings([m for _, m in contributors]))
         total = float(sum(weights))
         record.update({
             "train_loss": sum(m["train-loss"] * w for (_, m), w in zip(contributors, weights,
@@ -700,6 +708,7 @@ class FederatedLora:
         line.update(record)
         line["eval_s"] = time.perf_counter() - start
         line["server_rss_mb"] = round(rss_mb(), 1)
+        line["time"] = time.time()  # Unix time the round ended: wall time between rounds
         log(INFO, "fedlora round %d: %s", server_round,
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()})
         self.log_round(line)
@@ -728,6 +737,17 @@ class FederatedLora:
         out["fed_eval_clients"] = len(results)
         return out
 
+
+
+def client_timings(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """The slowest accepted client's loading and training seconds (clients run in parallel)."""
+    out = {}
+    for key, name in (("load-seconds", "client_load_s_max"), ("train-seconds",
+                                                             "client_train_s_max")):
+        values = [float(m[key]) for m in metrics if isinstance(m.get(key), int | float)]
+        if values:
+            out[name] = max(values)
+    return out
 
 
 def _last_line(reason: str) -> str:

@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"id", "name", "ours_s", "peer", "peer_s", "ratio", "max_abs_diff", "params",
                "target", "target_met", "checks", "correct", "summary"}
-TOLERANCE = {"P1": 1e-6, "P2": 1e-5, "P4": 0.0}
+TOLERANCE = {"P1": 1e-6, "P2": 1e-5, "P3": 0.0, "P4": 0.0, "P5": 1e-5, "P7": 1e-4}
+QUICK_IDS = ["P1", "P2", "P3", "P4", "P5", "P7"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,8 @@ def test_quick_run_document_header(quick_run):
     assert set(doc["versions"]) == {"python", "numpy", "torch", "flwr", "peft"}
     assert doc["machine"]["cpu_count"] >= 1 and doc["machine"]["cpu_model"]
     assert doc["date"].endswith("+00:00")
-    assert [r["id"] for r in doc["results"]] == ["P1", "P2", "P4"]
+    assert [r["id"] for r in doc["results"]] == QUICK_IDS
+    assert set(doc["skipped"]) == {"P6"} and "fedlora run" in doc["skipped"]["P6"]
 
 
 def test_quick_run_results_schema_and_correctness(quick_run):
@@ -62,11 +64,51 @@ def test_quick_run_byte_accounting(quick_run):
     assert wire["full_model_bytes"]["params"] > 100 * reply["params"]
 
 
+def result_of(doc: dict, bench_id: str) -> dict:
+    return next(r for r in doc["results"] if r["id"] == bench_id)
+
+
+def test_quick_run_federated_overhead(quick_run):
+    _, doc = quick_run
+    p3 = result_of(doc, "P3")["params"]
+
+    assert p3["engine"] == "in-process" and p3["rounds"] == 2
+    assert math.isclose(p3["overhead_per_round_s"],
+                        p3["in_process_per_round_s"] - p3["plain_per_round_s"])
+    split = p3["in_process_split_s"]
+    assert set(split) == {"client_load_s_max", "client_train_s_max", "aggregate_s", "eval_s",
+                          "messaging_s", "between_rounds_s", "round_s"}
+    assert split["client_train_s_max"] > 0 and split["eval_s"] > 0
+
+
+def test_quick_run_client_throughput_trains_the_same_adapter(quick_run):
+    _, doc = quick_run
+    p5 = result_of(doc, "P5")
+
+    assert p5["max_abs_diff"] <= 1e-5 and p5["params"]["train_loss_diff"] <= 1e-5
+    samples = p5["params"]["steps"] * p5["params"]["batch_size"]
+    assert math.isclose(p5["params"]["ours_samples_per_s"], samples / p5["ours_s"])
+    assert math.isclose(p5["params"]["peer_samples_per_s"], samples / p5["peer_s"])
+
+
+def test_quick_run_secure_aggregation_against_flower(quick_run):
+    _, doc = quick_run
+    p7 = result_of(doc, "P7")["params"]
+
+    masks, upload, rounds = p7["masks"], p7["upload"], p7["rounds"]
+    assert masks["ours_gb_s"] > 0 and masks["flower_gb_s"] > 0
+    assert 4.0 < upload["ours_record_bytes_per_param"] < 4.02  # uint32 words + npy header
+    assert 8.0 < upload["flower_record_bytes_per_param"] < 8.1  # int64 words
+    assert rounds["ours_secure_s"] > 0 and rounds["flower_secure_s"] > 0
+    assert p7["flower_aggregate_error"] <= p7["flower_quantization_bound"]
+
+
 def test_quick_run_prints_the_table(quick_run):
     done, _ = quick_run
 
-    for bench_id in ("P1", "P2", "P4"):
+    for bench_id in QUICK_IDS:
         assert f"running {bench_id}" in done.stdout
+    assert "skipping P6 under --quick" in done.stdout
     assert "wrote" in done.stdout
 
 
@@ -93,9 +135,10 @@ def test_failed_check_exits_one(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("names", "expected"), [
-    (None, ["P1", "P2", "P4"]),
+    (None, ["P1", "P2", "P3", "P4", "P5", "P6", "P7"]),
     (["p4", "P1"], ["P1", "P4"]),
     (["wire_bytes", "flexlora_svd"], ["P2", "P4"]),
+    (["secagg", "demo_split", "p3"], ["P3", "P6", "P7"]),
 ])
 def test_select(names, expected):
     from benchmarks.__main__ import select
@@ -106,5 +149,5 @@ def test_select(names, expected):
 def test_select_unknown_lists_valid_names():
     from benchmarks.__main__ import select
 
-    with pytest.raises(ValueError, match=r"unknown benchmark\(s\) \['P3'\].*P1 "):
-        select(["P3"])
+    with pytest.raises(ValueError, match=r"unknown benchmark\(s\) \['P9'\].*P1 "):
+        select(["P9"])

@@ -166,6 +166,17 @@ def test_fedprox_term_keeps_clients_closer_to_the_global_adapter():
     assert drift(100.0) < 0.9 * drift(0.0)
 
 
+def test_every_round_records_where_its_time_went():
+    records, *_ = run_rounds(tiny_config(num_server_rounds=2), num_nodes=2)
+
+    assert records[0]["discover_s"] > 0 and records[0]["eval_s"] > 0
+    assert records[0]["time"] < records[1]["time"] < records[2]["time"]
+    for rec in records[1:]:
+        assert 0 < rec["client_train_s_max"] < rec["duration_s"]
+        assert 0 < rec["client_load_s_max"] < rec["duration_s"]
+        assert 0 < rec["aggregate_s"] < rec["duration_s"]
+
+
 def test_every_round_records_server_and_client_memory():
     records, *_ = run_rounds(tiny_config(num_server_rounds=1), num_nodes=2)
     assert records[0]["server_rss_mb"] > 50
