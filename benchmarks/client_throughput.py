@@ -83,10 +83,11 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     def peer() -> tuple[list[float], float]:
         plain.load_adapter(model, initial)  # each repeat starts from the same adapter
-        return plain.train(model, tokenizer, ids, labels, steps=steps,
-                           batch_size=cfg.train.batch_size, lr=cfg.train.lr, seed=seed,
-                           weight_decay=cfg.train.weight_decay,
-                           max_grad_norm=cfg.train.max_grad_norm)
+        losses, seconds = plain.train(model, tokenizer, ids, labels, steps=steps,
+                                      batch_size=cfg.train.batch_size, lr=cfg.train.lr,
+                                      seed=seed, weight_decay=cfg.train.weight_decay,
+                                      max_grad_norm=cfg.train.max_grad_norm)
+        return losses, sum(seconds)
 
     ours()  # warm-up: ours loads and caches the model and the tokenized partition
     peer()

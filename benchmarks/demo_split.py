@@ -15,7 +15,9 @@ evaluation seconds, and in round 0 the wait for the nodes):
   rounds (round 1 loads the model and tokenizes; later rounds only load the adapter);
 * ``training``: the slowest client's local training, summed over rounds;
 * ``aggregation``, ``evaluation`` (central, rounds 0..R);
-* ``messaging``: the rest of each round's duration (Flower's transport and scheduling);
+* ``queue_and_messaging``: the rest of each round's duration: Flower's transport and
+  scheduling, and the wait of the clients that find no free worker (3 clients share 2 Ray
+  workers, one per core, so a third client trains after one of the first two);
 * ``teardown``: end of the last round → exit (last checkpoint, adapter export, Flower
   shutdown, final status);
 * ``other``: whatever remains (checkpoints and metrics lines between rounds, server set-up).
@@ -75,7 +77,7 @@ def split(run: dict[str, Any]) -> dict[str, float]:
         "training": sum(r["client_train_s_max"] for r in rounds),
         "aggregation": sum(r["aggregate_s"] for r in rounds),
         "evaluation": sum(r["eval_s"] for r in records),
-        "messaging": sum(r["duration_s"] - r["client_load_s_max"] - r["client_train_s_max"]
+        "queue_and_messaging": sum(r["duration_s"] - r["client_load_s_max"] - r["client_train_s_max"]
                          - r["aggregate_s"] for r in rounds),
         "teardown": run["ended"] - records[-1]["time"],
     }

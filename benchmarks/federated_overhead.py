@@ -8,19 +8,23 @@ batch 8, 32 tokens, 5 local steps per round, 20 rounds. The same total local ste
   clients' examples;
 * (ours) as ``fedlora run --num-clients 2`` on Flower's simulation engine (SuperLink, Ray, one
   ClientApp worker per client), timed from outside and from the ``time`` stamp that every
-  ``metrics.jsonl`` line carries: per round = (t_R − t_1) / (R − 1), i.e. rounds 2..R (round 1
-  also loads the clients' model and data); start-up = launch → end of round 1, less one round;
-  teardown = end of round R → the command's exit;
+  ``metrics.jsonl`` line carries: a round is the time between two lines, over rounds 2..R
+  (round 1 also loads the clients' model and data); start-up = launch → end of round 1, less
+  one round; teardown = end of round R → the command's exit;
 * (in-process) the same rounds through the real strategy and ClientApp handlers without
   Flower's transport (:mod:`server.inprocess`; clients run one after the other, as in the
   plain loop): in-process − plain is fedlora's own per-round cost (central evaluation,
   checkpoint, adapter in/out, aggregation); ours − in-process is Flower's transport and
   scheduling, less what the two clients gain by training in parallel.
 
-Each round's split (means over rounds 2..R) comes from the round metrics: the central
-evaluation (``eval_s``), aggregation (``aggregate_s``), the slowest client's loading and
-training (``client_load_s_max``, ``client_train_s_max``), messaging (the rest of
-``duration_s``) and the rest of the gap between two rounds (checkpoint, metrics line).
+The plain loop is timed step by step and summed per round (2 × 5 steps). The headline
+numbers are medians over the rounds, because the machine is shared: a burst of someone
+else's work lands in a few rounds; the means are reported too. Each round's split (means
+over rounds 2..R) comes from the round metrics: the central evaluation (``eval_s``),
+aggregation (``aggregate_s``), the slowest client's loading and training
+(``client_load_s_max``, ``client_train_s_max``), messaging (the rest of ``duration_s``; in
+process it also holds the other client's training, as clients run one after the other) and
+the rest of the gap between two rounds (checkpoint, metrics line).
 
 ``--quick`` runs the in-process rounds (2) and the plain loop only: no Flower processes.
 """
@@ -85,6 +89,12 @@ def round_split(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return split
 
 
+def round_times(records: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Seconds between consecutive metrics lines, rounds 2..R."""
+    times = {r["round"]: r["time"] for r in records}
+    return [times[r] - times[r - 1] for r in sorted(times) if r >= 2]
+
+
 def simulation(rounds: int, out: Path) -> dict[str, Any]:
     """``fedlora run`` of the tiny job on Flower's simulation engine; its timeline."""
     overrides = " ".join(f"{k}={v}" for k, v in TINY.items())
@@ -98,8 +108,9 @@ def simulation(rounds: int, out: Path) -> dict[str, Any]:
         raise RuntimeError(f"fedlora run failed:\n{done.stderr[-3000:]}")
     records = read_metrics(out)
     t = {r["round"]: r["time"] for r in records}
-    per_round = (t[rounds] - t[1]) / (rounds - 1)
-    return {"records": records, "per_round_s": per_round, "wall_s": ended - launched,
+    per_round = float(np.median(round_times(records)))
+    return {"records": records, "per_round_s": per_round,
+            "mean_round_s": float(np.mean(round_times(records))), "wall_s": ended - launched,
             "startup_s": t[1] - launched - per_round, "teardown_s": ended - t[rounds]}
 
 
@@ -113,8 +124,8 @@ def in_process(rounds: int, out: Path) -> dict[str, Any]:
     strategy = FederatedLora(cfg, server_model.initial_global(), server_model.evaluate,
                              records.append)
     strategy.run(InProcessGrid(client_app, nodes, flat), checkpoint_dir=out / "checkpoints")
-    t = {r["round"]: r["time"] for r in records}
-    return {"records": records, "per_round_s": (t[rounds] - t[1]) / (rounds - 1)}
+    return {"records": records, "per_round_s": float(np.median(round_times(records))),
+            "mean_round_s": float(np.mean(round_times(records)))}
 
 
 def plain_loop(rounds: int) -> dict[str, Any]:
@@ -132,10 +143,12 @@ def plain_loop(rounds: int) -> dict[str, Any]:
         texts += list(rows["text"])
         labels += [int(v) for v in rows["label"]]
     ids = plain.encode(tokenizer, texts, cfg.data.max_length)
-    steps = rounds * CLIENTS * cfg.train.local_steps
-    _, seconds = plain.train(model, tokenizer, ids, labels, steps=steps,
+    per_round = CLIENTS * cfg.train.local_steps
+    _, seconds = plain.train(model, tokenizer, ids, labels, steps=rounds * per_round,
                              batch_size=cfg.train.batch_size, lr=cfg.train.lr, seed=0)
-    return {"steps": steps, "seconds": seconds, "per_round_s": seconds / rounds}
+    by_round = [sum(seconds[i:i + per_round]) for i in range(0, len(seconds), per_round)]
+    return {"steps": len(seconds), "per_round_s": float(np.median(by_round)),
+            "mean_round_s": float(np.mean(by_round))}
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -163,6 +176,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "rounds": rounds, "engine": "in-process" if sim is None else "flower-simulation",
         "overhead_per_round_s": overhead,
         "plain_per_round_s": peer["per_round_s"],
+        "mean_round_s": {"ours": ours["mean_round_s"], "plain": peer["mean_round_s"],
+                         "in_process": local["mean_round_s"]},
         "in_process_per_round_s": local["per_round_s"],
         "in_process_overhead_per_round_s": local["per_round_s"] - peer["per_round_s"],
         "in_process_split_s": round_split(local["records"]),

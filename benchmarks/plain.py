@@ -38,6 +38,7 @@ def build(setup: PlainSetup, seed: int = 0) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.logging.set_verbosity_error()  # no load report for the new classifier head
+    transformers.logging.disable_progress_bar()
     torch.manual_seed(seed)  # the new classifier head and the LoRA init
     overrides: dict[str, Any] = {"num_labels": setup.num_labels}
     if setup.num_hidden_layers:
@@ -71,14 +72,16 @@ def load_adapter(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
 
 def train(model: Any, tokenizer: Any, ids: Sequence[list[int]], labels: Sequence[int], *,
           steps: int, batch_size: int, lr: float, seed: int, weight_decay: float = 0.0,
-          max_grad_norm: float = 1.0) -> tuple[list[float], float]:
-    """``steps`` AdamW steps on the trainable parameters; (losses, seconds)."""
+          max_grad_norm: float = 1.0) -> tuple[list[float], list[float]]:
+    """``steps`` AdamW steps on the trainable parameters; (losses, seconds of each step).
+
+    The first step's seconds include building the optimizer."""
     start = time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
     order: list[int] = []
-    losses = []
+    losses, seconds = [], []
     torch.manual_seed(seed)  # dropout
     model.train()
     for _ in range(steps):
@@ -92,8 +95,10 @@ def train(model: Any, tokenizer: Any, ids: Sequence[list[int]], labels: Sequence
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
         optimizer.step()
+        seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
     model.eval()
-    return losses, time.perf_counter() - start
+    return losses, seconds
 
 
 @torch.no_grad()
