@@ -77,7 +77,7 @@ def train(msg: Message, context: Context) -> Message:
         raise ConfigError("this run has secure-aggregation = true, but the server asked for "
                           "the factors in the clear (a train message without secagg-stage); "
                           "the node refuses to send them")
-    train_examples, _ = client.examples(cfg, node, tokenizer)
+    train_examples = client.train_examples(cfg, node, tokenizer)
     spec = builders.train_spec(cfg, int(instructions["server-round"]), node.partition_id)
 
     trained, metrics = client.train_round(model, tokenizer, train_examples, arrays, spec,
@@ -132,7 +132,7 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, model, tokenizer, _, _, arrays = _prepare(msg, context)
-    _, heldout = client.examples(cfg, node, tokenizer)
+    heldout = client.heldout_examples(cfg, node, tokenizer)
     lora.load_adapter_arrays(model, arrays)
     metrics = training.evaluate(model, heldout, cfg.eval.batch_size, tokenizer.pad_token_id,
                                 cfg.model.task)
