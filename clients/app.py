@@ -62,11 +62,14 @@ def _prepare(msg: Message, context: Context):
 
 @app.query("capabilities")
 def capabilities(msg: Message, context: Context) -> Message:
-    """Tell the server this node's partition and LoRA rank (it cannot read node configs)."""
+    """Tell the server this node's partition and LoRA rank (it cannot read node configs), and
+    its number of training examples when asked (``num-examples`` true: data-size sampling)."""
     cfg = config.from_flat(context.run_config)
     node = client.Node.from_configs(cfg, context.node_config)
     caps = ConfigRecord({"partition-id": node.partition_id,
                          "num-partitions": node.num_partitions, "lora-rank": node.rank})
+    if msg.content["q"].get("num-examples"):
+        caps["num-examples"] = len(client.train_rows(cfg, node))
     return Message(RecordDict({"caps": caps}), reply_to=msg)
 
 
