@@ -100,7 +100,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update({"partition-id": node.partition_id, "lora-rank": node.rank,
                     "base-version": base.version,
                     "server-round": int(instructions["server-round"]),
-                    "rss-mb": outputs.rss_mb()})
+                    "rss-mb": outputs.rss_mb(), "peak-rss-mb": outputs.rss_mb(peak=True)})
     if instructions.get(STAGE_KEY) == "train":  # secure aggregation: the factors stay here
         outgoing = secure_client.clip_update(outgoing, arrays, cfg.fl.clip_update_norm)
         keys = secure_client.begin(context, secagg_config(cfg), int(instructions["server-round"]),

@@ -496,6 +496,8 @@ class FederatedLora:
             "train_loss": sum(m["train-loss"] * w for (*_, m), w in zip(accepted, weights,
                                                                        strict=True)) / total,
             "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for *_, m in accepted),
+            "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0))
+                                          for *_, m in accepted),
             "num_examples": int(sum(m["num-examples"] for *_, m in accepted)),
             "agg_error": diagnostics["agg_error"],
             "agg_error_mean": diagnostics["agg_error_mean"],
@@ -573,6 +575,8 @@ class FederatedLora:
             "train_loss": sum(m["train-loss"] * w for (_, m), w in zip(contributors, weights,
                                                                       strict=True)) / total,
             "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for _, m in contributors),
+            "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0))
+                                          for _, m in contributors),
             "num_examples": int(total),
             "effective_rank_mean": result.diagnostics([update])["effective_rank_mean"],
             "base_version": self.glob.version,
@@ -596,6 +600,7 @@ class FederatedLora:
         line.update(record)
         line["eval_s"] = time.perf_counter() - start
         line["server_rss_mb"] = round(rss_mb(), 1)
+        line["server_peak_rss_mb"] = round(rss_mb(peak=True), 1)
         log(INFO, "fedlora round %d: %s", server_round,
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()})
         self.log_round(line)
