@@ -317,13 +317,15 @@ class FederatedLora:
             checkpoint_dir: Path | None = None) -> GlobalAdapter:
         """Rounds ``start_round``..``num-server-rounds`` (round 0 = evaluate the initial
         adapter when starting fresh); a checkpoint after every ``checkpoint-every`` rounds."""
+        started = time.perf_counter()
         nodes = self.discover(grid)
+        discovery = {"num_nodes": len(nodes), "discovery_s": time.perf_counter() - started}
         log(INFO, "fedlora: %d nodes (nodes per rank %s), %d sampled per round (%s), "
             "strategy %s", len(nodes), dict(sorted(Counter(n.rank for n in nodes).items())),
             self.cfg.fl.clients_per_round(len(nodes)), self.cfg.fl.sampling,
             self.cfg.fl.strategy)
         if start_round == 1:
-            self._evaluate_and_log(0, grid, nodes, {"duration_s": 0.0})
+            self._evaluate_and_log(0, grid, nodes, {"duration_s": 0.0, **discovery})
         failures = 0
         last = self.cfg.fl.num_server_rounds
         for server_round in range(start_round, last + 1):
