@@ -329,7 +329,10 @@ class FederatedLora:
         failures = 0
         last = self.cfg.fl.num_server_rounds
         for server_round in range(start_round, last + 1):
+            cpu = time.process_time()
             record = self.train_round(grid, nodes, server_round)
+            # CPU of this whole process: the ServerApp and, in simulation, Flower's engine
+            record["server_cpu_s"] = time.process_time() - cpu
             failures = failures + 1 if record.get("abandoned") else 0
             self._evaluate_and_log(server_round, grid, nodes, record)
             every = self.cfg.fl.checkpoint_every
