@@ -53,11 +53,14 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     rounds = [r for r in records if r["round"] >= 1]
     steady = [r["duration_s"] for r in rounds[1:]] or [r["duration_s"] for r in rounds]
     cpu = [r["server_cpu_s"] for r in rounds[1:]] or [r["server_cpu_s"] for r in rounds]
+    q1, _, q3 = statistics.quantiles(steady, n=4) if len(steady) > 1 else steady * 3
     return {
         "round_s": statistics.median(steady),
-        "server_cpu_s": statistics.median(cpu),
+        "round_s_q1": q1,
+        "round_s_q3": q3,
         "round_s_min": min(steady),
         "round_s_max": max(steady),
+        "server_cpu_s": statistics.median(cpu),
         "first_round_s": rounds[0]["duration_s"],
         "discovery_s": records[0].get("discovery_s", float("nan")),
         "server_peak_mb": max(r["server_peak_rss_mb"] for r in records),
@@ -102,12 +105,12 @@ def memory_ratios(cells: Sequence[Mapping[str, float]]) -> dict[int, dict[str, f
 
 def table(cells: Sequence[Mapping[str, float]]) -> str:
     """Markdown table of the grid."""
-    lines = ["| N clients | K sampled | round time (median) | min–max | server CPU / round | "
+    lines = ["| N clients | K sampled | round time (median) | quartiles | server CPU / round | "
              "round 1 | discovery | server peak | worker peak | load |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in sorted(cells, key=lambda c: (c["n"], c["k"])):
         lines.append(f"| {c['n']:,} | {c['k']} | {c['round_s']:.2f} s | "
-                     f"{c['round_s_min']:.2f}–{c['round_s_max']:.2f} s | "
+                     f"{c['round_s_q1']:.2f}–{c['round_s_q3']:.2f} s | "
                      f"{c['server_cpu_s']:.2f} s | {c['first_round_s']:.1f} s | "
                      f"{c['discovery_s']:.1f} s | "
                      f"{c['server_peak_mb']:.0f} MB | {c['worker_peak_mb']:.0f} MB | "
@@ -128,11 +131,11 @@ def plot(cells: Sequence[Mapping[str, float]], path: Path) -> None:
     for n in ns:
         row = sorted((c for c in cells if c["n"] == n), key=lambda c: c["k"])
         time_ax.errorbar([c["k"] for c in row], [c["round_s"] for c in row],
-                         yerr=[[c["round_s"] - c["round_s_min"] for c in row],
-                               [c["round_s_max"] - c["round_s"] for c in row]],
+                         yerr=[[c["round_s"] - c["round_s_q1"] for c in row],
+                               [c["round_s_q3"] - c["round_s"] for c in row]],
                          marker="o", capsize=3, label=f"N = {n:,}")
     time_ax.set(xlabel="K sampled clients per round", ylabel="round time (s, median; bars "
-                "min–max)", title="Round time vs sampled clients", xticks=ks)
+                "quartiles)", title="Round time vs sampled clients", xticks=ks)
     time_ax.set_ylim(bottom=0)
     time_ax.legend()
     for k in ks:
@@ -151,16 +154,22 @@ def plot(cells: Sequence[Mapping[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_cell(n: int, k: int, rounds: int, out: Path, overrides: Sequence[str]) -> dict:
-    """One ``fedlora run`` with N clients and K sampled; its summary."""
-    cmd = [sys.executable, "-m", "fedlora", "run", "--num-clients", str(n), "--rounds",
-           str(rounds), "--out", str(out), "-c", LOCAL_WORK, "-c", f"num-train-nodes={k}"]
-    for text in overrides:
-        cmd += ["-c", text]
-    started, load_before = time.perf_counter(), os.getloadavg()[0]
-    subprocess.run(cmd, check=True)
-    cell = {"n": n, "k": k, "wall_s": round(time.perf_counter() - started, 1),
-            "load_1m": round((load_before + os.getloadavg()[0]) / 2, 1)}  # shared machine
+def run_cell(n: int, k: int, rounds: int, out: Path, overrides: Sequence[str],
+             reuse: bool = False) -> dict:
+    """One ``fedlora run`` with N clients and K sampled; its summary. With ``reuse``, a run
+    directory that already holds every round is summarized again instead of rerun."""
+    done = out / "cell.json"
+    if not (reuse and done.exists() and len(read_metrics(out)) == rounds + 1):
+        cmd = [sys.executable, "-m", "fedlora", "run", "--num-clients", str(n), "--rounds",
+               str(rounds), "--out", str(out), "-c", LOCAL_WORK, "-c", f"num-train-nodes={k}"]
+        for text in overrides:
+            cmd += ["-c", text]
+        started, load_before = time.perf_counter(), os.getloadavg()[0]
+        subprocess.run(cmd, check=True)
+        done.write_text(json.dumps({
+            "n": n, "k": k, "wall_s": round(time.perf_counter() - started, 1),
+            "load_1m": round((load_before + os.getloadavg()[0]) / 2, 1)}))  # shared machine
+    cell = json.loads(done.read_text())
     cell.update(summarize(read_metrics(out)))
     return cell
 
@@ -175,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, help="where the runs go (default: a temporary "
                                                    "directory)")
     parser.add_argument("-c", action="append", default=[], help="more config overrides")
+    parser.add_argument("--reuse", action="store_true", help="summarize the runs already "
+                        "complete in --runs instead of running them again")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (round 1 loads the model)")
@@ -188,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in args.clients:
         for k in args.sampled:
             print(f"N = {n}, K = {k} ...", flush=True)
-            cell = run_cell(n, k, args.rounds, runs / f"n{n}-k{k}", args.c)
+            cell = run_cell(n, k, args.rounds, runs / f"n{n}-k{k}", args.c, args.reuse)
             document["cells"].append(cell)
             print(json.dumps(cell), flush=True)
     cells = document["cells"]

@@ -16,8 +16,8 @@ def _records(durations: list[float], server: list[float], worker: list[float]) -
 
 
 def _grid(round_s, mem=lambda n, k: 900.0):
-    return [{"n": n, "k": k, "round_s": round_s(n, k), "round_s_min": round_s(n, k),
-             "round_s_max": round_s(n, k), "server_cpu_s": 0.1, "first_round_s": 9.0,
+    return [{"n": n, "k": k, "round_s": round_s(n, k), "round_s_q1": round_s(n, k),
+             "round_s_q3": round_s(n, k), "server_cpu_s": 0.1, "first_round_s": 9.0,
              "discovery_s": 3.0,
              "server_peak_mb": mem(n, k), "worker_peak_mb": mem(n, k) + 50}
             for n in (10, 100, 1000) for k in (2, 5, 10)]
@@ -31,6 +31,7 @@ def test_summary_skips_the_warm_up_round_and_takes_peaks():
     assert summary["round_s"] == 3.0 and summary["first_round_s"] == 30.0
     assert summary["server_cpu_s"] == 1.5
     assert (summary["round_s_min"], summary["round_s_max"]) == (2.0, 4.0)
+    assert summary["round_s_q1"] <= 3.0 <= summary["round_s_q3"]
     assert summary["server_peak_mb"] == 870 and summary["worker_peak_mb"] == 920
     assert summary["discovery_s"] == 4.0 and summary["rounds"] == 4
 
