@@ -196,8 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     document: dict[str, Any] = {"date": now(), "machine": machine(), "versions": versions(),
                                 "rounds": args.rounds, "local_work": LOCAL_WORK,
                                 "overrides": args.c, "cells": []}
-    for n in args.clients:
-        for k in args.sampled:
+    for k in args.sampled:  # the N of one K run back to back: a shared machine's load drifts
+        for n in args.clients:
             print(f"N = {n}, K = {k} ...", flush=True)
             cell = run_cell(n, k, args.rounds, runs / f"n{n}-k{k}", args.c, args.reuse)
             document["cells"].append(cell)
