@@ -80,7 +80,8 @@ def _prepare(msg: Message, context: Context):
 
 @app.query("capabilities")
 def capabilities(msg: Message, context: Context) -> Message:
-    """Tell the server this node's partition and LoRA rank (it cannot read node configs)."""
+    """Tell the server this node's partition and LoRA rank (it cannot read node configs), and
+    its number of training examples when asked (``num-examples`` true: data-size sampling)."""
     cfg = config.from_flat(context.run_config)
     node = client.Node.from_configs(cfg, context.node_config)
     caps = ConfigRecord({"partition-id": node.partition_id,
@@ -88,6 +89,8 @@ def capabilities(msg: Message, context: Context) -> Message:
     if cfg.fl.sign_updates:
         caps.update(signed_wire.announcement(signed_wire.node_key(context), context.run_id,
                                              context.node_id))
+    if msg.content["q"].get("num-examples"):
+        caps["num-examples"] = len(client.train_rows(cfg, node))
     return Message(RecordDict({"caps": caps}), reply_to=msg)
 
 
@@ -99,7 +102,7 @@ def train(msg: Message, context: Context) -> Message:
         raise ConfigError("this run has secure-aggregation = true, but the server asked for "
                           "the factors in the clear (a train message without secagg-stage); "
                           "the node refuses to send them")
-    train_examples, _ = client.examples(cfg, node, tokenizer)
+    train_examples = client.train_examples(cfg, node, tokenizer)
     spec = builders.train_spec(cfg, int(instructions["server-round"]), node.partition_id)
     load_seconds = time.perf_counter() - started  # model (cached after the first), data, adapter
 
@@ -120,7 +123,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update({"partition-id": node.partition_id, "lora-rank": node.rank,
                     "base-version": base.version,
                     "server-round": int(instructions["server-round"]),
-                    "rss-mb": outputs.rss_mb(), "load-seconds": load_seconds})
+                    "rss-mb": outputs.rss_mb(), "peak-rss-mb": outputs.rss_mb(peak=True),
+                    "load-seconds": load_seconds})
     if instructions.get(STAGE_KEY) == "train":  # secure aggregation: the factors stay here
         outgoing = secure_client.clip_update(outgoing, arrays, cfg.fl.clip_update_norm)
         if cfg.fl.strategy == "hetlora":  # norm weights and padding applied here, summed there
@@ -170,7 +174,7 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, model, tokenizer, _, _, arrays = _prepare(msg, context)
-    _, heldout = client.examples(cfg, node, tokenizer)
+    heldout = client.heldout_examples(cfg, node, tokenizer)
     lora.load_adapter_arrays(model, arrays)
     metrics = training.evaluate(model, heldout, cfg.eval.batch_size, tokenizer.pad_token_id,
                                 cfg.model.task)

@@ -27,12 +27,6 @@ from fedlora.errors import ConfigError
 from fedlora.outputs import RunOutputs
 
 
-def clients_per_round(cfg: RunConfig, num_clients: int) -> int:
-    """How many clients the server samples per round (the same rule as the strategy)."""
-    k = max(int(round(num_clients * cfg.fl.fraction_train)), cfg.fl.min_train_nodes)
-    return max(1, min(k, num_clients))
-
-
 def _heldout(cfg: RunConfig, tokenizer: Any) -> list[dict]:
     held = data.heldout(builders.data_spec(cfg))
     if held is None:
@@ -84,7 +78,7 @@ def run(kind: str, cfg: RunConfig, num_clients: int, out: Path,
                                            seed=cfg.fl.seed)
         held = _heldout(cfg, tok)
         pooled = [ex for part in _client_examples(cfg, num_clients, tok) for ex in part]
-        steps = clients_per_round(cfg, num_clients) * cfg.train.local_steps
+        steps = cfg.fl.clients_per_round(num_clients) * cfg.train.local_steps
 
         def evaluate() -> list[dict[str, float]]:
             return [training.evaluate(model, held, cfg.eval.batch_size, tok.pad_token_id,

@@ -109,6 +109,23 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     return finalize(flat, clients), clients
 
 
+def resolve_placement(args: argparse.Namespace, out: Path) -> Any:
+    """Ray resources per worker and the cluster address: the flags, else (with ``--resume``)
+    those the interrupted run used, else one CPU, no GPU and a private Ray instance."""
+    from fedlora.launcher import Placement
+
+    saved: dict[str, Any] = {}
+    if getattr(args, "resume", None):
+        saved = json.loads((out / "launch.json").read_text())
+
+    def pick(flag: Any, key: str, default: Any) -> Any:
+        return flag if flag is not None else saved.get(key, default)
+
+    return Placement(cpus=pick(args.cpus_per_client, "cpus-per-client", 1.0),
+                     gpus=pick(args.gpus_per_client, "gpus-per-client", 0.0),
+                     ray_address=pick(args.ray_address, "ray-address", ""))
+
+
 def preflight(cfg: config.RunConfig, clients: int) -> None:
     """Checks a simulation can make before Flower starts: model, data files, ranks."""
     from fedlora import assets
@@ -176,13 +193,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     flat, clients = resolve(args)
     out = Path(flat["output-dir"])
+    placement = resolve_placement(args, out)
     run_config = write_run_config(flat, out)
-    (out / "launch.json").write_text(json.dumps({"num-clients": clients,
-                                                 "cpus-per-client": args.cpus_per_client}))
+    (out / "launch.json").write_text(json.dumps({
+        "num-clients": clients, "cpus-per-client": placement.cpus,
+        "gpus-per-client": placement.gpus, "ray-address": placement.ray_address}))
     home = Path(args.flwr_home).resolve() if args.flwr_home else out / ".flwr"
     rounds = int(flat["num-server-rounds"])
+    where = f"Ray cluster {placement.ray_address}" if placement.ray_address else "local Ray"
     console.print(f"[bold]fedlora[/] {flat['strategy']} · {flat['model.name']} · {clients} "
-                  f"clients · {rounds} rounds → {out}"
+                  f"clients · {rounds} rounds · {where}, {placement.cpus} CPU / "
+                  f"{placement.gpus} GPU per worker → {out}"
                   + (" · [yellow]resuming from its last checkpoint[/]" if flat["resume"] else ""))
     started = time.perf_counter()
 
@@ -195,8 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         console.print("  starting Flower simulation (SuperLink, Ray workers, models)…")
-        records = run_simulation(run_config, out, clients, args.cpus_per_client, home,
-                                 on_round=on_round)
+        records = run_simulation(run_config, out, clients, placement, home, on_round=on_round)
     except RunFailed as exc:
         console.print(f"[red]run failed:[/] {exc}")
         return 1
@@ -330,8 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output directory (default runs/<timestamp>)")
     run.add_argument("--num-clients", type=int, help="simulated clients (SuperNodes)")
     run.add_argument("--rounds", type=int, help="federated rounds")
-    run.add_argument("--cpus-per-client", type=float, default=1.0,
-                     help="Ray CPUs per client (parallel clients = cores / this)")
+    run.add_argument("--cpus-per-client", type=int,
+                     help="CPUs each Ray worker reserves (default 1; workers per machine = "
+                          "its CPUs / this; one worker serves many clients in turn)")
+    run.add_argument("--gpus-per-client", type=float,
+                     help="GPUs each Ray worker reserves (default 0; fractions share a GPU: "
+                          "0.25 = four workers per GPU)")
+    run.add_argument("--ray-address", help="run the workers on this Ray cluster (HOST:PORT "
+                     "of `ray start --head`; default: a private Ray on this machine)")
     run.add_argument("--flwr-home", help="FLWR_HOME for this run (default OUT/.flwr)")
     run.add_argument("--resume", metavar="OUT",
                      help="continue the interrupted run in OUT from its newest intact checkpoint")

@@ -1,16 +1,20 @@
 """Client-side steps of a round, without Flower: load → train → select what leaves the node.
 
 The ClientApp (``clients/app.py``) only moves records in and out of these functions. A process
-caches the frozen base model (:class:`~fedlora.lora.ModelCache`) and each partition's tokenized
-examples; nothing client-specific (adapters, optimizer state) is cached here, because one
-simulation worker serves many virtual clients.
+caches the frozen base model (:class:`~fedlora.lora.ModelCache`), the packaged corpus split into
+partitions (:class:`~fedlora.data.Partitions`, rows selected per client on demand) and the
+tokenized examples of the last :data:`CACHED_CLIENTS` clients it served (least recently used
+evicted first): a worker serving 1,000 virtual clients holds a bounded amount of data. Nothing
+client-specific (adapters, optimizer state) is cached here, because one simulation worker
+serves many virtual clients; that lives in each client's Flower ``context.state``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -22,8 +26,39 @@ from fedlora.errors import ConfigError
 from fedlora.federation import stack
 from fedlora.threads import single_threaded_blas
 
+V = TypeVar("V")
+
+CACHED_CLIENTS = 32  # tokenized training sets a process keeps (each ~ samples x max-length ids)
+
+
+class Lru(Generic[V]):
+    """At most ``capacity`` values; the least recently used one is evicted first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._values: OrderedDict[Hashable, V] = OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], V]) -> V:
+        if key in self._values:
+            self._values.move_to_end(key)
+            return self._values[key]
+        value = build()
+        self._values[key] = value
+        while len(self._values) > self.capacity:
+            self._values.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def clear(self) -> None:
+        self._values.clear()
+
+
 MODELS = lora.ModelCache()
-_EXAMPLES: dict[tuple, tuple[list[dict], list[dict]]] = {}
+_PARTITIONS: Lru[data.Partitions] = Lru(2)  # (data spec, num-partitions) -> split corpus
+_TRAIN: Lru[list[dict]] = Lru(CACHED_CLIENTS)  # tokenized training examples per client
+_HELDOUT: Lru[list[dict]] = Lru(4)  # tokenized held-out examples (one for packaged corpora)
 
 
 @dataclass(frozen=True)
@@ -60,17 +95,45 @@ def load_model(cfg: RunConfig, node: Node) -> tuple[Any, Any]:
     return MODELS.get(builders.model_spec(cfg), builders.adapter_spec(cfg, node.rank))
 
 
-def examples(cfg: RunConfig, node: Node, tokenizer: Any) -> tuple[list[dict], list[dict]]:
-    """Tokenized (train, held-out) examples of this node, tokenized once per process."""
+def _own_files(cfg: RunConfig, node: Node) -> bool:
+    return cfg.data.source == "files" or bool(node.data_path)
+
+
+def _partitions(spec: data.DataSpec, num_partitions: int) -> data.Partitions:
+    return _PARTITIONS.get((spec, num_partitions), lambda: data.Partitions(spec, num_partitions))
+
+
+def train_rows(cfg: RunConfig, node: Node) -> Any:
+    """This node's training rows (a ``datasets.Dataset``), from the process's split corpus."""
+    spec = builders.data_spec(cfg)
+    if _own_files(cfg, node):
+        return data.own_split(spec, node.partition_id, node.data_path or None)[0]
+    return _partitions(spec, node.num_partitions).train(node.partition_id)
+
+
+def train_examples(cfg: RunConfig, node: Node, tokenizer: Any) -> list[dict]:
+    """Tokenized training examples of this node (cached for the last few clients)."""
     spec = builders.data_spec(cfg)
     key = (spec, node.partition_id, node.num_partitions, node.data_path,
            tokenizer.name_or_path, cfg.data.max_length)
-    if key not in _EXAMPLES:
-        train, test = data.client_split(spec, node.partition_id, node.num_partitions,
-                                        node.data_path or None)
-        _EXAMPLES[key] = (data.tokenize(train, tokenizer, spec.task, cfg.data.max_length),
-                          data.tokenize(test, tokenizer, spec.task, cfg.data.max_length))
-    return _EXAMPLES[key]
+    return _TRAIN.get(key, lambda: data.tokenize(train_rows(cfg, node), tokenizer, spec.task,
+                                                 cfg.data.max_length))
+
+
+def heldout_examples(cfg: RunConfig, node: Node, tokenizer: Any) -> list[dict]:
+    """Tokenized held-out examples: the node's own split of its files, or the packaged
+    corpus's held-out split (the same for every client, so tokenized once per process)."""
+    spec = builders.data_spec(cfg)
+    own = _own_files(cfg, node)
+    key = (spec, node.partition_id if own else None, node.data_path, tokenizer.name_or_path,
+           cfg.data.max_length)
+
+    def build() -> list[dict]:
+        rows = (data.own_split(spec, node.partition_id, node.data_path or None)[1] if own
+                else _partitions(spec, node.num_partitions).heldout)
+        return data.tokenize(rows, tokenizer, spec.task, cfg.data.max_length)
+
+    return _HELDOUT.get(key, build)
 
 
 @dataclass

@@ -26,6 +26,7 @@ LORA_BIASES = ("none", "all", "lora_only")
 LORA_INITS = ("default", "gaussian")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")  # see fedlora.transport
+SAMPLINGS = ("uniform", "data-size")
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best in the tables below
@@ -62,6 +63,11 @@ class FederationConfig:
     server_beta_2: float = _f(0.99, "FedAdam/FedYogi second-moment decay")
     server_tau: float = _f(0.001, "adaptivity of FedAdam/FedYogi/FedAdagrad")
     fraction_train: float = _f(1.0, "fraction of available nodes sampled for training each round")
+    num_train_nodes: int = _f(0, "nodes sampled for training each round (0 = fraction-train of "
+                              "the available nodes); at least min-train-nodes")
+    sampling: str = _f("uniform", "how the nodes of a round are drawn (seeded, without "
+                       "replacement): uniform, or data-size (probability proportional to a "
+                       "node's training examples, which each node reports once at start-up)")
     fraction_evaluate: float = _f(0.0, "fraction of nodes evaluating the global adapter on their "
                                   "own held-out data each round (0 = central evaluation only)")
     min_available_nodes: int = _f(2, "nodes to wait for before the first round")
@@ -149,6 +155,12 @@ class FederationConfig:
         _positive("robust-clip-multiplier", self.robust_clip_multiplier, zero_ok=True)
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train must be in (0, 1]; got {self.fraction_train}")
+        _positive("num-train-nodes", self.num_train_nodes, zero_ok=True)
+        _choice("sampling", self.sampling, SAMPLINGS)
+        if self.sampling == "data-size" and self.dp_mode == "central":
+            raise ConfigError("dp-mode = 'central' reports epsilon amplified by uniform "
+                              "sampling; with sampling = 'data-size' that analysis does not "
+                              "hold. Use sampling = 'uniform' or dp-mode = 'local'")
         if not 0 <= self.fraction_evaluate <= 1:
             raise ConfigError(f"fraction-evaluate must be in [0, 1]; got {self.fraction_evaluate}")
         _positive("server-lr", self.server_lr, zero_ok=True)
@@ -176,6 +188,12 @@ class FederationConfig:
                               "sign-updates = true to verify signed updates, or drop "
                               "signing-keys")
         self.dp_spec()  # validates the DP keys
+
+    def clients_per_round(self, available: int) -> int:
+        """How many of ``available`` nodes a round samples: ``num-train-nodes`` (or
+        ``fraction-train`` of them), at least ``min-train-nodes``, at most all of them."""
+        k = self.num_train_nodes or int(round(available * self.fraction_train))
+        return max(1, min(max(k, self.min_train_nodes), available))
 
     def dp_spec(self) -> Any:
         from fedlora.privacy import DPSpec

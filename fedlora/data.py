@@ -195,6 +195,45 @@ def _with_groups(ds: datasets.Dataset, num_partitions: int, task: str) -> datase
     return ds.sort("group")
 
 
+class Partitions:
+    """A packaged corpus split once into ``num_partitions`` client partitions, lazily.
+
+    Building one reads the corpus, keeps the seeded held-out split and prepares the
+    ``flwr_datasets`` partitioner; a client's rows are selected only when :meth:`train` asks
+    for them (an index view into the one corpus table, not a copy). A process serving 1,000
+    virtual clients therefore holds the corpus once plus the partitions it was asked for.
+    Partitioners that need a global assignment (Dirichlet, pathological) compute it once on
+    the first request: row indices for every partition, never their rows.
+    """
+
+    def __init__(self, spec: DataSpec, num_partitions: int) -> None:
+        if num_partitions < 1:
+            raise DataError(f"num-partitions must be >= 1; got {num_partitions}")
+        self.spec = spec
+        self.num_partitions = num_partitions
+        train, test = train_test_split(load_corpus(spec), spec)
+        train = train.shuffle(seed=spec.seed)
+        if spec.partitioner == "natural":
+            train = _with_groups(train, num_partitions, spec.task)
+        self._partitioner = _partitioner(spec, num_partitions, train)
+        self._partitioner.dataset = train
+        self.heldout = _cap(test, spec.eval_samples)
+
+    def train(self, partition_id: int) -> datasets.Dataset:
+        """Training rows of one client, capped at ``samples_per_client``."""
+        if not 0 <= partition_id < self.num_partitions:
+            raise DataError(f"partition-id {partition_id} is outside "
+                            f"0..{self.num_partitions - 1}")
+        mine = self._partitioner.load_partition(partition_id)
+        if len(mine) == 0:
+            raise DataError(
+                f"partition {partition_id} of {self.num_partitions} ({self.spec.partitioner}) "
+                f"has no rows; use fewer clients, a larger data.dirichlet-alpha, or "
+                f"data.partitioner = 'iid'"
+            )
+        return _cap(mine, self.spec.samples_per_client)
+
+
 def client_split(spec: DataSpec, partition_id: int, num_partitions: int,
                  data_path: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, held-out) examples of one client.
@@ -202,26 +241,23 @@ def client_split(spec: DataSpec, partition_id: int, num_partitions: int,
     For the packaged corpora the training part of the global split is partitioned with a
     ``flwr_datasets`` partitioner and capped at ``samples_per_client``; the held-out part is the
     server's. For a user's own files, the node's file is split into its train/held-out parts.
+    Callers that serve many clients keep one :class:`Partitions` instead of calling this per
+    client (each call reads the corpus).
     """
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")
     if spec.source == "files" or data_path:
-        local = load_files(data_path or spec.path, spec.task, partition_id)
-        train, test = (train_test_split(local, spec) if len(local) > 1 else (local, local))
-        return _cap(train, spec.samples_per_client), _cap(test, spec.eval_samples)
-    train, test = train_test_split(load_corpus(spec), spec)
-    train = train.shuffle(seed=spec.seed)
-    if spec.partitioner == "natural":
-        train = _with_groups(train, num_partitions, spec.task)
-    part = _partitioner(spec, num_partitions, train)
-    part.dataset = train
-    mine = part.load_partition(partition_id)
-    if len(mine) == 0:
-        raise DataError(
-            f"partition {partition_id} of {num_partitions} ({spec.partitioner}) has no rows; use "
-            f"fewer clients, a larger data.dirichlet-alpha, or data.partitioner = 'iid'"
-        )
-    return _cap(mine, spec.samples_per_client), _cap(test, spec.eval_samples)
+        return own_split(spec, partition_id, data_path)
+    parts = Partitions(spec, num_partitions)
+    return parts.train(partition_id), parts.heldout
+
+
+def own_split(spec: DataSpec, partition_id: int, data_path: str | None = None
+              ) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, held-out) rows of a node's own file(s): ``data_path`` or ``spec.path``."""
+    local = load_files(data_path or spec.path, spec.task, partition_id)
+    train, test = (train_test_split(local, spec) if len(local) > 1 else (local, local))
+    return _cap(train, spec.samples_per_client), _cap(test, spec.eval_samples)
 
 
 def heldout(spec: DataSpec) -> datasets.Dataset | None:

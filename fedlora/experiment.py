@@ -262,7 +262,7 @@ class Runner:
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         from fedlora import cli
-        from fedlora.launcher import RunFailed, run_simulation
+        from fedlora.launcher import Placement, RunFailed, run_simulation
 
         directory = self.out / "cells" / cell.id
         if directory.exists():  # a failed or interrupted attempt: start the cell afresh
@@ -278,7 +278,7 @@ class Runner:
             cli.finalize(flat, clients)
             run_config = cli.write_run_config(flat, directory)
             status["num_clients"] = clients
-            run_simulation(run_config, directory, clients, self.spec.cpus_per_client,
+            run_simulation(run_config, directory, clients, Placement(self.spec.cpus_per_client),
                            directory / ".flwr",
                            on_round=lambda rec: self.progress("round", {"cell": cell,
                                                                         "record": rec}))

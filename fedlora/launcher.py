@@ -4,6 +4,8 @@
 port (its PID is ours: it and its children are stopped when the run ends, however it ends),
 submits the app with ``flwr run``, follows ``metrics.jsonl`` for progress, and reads the run's
 real final status with ``flwr ls`` (``flwr run --stream`` exits 0 even when a run fails).
+:class:`Placement` says where the virtual clients run: Ray resources per worker and, optionally,
+the address of a Ray cluster to run them on.
 """
 
 from __future__ import annotations
@@ -30,6 +32,56 @@ CONNECTION = "fedlora-sim"
 
 class RunFailed(FedLoraError):
     """The federated run did not complete."""
+
+
+def _whole_cpus(value: float) -> int:
+    if value < 1 or not float(value).is_integer():
+        raise FedLoraError(f"cpus per client must be a whole number >= 1 (Flower 1.41 sends "
+                           f"client-resources-num-cpus to the simulation as an integer); "
+                           f"got {value}")
+    return int(value)
+
+
+def _gpus(value: float) -> int | float:
+    if value < 0 or (value > 1 and not float(value).is_integer()):
+        raise FedLoraError(f"gpus per client must be >= 0 and, above 1, a whole number (Ray "
+                           f"shares a GPU only in fractions below 1); got {value}")
+    return int(value) if float(value).is_integer() else float(value)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a simulation's virtual clients run (Flower's Ray backend settings).
+
+    Each Ray actor — a worker process that serves many virtual clients in turn, with one cached
+    frozen base model — reserves ``cpus`` CPUs and ``gpus`` GPUs. Ray starts as many actors per
+    machine as fit: ``gpus = 0.25`` puts four actors (four model copies) on each GPU.
+    ``ray_address`` (``host:port`` of a ``ray start --head``) runs the actors on that Ray
+    cluster's machines; empty starts a private Ray instance on this machine.
+    """
+
+    cpus: int = 1
+    gpus: float = 0.0
+    ray_address: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cpus", _whole_cpus(self.cpus))
+        object.__setattr__(self, "gpus", _gpus(self.gpus))
+
+    def federation_config(self, num_supernodes: int) -> str:
+        """``flwr run --federation-config`` value: virtual nodes and each actor's resources."""
+        return (f"num-supernodes={num_supernodes} client-resources-num-cpus={self.cpus} "
+                f"client-resources-num-gpus={self.gpus}")
+
+    def environment(self) -> dict[str, str]:
+        """Variables for the SuperLink, whose simulation process calls ``ray.init()``.
+
+        Flower 1.41 passes only ``num_cpus``, ``num_gpus``, ``logging_level`` and
+        ``log_to_driver`` from the federation config to ``ray.init``, not an address; Ray reads
+        ``RAY_ADDRESS`` instead. ``local`` always starts a private instance, where Ray would
+        otherwise join the last cluster ``ray start`` recorded on this machine.
+        """
+        return {"RAY_ADDRESS": self.ray_address or "local"}
 
 
 def app_dir() -> Path:
@@ -182,7 +234,7 @@ def run_logs(run_id: int, env: Mapping[str, str], cwd: Path,
 
 
 def run_simulation(run_config_file: Path, output_dir: Path, num_supernodes: int,
-                   cpus_per_client: float, home: Path,
+                   placement: Placement, home: Path,
                    on_round: Callable[[dict[str, Any]], None] | None = None,
                    poll_s: float = 0.25) -> list[dict[str, Any]]:
     """Run one simulation to completion; return the metrics records.
@@ -191,14 +243,13 @@ def run_simulation(run_config_file: Path, output_dir: Path, num_supernodes: int,
     """
     env = flwr_env(home)
     cwd = app_dir()
-    link = ManagedSuperLink.start(home, env)
+    link = ManagedSuperLink.start(home, {**env, **placement.environment()})
     try:
         write_connection(home, link.port)
-        cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client
-        federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
         (output_dir / "summary.json").unlink(missing_ok=True)  # written when the run completes
         submitted = flwr_cli(["run", ".", CONNECTION, "--run-config", str(run_config_file),
-                           "--federation-config", federation, "--format", "json"], env, cwd)
+                              "--federation-config", placement.federation_config(num_supernodes),
+                              "--format", "json"], env, cwd)
         if submitted.returncode != 0:
             raise RunFailed(f"flwr run failed: {(submitted.stdout + submitted.stderr)[-2000:]}")
         payload = json_tail(submitted.stdout)

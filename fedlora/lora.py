@@ -219,34 +219,48 @@ def build_peft_model(model_spec: ModelSpec, adapter: AdapterSpec, seed: int = 0)
 
 
 class ModelCache:
-    """Process-level cache of PEFT models keyed by (base model, adapter shape).
+    """Process-level cache: one frozen base model per :class:`ModelSpec`, shared by every
+    adapter shape.
 
-    In Flower's simulation one Ray actor serves many virtual clients, so the cached model is
-    shared by all of them: callers must overwrite every adapter array from the incoming message
-    before training. Only frozen weights are worth caching; adapter and optimizer state never
-    live here.
+    In Flower's simulation one Ray actor serves many virtual clients, possibly of different
+    LoRA ranks. Each base model is loaded once; each :class:`AdapterSpec` (a rank) adds a named
+    PEFT adapter to it, and :meth:`get` activates the one asked for, so clients of three ranks
+    share one copy of the frozen weights. The model is shared by all clients: callers must
+    overwrite every adapter array from the incoming message before training. Only frozen
+    weights are worth caching; adapter and optimizer state never live here.
     """
 
-    def __init__(self, capacity: int = 3) -> None:
-        self.capacity = capacity
-        self._models: OrderedDict[tuple, tuple[Any, Any]] = OrderedDict()
+    def __init__(self, capacity: int = 2) -> None:
+        self.capacity = capacity  # base models kept (least recently used evicted first)
+        self._models: OrderedDict[ModelSpec, tuple[Any, Any, dict[AdapterSpec, str]]] = \
+            OrderedDict()
 
     def get(self, model_spec: ModelSpec, adapter: AdapterSpec) -> tuple[Any, Any]:
-        key = (model_spec, adapter)
-        if key in self._models:
-            self._models.move_to_end(key)
-            return self._models[key]
-        while len(self._models) >= self.capacity:
-            self._models.popitem(last=False)
-        self._models[key] = build_peft_model(model_spec, adapter)
-        return self._models[key]
+        """(model with ``adapter`` active, tokenizer)."""
+        if model_spec in self._models:
+            self._models.move_to_end(model_spec)
+        else:
+            while len(self._models) >= self.capacity:
+                self._models.popitem(last=False)
+            model, tokenizer = build_peft_model(model_spec, adapter)
+            self._models[model_spec] = (model, tokenizer, {adapter: "default"})
+        model, tokenizer, names = self._models[model_spec]
+        if adapter not in names:
+            _check_targets(model, adapter)
+            names[adapter] = f"adapter-{len(names)}"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model.add_adapter(names[adapter], peft_config(adapter, model_spec.task))
+        model.set_adapter(names[adapter])
+        return model, tokenizer
 
 
 # ----------------------------------------------------------------------------- arrays
 
 
 def adapter_arrays(model: Any) -> dict[str, np.ndarray]:
-    """The adapter (LoRA factors + declared heads) as float32 numpy arrays, peft key names."""
+    """The active adapter (LoRA factors + declared heads) as float32 numpy arrays, peft key
+    names (the same for every adapter name)."""
     return {k: v.detach().to("cpu", torch.float32).numpy().copy()
             for k, v in _adapter_tensors(model).items()}
 
@@ -272,7 +286,7 @@ def load_adapter_arrays(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
             raise PayloadError("NON_FINITE", f"{key} holds NaN or Inf")
     state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in
              arrays.items()}
-    set_peft_model_state_dict(model, state)
+    set_peft_model_state_dict(model, state, adapter_name=model.active_adapter)
 
 
 def _adapter_tensors(model: Any) -> dict[str, torch.Tensor]:
@@ -281,15 +295,18 @@ def _adapter_tensors(model: Any) -> dict[str, torch.Tensor]:
     # "auto" (peft's default) re-reads the base model's config from disk on every call to see
     # whether the vocabulary was resized (~12 ms here); fedlora never resizes it, and never
     # sends base embedding weights
-    return get_peft_model_state_dict(model, save_embedding_layers=False)
+    return get_peft_model_state_dict(model, adapter_name=model.active_adapter,
+                                     save_embedding_layers=False)
 
 
 def set_trainable(model: Any, train_a: bool = True, train_b: bool = True) -> None:
-    """Freeze lora_A and/or lora_B (FFA-LoRA trains B only; RoLoRA alternates)."""
+    """Freeze lora_A and/or lora_B of the active adapter (FFA-LoRA trains B only; RoLoRA
+    alternates); other adapters stay frozen."""
+    active = model.active_adapter
     for name, param in model.named_parameters():
-        if ".lora_A." in name:
+        if f".lora_A.{active}." in name:
             param.requires_grad_(train_a)
-        elif ".lora_B." in name:
+        elif f".lora_B.{active}." in name:
             param.requires_grad_(train_b)
 
 

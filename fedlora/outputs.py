@@ -64,11 +64,13 @@ class RunOutputs:
         return self.dir / "adapter"
 
 
-def rss_mb() -> float:
-    """Resident memory of this process in MB (Linux /proc; 0.0 where unavailable)."""
+def rss_mb(peak: bool = False) -> float:
+    """Resident memory of this process in MB, now or (``peak``) its high-water mark since it
+    started (Linux /proc ``VmRSS`` / ``VmHWM``; 0.0 where unavailable)."""
+    field = "VmHWM:" if peak else "VmRSS:"
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass

@@ -94,8 +94,7 @@ def check_secure_aggregation(cfg: RunConfig, num_clients: int | None = None) -> 
     settings = secagg_config(cfg)
     if num_clients is None:
         return
-    sampled = min(num_clients, max(int(round(num_clients * cfg.fl.fraction_train)),
-                                   cfg.fl.min_train_nodes))
+    sampled = cfg.fl.clients_per_round(num_clients)
     try:
         settings.resolve(sampled)
     except ConfigError:

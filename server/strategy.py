@@ -55,6 +55,10 @@ from fedlora.secagg.signing import SignatureRejected, UpdateVerifier
 from fedlora.transport import nbytes, pack, pack_correction, unpack
 from server.secure_round import SecureOutcome, SecureRound
 
+# capability queries in flight at once: Flower's in-memory SuperLink scans its whole message
+# store for every node it polls, so one query per node at once costs O(nodes^2) per poll
+DISCOVERY_BATCH = 100
+
 # keys that may differ between a run and its resumption
 RESUMABLE_KEYS = ("num-server-rounds", "round-timeout", "resume", "output-dir")
 
@@ -68,6 +72,7 @@ class NodeInfo:
     node_id: int
     partition_id: int
     rank: int
+    num_examples: int = 0  # training examples, reported only when sampling by data size
 
 
 @dataclass(frozen=True)
@@ -178,7 +183,11 @@ class FederatedLora:
     # ------------------------------------------------------------------ discovery
 
     def discover(self, grid: Grid) -> list[NodeInfo]:
-        """Wait for the nodes and ask each for its partition and LoRA rank."""
+        """Wait for the nodes and ask each, once per run, for its partition and LoRA rank
+        (and its number of training examples when sampling by data size).
+
+        The only message every node receives; rounds then address sampled nodes only.
+        """
         deadline = time.monotonic() + self.cfg.fl.round_timeout
         node_ids: list[int] = []
         while time.monotonic() < deadline:
@@ -190,23 +199,30 @@ class FederatedLora:
             time.sleep(2.0)
         if not node_ids:
             raise RuntimeError("no node connected before round-timeout")
-        msgs = [Message(RecordDict({"q": ConfigRecord({})}), dst_node_id=n,
-                        message_type="query.capabilities") for n in node_ids]
+        by_size = self.cfg.fl.sampling == "data-size"
         nodes, errors, announced = [], [], {}
-        for reply in grid.send_and_receive(msgs, timeout=self.cfg.fl.round_timeout):
-            if reply.has_error():
-                errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
-                continue
-            caps = reply.content["caps"]
-            nodes.append(NodeInfo(reply.metadata.src_node_id, int(caps["partition-id"]),
-                                  int(caps["lora-rank"])))
-            announced[reply.metadata.src_node_id] = caps
+        for start in range(0, len(node_ids), DISCOVERY_BATCH):
+            msgs = [Message(RecordDict({"q": ConfigRecord({"num-examples": by_size})}),
+                            dst_node_id=n, message_type="query.capabilities")
+                    for n in node_ids[start:start + DISCOVERY_BATCH]]
+            for reply in grid.send_and_receive(msgs, timeout=self.cfg.fl.round_timeout):
+                if reply.has_error():
+                    errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                    continue
+                caps = reply.content["caps"]
+                nodes.append(NodeInfo(reply.metadata.src_node_id, int(caps["partition-id"]),
+                                      int(caps["lora-rank"]), int(caps.get("num-examples", 0))))
+                announced[reply.metadata.src_node_id] = caps
         for err in errors:
             log(WARNING, "Capability query failed on %s", err)
         if not nodes:
             raise RuntimeError(f"no node answered the capability query: {errors}")
         nodes.sort(key=lambda n: (n.partition_id, n.node_id))
         self.check_ranks(nodes)
+        if by_size and not all(n.num_examples > 0 for n in nodes):
+            empty = [n.partition_id for n in nodes if n.num_examples <= 0][:5]
+            raise RuntimeError(f"sampling = 'data-size' needs every node's example count; "
+                               f"partitions {empty} reported none")
         if self.cfg.fl.sign_updates:
             self.verifier = self._signature_verifier(nodes, announced)
         return nodes
@@ -249,12 +265,17 @@ class FederatedLora:
     # ------------------------------------------------------------------ rounds
 
     def sample(self, nodes: list[NodeInfo], server_round: int) -> list[NodeInfo]:
-        k = max(int(round(len(nodes) * self.cfg.fl.fraction_train)), self.cfg.fl.min_train_nodes)
-        k = min(k, len(nodes))
+        """The nodes of one round: ``clients_per_round`` of them without replacement, seeded by
+        (seed, round) over nodes in partition order, uniformly or ∝ their example counts."""
+        k = self.cfg.fl.clients_per_round(len(nodes))
         if k == len(nodes):
             return nodes
         rng = np.random.default_rng([self.cfg.fl.seed, server_round])
-        picked = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
+        p = None
+        if self.cfg.fl.sampling == "data-size":
+            sizes = np.array([n.num_examples for n in nodes], dtype=np.float64)
+            p = sizes / sizes.sum()
+        picked = sorted(rng.choice(len(nodes), size=k, replace=False, p=p).tolist())
         return [nodes[i] for i in picked]
 
     def _message(self, node: NodeInfo, server_round: int, plan: RoundPlan, message_type: str,
@@ -371,15 +392,20 @@ class FederatedLora:
         adapter when starting fresh); a checkpoint after every ``checkpoint-every`` rounds."""
         started = time.perf_counter()
         nodes = self.discover(grid)
-        log(INFO, "fedlora: %d nodes, ranks %s, strategy %s", len(nodes),
-            {n.partition_id: n.rank for n in nodes}, self.cfg.fl.strategy)
+        discovery = {"num_nodes": len(nodes), "discover_s": time.perf_counter() - started}
+        log(INFO, "fedlora: %d nodes (nodes per rank %s), %d sampled per round (%s), "
+            "strategy %s", len(nodes), dict(sorted(Counter(n.rank for n in nodes).items())),
+            self.cfg.fl.clients_per_round(len(nodes)), self.cfg.fl.sampling,
+            self.cfg.fl.strategy)
         if start_round == 1:
-            self._evaluate_and_log(0, grid, nodes, {
-                "duration_s": 0.0, "discover_s": time.perf_counter() - started})
+            self._evaluate_and_log(0, grid, nodes, {"duration_s": 0.0, **discovery})
         failures = 0
         last = self.cfg.fl.num_server_rounds
         for server_round in range(start_round, last + 1):
+            cpu = time.process_time()
             record = self.train_round(grid, nodes, server_round)
+            # CPU of this whole process: the ServerApp and, in simulation, Flower's engine
+            record["server_cpu_s"] = time.process_time() - cpu
             failures = failures + 1 if record.get("abandoned") else 0
             self._evaluate_and_log(server_round, grid, nodes, record)
             every = self.cfg.fl.checkpoint_every
@@ -577,6 +603,7 @@ class FederatedLora:
             "train_loss": sum(m["train-loss"] * w for m, w in zip(metrics, weights,
                                                                   strict=True)) / total,
             "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for m in metrics),
+            "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0)) for m in metrics),
             "num_examples": int(sum(m["num-examples"] for m in metrics)),
             "agg_error": diagnostics["agg_error"],
             "agg_error_mean": diagnostics["agg_error_mean"],
@@ -685,6 +712,8 @@ class FederatedLora:
             "train_loss": sum(m["train-loss"] * w for (_, m), w in zip(contributors, weights,
                                                                       strict=True)) / total,
             "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for _, m in contributors),
+            "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0))
+                                          for _, m in contributors),
             "num_examples": int(total),
             "effective_rank_mean": result.diagnostics([update])["effective_rank_mean"],
             "base_version": self.glob.version,
@@ -709,6 +738,7 @@ class FederatedLora:
         line["eval_s"] = time.perf_counter() - start
         line["server_rss_mb"] = round(rss_mb(), 1)
         line["time"] = time.time()  # Unix time the round ended: wall time between rounds
+        line["server_peak_rss_mb"] = round(rss_mb(peak=True), 1)
         log(INFO, "fedlora round %d: %s", server_round,
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()})
         self.log_round(line)
@@ -716,8 +746,10 @@ class FederatedLora:
     def federated_evaluate(self, grid: Grid, nodes: list[NodeInfo], server_round: int
                            ) -> dict[str, float]:
         """Clients evaluate the global adapter (with their personal factors) on local data."""
-        fraction = self.cfg.fl.fraction_evaluate or 1.0
-        k = max(1, int(round(len(nodes) * fraction)))
+        if self.cfg.fl.fraction_evaluate:
+            k = max(1, int(round(len(nodes) * self.cfg.fl.fraction_evaluate)))
+        else:  # personal factors: as many nodes as a round trains, not every node
+            k = self.cfg.fl.clients_per_round(len(nodes))
         chosen = nodes[:k] if k == len(nodes) else [
             nodes[i] for i in sorted(np.random.default_rng([self.cfg.fl.seed, server_round, 1])
                                      .choice(len(nodes), size=k, replace=False).tolist())]

@@ -156,6 +156,9 @@ def test_accepted_types_are_normalised(key: str, value: Any, expected: Any) -> N
         ({"lora.init": "pissa"}, "lora.init must be one of"),
         ({"fraction-train": 0.0}, "fraction-train must be in (0, 1]"),
         ({"fraction-train": 1.01}, "fraction-train must be in (0, 1]"),
+        ({"num-train-nodes": -1}, "num-train-nodes must be >= 0"),
+        ({"sampling": "weighted"}, "sampling must be one of uniform, data-size"),
+        ({"sampling": "data-size", "dp-mode": "central"}, "does not hold"),
         ({"fraction-evaluate": -0.01}, "fraction-evaluate must be in [0, 1]"),
         ({"fraction-evaluate": 1.5}, "fraction-evaluate must be in [0, 1]"),
         ({"num-server-rounds": 0}, "num-server-rounds must be > 0"),
@@ -201,6 +204,10 @@ def test_invalid_values_are_rejected(flat: dict[str, Any], fragment: str) -> Non
         {"lora.dropout": 0.99},
         {"fraction-train": 1.0},
         {"fraction-train": 0.01},
+        {"num-train-nodes": 0},
+        {"num-train-nodes": 10_000},
+        {"sampling": "data-size"},
+        {"sampling": "data-size", "dp-mode": "local"},
         {"fraction-evaluate": 0.0},
         {"fraction-evaluate": 1.0},
         {"server-lr": 0.0},
@@ -232,6 +239,23 @@ def test_boundary_values_are_accepted(flat: dict[str, Any]) -> None:
 )
 def test_ranks_parses_rank_by_partition(text: str, expected: tuple[int, ...]) -> None:
     assert config.from_flat({"rank-by-partition": text}).fl.ranks() == expected
+
+
+@pytest.mark.parametrize(
+    ("flat", "available", "expected"),
+    [
+        ({}, 1000, 1000),  # fraction-train 1.0
+        ({"fraction-train": 0.01}, 1000, 10),
+        ({"fraction-train": 0.001}, 1000, 2),  # min-train-nodes
+        ({"num-train-nodes": 10, "fraction-train": 0.5}, 1000, 10),  # a count wins
+        ({"num-train-nodes": 1, "min-train-nodes": 1}, 1000, 1),
+        ({"num-train-nodes": 1}, 1000, 2),  # still at least min-train-nodes
+        ({"num-train-nodes": 50}, 40, 40),  # at most every node
+        ({"min-train-nodes": 5}, 3, 3),
+    ],
+)
+def test_clients_per_round(flat: dict[str, Any], available: int, expected: int) -> None:
+    assert config.from_flat(flat).fl.clients_per_round(available) == expected
 
 
 def test_rank_for_partition_cycles() -> None:

@@ -169,6 +169,49 @@ def test_partition_id_out_of_range(partition_id: int) -> None:
         data.client_split(spec, partition_id, NUM_PARTITIONS)
 
 
+def test_partitions_give_what_client_split_gives() -> None:
+    spec = data.DataSpec(source="bbc-news", task="seq-cls", samples_per_client=40)
+
+    parts = data.Partitions(spec, NUM_PARTITIONS)
+
+    for p in range(NUM_PARTITIONS):
+        train, test = data.client_split(spec, p, NUM_PARTITIONS)
+        assert list(parts.train(p)["text"]) == list(train["text"])
+        assert list(parts.heldout["text"]) == list(test["text"])
+
+
+def test_partitions_select_a_clients_rows_only_when_asked(monkeypatch) -> None:
+    # Prepare: count the partitions the flwr_datasets partitioner is asked to build
+    asked: list[int] = []
+    make = data._partitioner
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        partitioner = make(*args, **kwargs)
+        load = partitioner.load_partition
+        partitioner.load_partition = lambda pid: asked.append(pid) or load(pid)
+        return partitioner
+
+    monkeypatch.setattr(data, "_partitioner", counting)
+    spec = data.DataSpec(source="bbc-news", task="seq-cls")
+
+    # Execute
+    parts = data.Partitions(spec, 1000)
+    built_eagerly = list(asked)
+    rows = parts.train(999)
+
+    # Assert: nothing built up front; then only the one partition (1,780 rows / 1,000 = 1 or 2)
+    assert built_eagerly == []
+    assert asked == [999] and 1 <= len(rows) <= 2
+
+
+@pytest.mark.parametrize("partition_id", [-1, 1000])
+def test_partitions_refuse_an_unknown_partition(partition_id: int) -> None:
+    parts = data.Partitions(data.DataSpec(source="bbc-news", task="seq-cls"), 1000)
+
+    with pytest.raises(DataError, match=f"partition-id {partition_id} is outside 0..999"):
+        parts.train(partition_id)
+
+
 # ----------------------------------------------------------------------------- label skew
 
 

@@ -122,7 +122,7 @@ def tiny_cfg(tmp_path: Path, **extra) -> config.RunConfig:
 
 def test_centralized_baseline_spends_the_federations_step_budget(tmp_path):
     cfg = tiny_cfg(tmp_path, **{"fraction-train": 0.5, "min-train-nodes": 1})
-    assert baselines.clients_per_round(cfg, 4) == 2
+    assert cfg.fl.clients_per_round(4) == 2
     records = baselines.run("centralized", cfg, 4, tmp_path / "c")
     assert [r["round"] for r in records] == [0, 1, 2]
     assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in records)

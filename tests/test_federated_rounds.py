@@ -181,6 +181,9 @@ def test_every_round_records_server_and_client_memory():
     records, *_ = run_rounds(tiny_config(num_server_rounds=1), num_nodes=2)
     assert records[0]["server_rss_mb"] > 50
     assert records[1]["server_rss_mb"] > 50 and records[1]["client_rss_mb_max"] > 50
+    for rec in records[1:]:
+        assert rec["server_peak_rss_mb"] >= rec["server_rss_mb"]
+        assert rec["client_peak_rss_mb_max"] >= rec["client_rss_mb_max"]
 
 
 def _spy_on_the_fast_mean(monkeypatch) -> list[int]:

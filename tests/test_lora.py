@@ -433,9 +433,39 @@ def test_with_rank_keeps_other_fields() -> None:
 def test_model_cache_reuses_and_evicts(minilm_spec: lora.ModelSpec) -> None:
     cache = lora.ModelCache(capacity=1)
     spec = lora.AdapterSpec(r=2, alpha=4.0)
+    other_base = lora.ModelSpec(**{**minilm_spec.__dict__, "num_labels": 3})
 
-    first = cache.get(minilm_spec, spec)
-    assert cache.get(minilm_spec, spec) is first
-    other = cache.get(minilm_spec, spec.with_rank(3))
-    assert other is not first
-    assert cache.get(minilm_spec, spec) is not first  # evicted by the rank-3 model
+    first, _ = cache.get(minilm_spec, spec)
+    assert cache.get(minilm_spec, spec)[0] is first
+    assert cache.get(other_base, spec)[0] is not first
+    assert cache.get(minilm_spec, spec)[0] is not first  # evicted by the other base model
+
+
+def test_model_cache_shares_one_base_across_ranks(minilm_spec: lora.ModelSpec, rng) -> None:
+    # Prepare: a rank-2 client's adapter, loaded into the cached model
+    cache = lora.ModelCache()
+    spec = lora.AdapterSpec(r=2, alpha=4.0)
+    rank2, tokenizer = cache.get(minilm_spec, spec)
+    arrays2 = {k: rng.normal(size=v.shape).astype(np.float32) * 0.1
+               for k, v in lora.adapter_arrays(rank2).items()}
+    lora.load_adapter_arrays(rank2, arrays2)
+
+    # Execute: a rank-3 client is served, then the rank-2 one again
+    rank3, _ = cache.get(minilm_spec, spec.with_rank(3))
+    shapes3 = {k: v.shape for k, v in lora.adapter_arrays(rank3).items()}
+    trainable3 = [n for n, p in rank3.named_parameters() if p.requires_grad]
+    again, _ = cache.get(minilm_spec, spec)
+
+    # Assert: one model object (one copy of the frozen weights), the asked rank active
+    assert rank3 is rank2 and again is rank2
+    assert shapes3[QUERY + lora.LORA_A] == (3, 384) and shapes3[QUERY + lora.LORA_B] == (384, 3)
+    assert trainable3 and all(".adapter-1." in n for n in trainable3)
+    assert all(np.array_equal(v, arrays2[k]) for k, v in lora.adapter_arrays(again).items())
+    # ... and the rank-2 adapter computes what a model built for rank 2 alone computes
+    alone, _ = lora.build_peft_model(minilm_spec, spec)
+    lora.load_adapter_arrays(alone, arrays2)
+    batch = tokenizer(["a short note", "another one"], return_tensors="pt", padding=True)
+    for model in (again, alone):
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, alone(**batch).logits)
