@@ -77,8 +77,9 @@ def split(run: dict[str, Any]) -> dict[str, float]:
         "training": sum(r["client_train_s_max"] for r in rounds),
         "aggregation": sum(r["aggregate_s"] for r in rounds),
         "evaluation": sum(r["eval_s"] for r in records),
-        "queue_and_messaging": sum(r["duration_s"] - r["client_load_s_max"] - r["client_train_s_max"]
-                         - r["aggregate_s"] for r in rounds),
+        "queue_and_messaging": sum(r["duration_s"] - r["client_load_s_max"]
+                                   - r["client_train_s_max"] - r["aggregate_s"]
+                                   for r in rounds),
         "teardown": run["ended"] - records[-1]["time"],
     }
     parts["other"] = run["ended"] - run["launched"] - sum(parts.values())
