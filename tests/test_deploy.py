@@ -254,7 +254,7 @@ def test_launch_with_tls_auth_and_mixed_ranks(tmp_path):
     assert all(r["num_sampled"] == r["num_accepted"] == 2 for r in records[1:])
     # both ranks reached the server: its discovery log, and FlexLoRA's exact aggregate
     # stacks the factors of both clients, rank 4 + 8
-    assert "ranks {0: 4, 1: 8}" in (out / "run.log").read_text()
+    assert "2 nodes (nodes per rank {4: 1, 8: 1})" in (out / "run.log").read_text()
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 12
     again = reevaluate(out)  # the adapter loads with PeftModel.from_pretrained
     assert again["eval-accuracy"] == pytest.approx(records[-1]["eval_accuracy"], abs=0.01)
