@@ -18,6 +18,8 @@ the server only ever sees the masked sum (``fedlora/secure_wire.py`` lists every
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -75,6 +77,7 @@ def capabilities(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    cpu = time.process_time()  # this worker process's CPU spent on the message
     cfg, node, model, tokenizer, instructions, base, arrays = _prepare(msg, context)
     if cfg.fl.secure_aggregation and instructions.get(STAGE_KEY) != "train":
         raise ConfigError("this run has secure-aggregation = true, but the server asked for "
@@ -100,7 +103,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update({"partition-id": node.partition_id, "lora-rank": node.rank,
                     "base-version": base.version,
                     "server-round": int(instructions["server-round"]),
-                    "rss-mb": outputs.rss_mb(), "peak-rss-mb": outputs.rss_mb(peak=True)})
+                    "rss-mb": outputs.rss_mb(), "peak-rss-mb": outputs.rss_mb(peak=True),
+                    "train-cpu-s": time.process_time() - cpu})
     if instructions.get(STAGE_KEY) == "train":  # secure aggregation: the factors stay here
         outgoing = secure_client.clip_update(outgoing, arrays, cfg.fl.clip_update_norm)
         keys = secure_client.begin(context, secagg_config(cfg), int(instructions["server-round"]),

@@ -503,6 +503,7 @@ class FederatedLora:
             "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for *_, m in accepted),
             "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0))
                                           for *_, m in accepted),
+            "client_cpu_s": sum(float(m.get("train-cpu-s", 0.0)) for *_, m in accepted),
             "num_examples": int(sum(m["num-examples"] for *_, m in accepted)),
             "agg_error": diagnostics["agg_error"],
             "agg_error_mean": diagnostics["agg_error_mean"],
@@ -582,6 +583,7 @@ class FederatedLora:
             "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for _, m in contributors),
             "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0))
                                           for _, m in contributors),
+            "client_cpu_s": sum(float(m.get("train-cpu-s", 0.0)) for _, m in contributors),
             "num_examples": int(total),
             "effective_rank_mean": result.diagnostics([update])["effective_rank_mean"],
             "base_version": self.glob.version,
