@@ -145,32 +145,32 @@ def plot(cells: Sequence[Mapping[str, float]], path: Path) -> None:
     ns = sorted({int(c["n"]) for c in cells})
     ks = sorted({int(c["k"]) for c in cells})
     fig, (time_ax, cpu_ax, mem_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for n in ns:
+    for i, n in enumerate(ns):
         row = sorted((c for c in cells if c["n"] == n), key=lambda c: c["k"])
         time_ax.errorbar([c["k"] for c in row], [c["round_s"] for c in row],
                          yerr=[[c["round_s"] - c["round_s_q1"] for c in row],
                                [c["round_s_q3"] - c["round_s"] for c in row]],
-                         marker="o", capsize=3, label=f"N = {n:,}")
+                         marker="o", capsize=3, color=f"C{i}", label=f"N = {n:,}")
     time_ax.set(xlabel="K sampled clients per round", ylabel="round time (s, median; bars "
                 "quartiles)", title="Round time vs sampled clients", xticks=ks)
     time_ax.set_ylim(bottom=0)
     time_ax.legend()
-    for n in ns:
+    for i, n in enumerate(ns):
         row = sorted((c for c in cells if c["n"] == n), key=lambda c: c["k"])
         cpu_ax.plot([c["k"] for c in row], [c["cpu_s"] for c in row], marker="o",
-                    label=f"N = {n:,}, server + workers")
+                    color=f"C{i}", label=f"N = {n:,}, server + workers")
         cpu_ax.plot([c["k"] for c in row], [c["server_cpu_s"] for c in row], marker="x",
-                    linestyle=":", label=f"N = {n:,}, server")
+                    linestyle=":", color=f"C{i}", label=f"N = {n:,}, server")
     cpu_ax.set(xlabel="K sampled clients per round", ylabel="CPU seconds per round (median)",
                title="CPU per round vs sampled clients", xticks=ks)
     cpu_ax.set_ylim(bottom=0)
     cpu_ax.legend(fontsize=7)
-    for k in ks:
+    for i, k in enumerate(ks):
         row = sorted((c for c in cells if c["k"] == k), key=lambda c: c["n"])
         mem_ax.plot([c["n"] for c in row], [c["server_peak_mb"] for c in row], marker="o",
-                    label=f"server, K = {k}")
+                    color=f"C{i + len(ns)}", label=f"server, K = {k}")
         mem_ax.plot([c["n"] for c in row], [c["worker_peak_mb"] for c in row], marker="s",
-                    linestyle="--", label=f"worker, K = {k}")
+                    linestyle="--", color=f"C{i + len(ns)}", label=f"worker, K = {k}")
     mem_ax.set(xscale="log", xlabel="N virtual clients", ylabel="peak RSS (MB)",
                title="Peak memory vs total clients", xticks=ns)
     mem_ax.set_xticklabels([f"{n:,}" for n in ns])
