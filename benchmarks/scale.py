@@ -11,16 +11,19 @@ per round — and reads what every round records in ``metrics.jsonl``:
 * peak memory: ``server_peak_rss_mb`` (the simulation process: ServerApp, Flower's engine and
   every node's Context) and ``client_peak_rss_mb_max`` (the largest Ray worker that trained);
 * ``discovery_s``: the one capability query of all N nodes at start-up (Ray start included);
-* ``server_cpu_s``: CPU time of the simulation process during a round (median), which
-  includes Flower's simulation engine polling every node's message queue.
+* ``cpu_s``: CPU seconds of a round (median): the simulation process (``server_cpu_s``, which
+  includes Flower's simulation engine polling every node's message queue) plus the training
+  workers (each reply's ``train-cpu-s``). Unlike wall time it hardly moves with the load other
+  jobs put on a shared machine.
 
 Local work is made identical for every N so that only the federation's size varies: each client
-holds one example (``data.samples-per-client=1``) and takes one step on it per round. It then
-fits ``round_s ≈ a + b·K + c·N`` (least squares over the grid) and writes ``results.json``,
-``table.md`` and ``scale.png`` into ``--out`` (default ``benchmarks/results/scale``; the run
-directories go to ``--runs``, a temporary directory unless given). Targets
-(reported, not enforced): peak memory at the largest N within 1.2× of the smallest N at the same
-K, round time linear in K (R² of round_s ~ K per N) and flat in N.
+holds one example (``data.samples-per-client=1``) and takes four steps on it per round. It then
+fits ``round_s ≈ a + b·K + c·N`` and the same for ``cpu_s`` (least squares over the grid;
+cells run in an order that changes N and K together, see :func:`grid_order`) and writes
+``results.json``, ``table.md`` and ``scale.png`` into ``--out`` (default
+``benchmarks/results/scale``; the run directories go to ``--runs``, a temporary directory
+unless given). Targets (reported, not enforced): peak memory at the largest N within 1.2× of
+the smallest N at the same K, round time linear in K (R² of round_s ~ K per N) and flat in N.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import numpy as np
 from benchmarks.common import machine, now, versions
 from fedlora.outputs import read_metrics
 
-LOCAL_WORK = ("data.samples-per-client=1 train.batch-size=1 train.local-steps=1 "
+LOCAL_WORK = ("data.samples-per-client=1 train.batch-size=1 train.local-steps=4 "
               "data.eval-samples=64 checkpoint-every=0 min-train-nodes=1")
 MEMORY_TARGET = 1.2
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "scale"
@@ -52,7 +55,9 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """One run's cost from its metrics records (round 0 first)."""
     rounds = [r for r in records if r["round"] >= 1]
     steady = [r["duration_s"] for r in rounds[1:]] or [r["duration_s"] for r in rounds]
-    cpu = [r["server_cpu_s"] for r in rounds[1:]] or [r["server_cpu_s"] for r in rounds]
+    steady_rounds = rounds[1:] or rounds
+    server_cpu = [r["server_cpu_s"] for r in steady_rounds]
+    total_cpu = [r["server_cpu_s"] + r["client_cpu_s"] for r in steady_rounds]
     q1, _, q3 = statistics.quantiles(steady, n=4) if len(steady) > 1 else steady * 3
     return {
         "round_s": statistics.median(steady),
@@ -60,7 +65,8 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         "round_s_q3": q3,
         "round_s_min": min(steady),
         "round_s_max": max(steady),
-        "server_cpu_s": statistics.median(cpu),
+        "server_cpu_s": statistics.median(server_cpu),
+        "cpu_s": statistics.median(total_cpu),
         "first_round_s": rounds[0]["duration_s"],
         "discovery_s": records[0].get("discover_s", float("nan")),
         "server_peak_mb": max(r["server_peak_rss_mb"] for r in records),
@@ -69,11 +75,11 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     }
 
 
-def fit_growth(cells: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Least-squares ``round_s = a + b·K + c·N`` over the cells (keys ``n``, ``k``,
-    ``round_s``); returns the intercept, both slopes and R²."""
+def fit_growth(cells: Sequence[Mapping[str, float]], key: str = "round_s") -> dict[str, float]:
+    """Least-squares ``cells[key] = a + b·K + c·N`` over the cells (keys ``n``, ``k`` and
+    ``key``); returns the intercept, both slopes and R²."""
     x = np.array([[1.0, c["k"], c["n"]] for c in cells])
-    y = np.array([c["round_s"] for c in cells])
+    y = np.array([c[key] for c in cells])
     coef, *_ = np.linalg.lstsq(x, y, rcond=None)
     residual = y - x @ coef
     total = float(np.sum((y - y.mean()) ** 2))
@@ -82,15 +88,24 @@ def fit_growth(cells: Sequence[Mapping[str, float]]) -> dict[str, float]:
             "r2": 1.0 - float(np.sum(residual**2)) / total if total else 1.0}
 
 
-def linear_in_k(cells: Sequence[Mapping[str, float]], n: int) -> dict[str, float]:
-    """Slope (s per sampled client) and R² of ``round_s ~ K`` at one N."""
-    row = sorted((c["k"], c["round_s"]) for c in cells if c["n"] == n)
+def linear_in_k(cells: Sequence[Mapping[str, float]], n: int, key: str = "round_s"
+                ) -> dict[str, float]:
+    """Slope (s per sampled client) and R² of ``cells[key] ~ K`` at one N."""
+    row = sorted((c["k"], c[key]) for c in cells if c["n"] == n)
     k, y = np.array([p[0] for p in row]), np.array([p[1] for p in row])
     slope, intercept = np.polyfit(k, y, 1)
     fitted = slope * k + intercept
     total = float(np.sum((y - y.mean()) ** 2))
     return {"slope_s": float(slope), "r2": 1.0 - float(np.sum((y - fitted) ** 2)) / total
             if total else 1.0}
+
+
+def grid_order(clients: Sequence[int], sampled: Sequence[int]) -> list[tuple[int, int]]:
+    """Every (N, K), ordered along diagonals of the grid: consecutive runs change both N and K,
+    so the drifting load of a shared machine is not confounded with either."""
+    cells = [(i, j) for i in range(len(clients)) for j in range(len(sampled))]
+    cells.sort(key=lambda ij: ((ij[0] + ij[1]) % len(sampled), ij[0]))
+    return [(clients[i], sampled[j]) for i, j in cells]
 
 
 def memory_ratios(cells: Sequence[Mapping[str, float]]) -> dict[int, dict[str, float]]:
@@ -105,13 +120,14 @@ def memory_ratios(cells: Sequence[Mapping[str, float]]) -> dict[int, dict[str, f
 
 def table(cells: Sequence[Mapping[str, float]]) -> str:
     """Markdown table of the grid."""
-    lines = ["| N clients | K sampled | round time (median) | quartiles | server CPU / round | "
-             "round 1 | discovery | server peak | worker peak | load |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| N clients | K sampled | round time (median) | quartiles | CPU / round | "
+             "of which server | round 1 | discovery | server peak | worker peak | load |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in sorted(cells, key=lambda c: (c["n"], c["k"])):
         lines.append(f"| {c['n']:,} | {c['k']} | {c['round_s']:.2f} s | "
                      f"{c['round_s_q1']:.2f}–{c['round_s_q3']:.2f} s | "
-                     f"{c['server_cpu_s']:.2f} s | {c['first_round_s']:.1f} s | "
+                     f"{c['cpu_s']:.2f} s | {c['server_cpu_s']:.2f} s | "
+                     f"{c['first_round_s']:.1f} s | "
                      f"{c['discovery_s']:.1f} s | "
                      f"{c['server_peak_mb']:.0f} MB | {c['worker_peak_mb']:.0f} MB | "
                      f"{c.get('load_1m', float('nan')):.1f} |")
@@ -119,7 +135,8 @@ def table(cells: Sequence[Mapping[str, float]]) -> str:
 
 
 def plot(cells: Sequence[Mapping[str, float]], path: Path) -> None:
-    """Round time against K (one line per N) and peak memory against N (one line per K)."""
+    """Round time and CPU per round against K (one line per N), peak memory against N (one
+    line per K)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,23 +144,33 @@ def plot(cells: Sequence[Mapping[str, float]], path: Path) -> None:
 
     ns = sorted({int(c["n"]) for c in cells})
     ks = sorted({int(c["k"]) for c in cells})
-    fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for n in ns:
+    fig, (time_ax, cpu_ax, mem_ax) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for i, n in enumerate(ns):
         row = sorted((c for c in cells if c["n"] == n), key=lambda c: c["k"])
         time_ax.errorbar([c["k"] for c in row], [c["round_s"] for c in row],
                          yerr=[[c["round_s"] - c["round_s_q1"] for c in row],
                                [c["round_s_q3"] - c["round_s"] for c in row]],
-                         marker="o", capsize=3, label=f"N = {n:,}")
+                         marker="o", capsize=3, color=f"C{i}", label=f"N = {n:,}")
     time_ax.set(xlabel="K sampled clients per round", ylabel="round time (s, median; bars "
                 "quartiles)", title="Round time vs sampled clients", xticks=ks)
     time_ax.set_ylim(bottom=0)
     time_ax.legend()
-    for k in ks:
+    for i, n in enumerate(ns):
+        row = sorted((c for c in cells if c["n"] == n), key=lambda c: c["k"])
+        cpu_ax.plot([c["k"] for c in row], [c["cpu_s"] for c in row], marker="o",
+                    color=f"C{i}", label=f"N = {n:,}, server + workers")
+        cpu_ax.plot([c["k"] for c in row], [c["server_cpu_s"] for c in row], marker="x",
+                    linestyle=":", color=f"C{i}", label=f"N = {n:,}, server")
+    cpu_ax.set(xlabel="K sampled clients per round", ylabel="CPU seconds per round (median)",
+               title="CPU per round vs sampled clients", xticks=ks)
+    cpu_ax.set_ylim(bottom=0)
+    cpu_ax.legend(fontsize=7)
+    for i, k in enumerate(ks):
         row = sorted((c for c in cells if c["k"] == k), key=lambda c: c["n"])
         mem_ax.plot([c["n"] for c in row], [c["server_peak_mb"] for c in row], marker="o",
-                    label=f"server, K = {k}")
+                    color=f"C{i + len(ns)}", label=f"server, K = {k}")
         mem_ax.plot([c["n"] for c in row], [c["worker_peak_mb"] for c in row], marker="s",
-                    linestyle="--", label=f"worker, K = {k}")
+                    linestyle="--", color=f"C{i + len(ns)}", label=f"worker, K = {k}")
     mem_ax.set(xscale="log", xlabel="N virtual clients", ylabel="peak RSS (MB)",
                title="Peak memory vs total clients", xticks=ns)
     mem_ax.set_xticklabels([f"{n:,}" for n in ns])
@@ -196,15 +223,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     document: dict[str, Any] = {"date": now(), "machine": machine(), "versions": versions(),
                                 "rounds": args.rounds, "local_work": LOCAL_WORK,
                                 "overrides": args.c, "cells": []}
-    for k in args.sampled:  # the N of one K run back to back: a shared machine's load drifts
-        for n in args.clients:
-            print(f"N = {n}, K = {k} ...", flush=True)
-            cell = run_cell(n, k, args.rounds, runs / f"n{n}-k{k}", args.c, args.reuse)
-            document["cells"].append(cell)
-            print(json.dumps(cell), flush=True)
+    for n, k in grid_order(args.clients, args.sampled):
+        print(f"N = {n}, K = {k} ...", flush=True)
+        cell = run_cell(n, k, args.rounds, runs / f"n{n}-k{k}", args.c, args.reuse)
+        document["cells"].append(cell)
+        print(json.dumps(cell), flush=True)
     cells = document["cells"]
     document["fit"] = fit_growth(cells)
+    document["fit_cpu"] = fit_growth(cells, "cpu_s")
     document["linear_in_k"] = {n: linear_in_k(cells, n) for n in args.clients}
+    document["linear_in_k_cpu"] = {n: linear_in_k(cells, n, "cpu_s") for n in args.clients}
     document["memory_ratio"] = memory_ratios(cells)
     document["memory_target_met"] = all(r["server"] <= MEMORY_TARGET and
                                         r["worker"] <= MEMORY_TARGET
@@ -213,11 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "table.md").write_text(table(cells))
     plot(cells, args.out / "scale.png")
     print(table(cells))
-    fit = document["fit"]
-    print(f"round_s ≈ {fit['intercept_s']:.2f} s + {fit['per_sampled_client_s']:.3f} s × K + "
-          f"{fit['per_1000_clients_s']:.3f} s × N/1000  (R² {fit['r2']:.3f})")
-    for n, lin in document["linear_in_k"].items():
-        print(f"N = {n}: {lin['slope_s']:.3f} s per sampled client, R² {lin['r2']:.3f}")
+    for name, key in (("round_s", "fit"), ("cpu_s", "fit_cpu")):
+        fit = document[key]
+        print(f"{name} ≈ {fit['intercept_s']:.2f} s + {fit['per_sampled_client_s']:.3f} s × K "
+              f"+ {fit['per_1000_clients_s']:.3f} s × N/1000  (R² {fit['r2']:.3f})")
+    for n in args.clients:
+        wall, cpu = document["linear_in_k"][n], document["linear_in_k_cpu"][n]
+        print(f"N = {n}: per sampled client {wall['slope_s']:.3f} s of round time (R² "
+              f"{wall['r2']:.3f}), {cpu['slope_s']:.3f} CPU s (R² {cpu['r2']:.3f})")
     for k, ratio in document["memory_ratio"].items():
         print(f"K = {k}: peak memory N = {max(args.clients)} / N = {min(args.clients)}: server "
               f"{ratio['server']:.3f}x, worker {ratio['worker']:.3f}x (target <= "

@@ -97,6 +97,7 @@ def capabilities(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
+    cpu = time.process_time()  # this worker process's CPU spent on the message
     cfg, node, model, tokenizer, instructions, base, arrays = _prepare(msg, context)
     if cfg.fl.secure_aggregation and instructions.get(STAGE_KEY) != "train":
         raise ConfigError("this run has secure-aggregation = true, but the server asked for "
@@ -124,7 +125,7 @@ def train(msg: Message, context: Context) -> Message:
                     "base-version": base.version,
                     "server-round": int(instructions["server-round"]),
                     "rss-mb": outputs.rss_mb(), "peak-rss-mb": outputs.rss_mb(peak=True),
-                    "load-seconds": load_seconds})
+                    "load-seconds": load_seconds, "train-cpu-s": time.process_time() - cpu})
     if instructions.get(STAGE_KEY) == "train":  # secure aggregation: the factors stay here
         outgoing = secure_client.clip_update(outgoing, arrays, cfg.fl.clip_update_norm)
         if cfg.fl.strategy == "hetlora":  # norm weights and padding applied here, summed there

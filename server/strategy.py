@@ -604,6 +604,7 @@ class FederatedLora:
                                                                   strict=True)) / total,
             "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for m in metrics),
             "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0)) for m in metrics),
+            "client_cpu_s": sum(float(m.get("train-cpu-s", 0.0)) for m in metrics),
             "num_examples": int(sum(m["num-examples"] for m in metrics)),
             "agg_error": diagnostics["agg_error"],
             "agg_error_mean": diagnostics["agg_error_mean"],
@@ -714,6 +715,7 @@ class FederatedLora:
             "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for _, m in contributors),
             "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0))
                                           for _, m in contributors),
+            "client_cpu_s": sum(float(m.get("train-cpu-s", 0.0)) for _, m in contributors),
             "num_examples": int(total),
             "effective_rank_mean": result.diagnostics([update])["effective_rank_mean"],
             "base_version": self.glob.version,

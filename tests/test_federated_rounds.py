@@ -184,6 +184,7 @@ def test_every_round_records_server_and_client_memory():
     for rec in records[1:]:
         assert rec["server_peak_rss_mb"] >= rec["server_rss_mb"]
         assert rec["client_peak_rss_mb_max"] >= rec["client_rss_mb_max"]
+        assert rec["server_cpu_s"] > 0 and rec["client_cpu_s"] > 0
 
 
 def _spy_on_the_fast_mean(monkeypatch) -> list[int]:
