@@ -145,6 +145,34 @@ def test_rules_on_flowers_simulation_engine(tmp_path, strategy):
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_fifty_virtual_clients_with_sampling_on_flowers_simulation_engine(tmp_path):
+    """50 Ray-served virtual clients, 4 sampled per round: every node is discovered once, each
+    round trains exactly the nodes the server's seeded sampling draws (per reply's partition
+    id), and the run ends with a loadable adapter. (Personal state across skipped rounds is
+    checked message by message in ``tests/test_scale.py``.)"""
+    from server.strategy import FederatedLora, NodeInfo
+
+    out = tmp_path / "fifty"
+    res = fedlora_cli("run", "--num-clients", "50", "--rounds", "3", "--out", str(out), "-c",
+                      "strategy=fedsa num-train-nodes=4 model.num-hidden-layers=1 "
+                      "data.samples-per-client=2 data.eval-samples=32 data.max-length=32 "
+                      "train.local-steps=1 train.batch-size=2 checkpoint-every=0")
+    assert res.returncode == 0, res.stdout + res.stderr
+    records = read_metrics(out)
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+
+    cfg = config.from_flat(json.loads((out / "config.json").read_text()))
+    strategy = FederatedLora(cfg, None, lambda _: None, lambda _: None)
+    nodes = [NodeInfo(node_id=p, partition_id=p, rank=8) for p in range(50)]
+    for rec in records[1:]:
+        want = [n.partition_id for n in strategy.sample(nodes, rec["round"])]
+        assert rec["num_sampled"] == rec["num_accepted"] == 4
+        assert sorted(rec["clients"]) == want, rec["round"]
+    assert len({tuple(r["clients"]) for r in records[1:]}) == 3  # a new draw every round
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_launcher_leaves_no_process_behind(tmp_path, sig):
     out = tmp_path / "killed"
