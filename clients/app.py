@@ -117,25 +117,31 @@ def train(msg: Message, context: Context) -> Message:
         context.state[BASE] = pack_correction(base.factors)
         context.state[BASE_META] = ConfigRecord({"version": base.version})
     outgoing = client.select_outgoing(trained, str(instructions.get("send", "ab")))
+    secure = instructions.get(STAGE_KEY) == "train"  # secure aggregation: the factors stay here
+    if secure:
+        outgoing = secure_client.clip_update(outgoing, arrays, cfg.fl.clip_update_norm)
     dp = cfg.fl.dp_spec()
-    if dp.enabled:  # clip (and in local mode, noise) before anything leaves the node
-        outgoing, dp_metrics = privacy.privatize(outgoing, arrays, dp)
+    if dp.enabled:  # clip, and add this node's noise, before anything leaves the node
+        outgoing, dp_metrics = privacy.privatize(
+            outgoing, arrays, dp, contributors=_dp_contributors(dp, instructions))
         metrics.update(dp_metrics)
+        if secure:
+            secure_client.check_fits(outgoing, cfg.fl.secagg_clip_range)
     metrics.update({"partition-id": node.partition_id, "lora-rank": node.rank,
                     "base-version": base.version,
                     "server-round": int(instructions["server-round"]),
                     "rss-mb": outputs.rss_mb(), "peak-rss-mb": outputs.rss_mb(peak=True),
                     "load-seconds": load_seconds, "train-cpu-s": time.process_time() - cpu})
-    if instructions.get(STAGE_KEY) == "train":  # secure aggregation: the factors stay here
-        outgoing = secure_client.clip_update(outgoing, arrays, cfg.fl.clip_update_norm)
+    if secure:
         if cfg.fl.strategy == "hetlora":  # norm weights and padding applied here, summed there
             outgoing = secure_hetlora.prescale(
                 outgoing, int(metrics["num-examples"]), node.rank,
                 int(instructions["hetlora-rank"]),
                 cfg.lora.alpha, cfg.lora.use_rslora, cfg.fl.hetlora_weight_by_examples,
                 gain=float(instructions["hetlora-gain"]), clip_range=cfg.fl.secagg_clip_range)
+        weight = 1 if dp.enabled else int(metrics["num-examples"])  # DP: an unweighted mean
         keys = secure_client.begin(context, secagg_config(cfg), int(instructions["server-round"]),
-                                   outgoing, int(metrics["num-examples"]))
+                                   outgoing, weight)
         return Message(RecordDict({SECAGG: keys, "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
     reply = RecordDict({"arrays": pack(outgoing, cfg.fl.wire_dtype),
@@ -144,6 +150,18 @@ def train(msg: Message, context: Context) -> Message:
         signed_wire.sign_reply(reply, signed_wire.node_key(context), context.run_id,
                                context.node_id, int(instructions["server-round"]))
     return Message(reply, reply_to=msg)
+
+
+def _dp_contributors(dp: privacy.DPSpec, instructions: ConfigRecord) -> int:
+    """``m`` of distributed DP (this node adds 1/m of the noise's variance), from the server."""
+    if dp.mode != "distributed":
+        return 1
+    if privacy.CONTRIBUTORS_KEY not in instructions:
+        raise ConfigError("this run has dp-mode = 'distributed', but the train message does "
+                          f"not say how many contributors share the noise "
+                          f"({privacy.CONTRIBUTORS_KEY}); the node refuses to upload an update "
+                          "whose noise it cannot size")
+    return int(instructions[privacy.CONTRIBUTORS_KEY])
 
 
 @app.query("secagg_share_keys")

@@ -124,12 +124,17 @@ class FederationConfig:
                            "keys (signing-*.pub from `fedlora certs`); '' = trust each node's "
                            "key on first use, announced in the capability query")
     dp_mode: str = _f("off", "client-level differential privacy: off, central (clients clip, the "
-                      "server adds noise) or local (clients clip and add noise); fedit, ffa "
-                      "(recommended), fedsa, rolora")
+                      "server adds noise), local (clients clip and add noise) or distributed "
+                      "(with secure aggregation: each client adds its share of the noise "
+                      "inside the secure sum); fedit, ffa (recommended), fedsa, rolora")
     dp_clip_norm: float = _f(1.0, "DP: L2 bound of each client's update (sent - received)")
     dp_noise_multiplier: float = _f(1.0, "DP: noise std / clip norm (on the sum, or per client "
                                     "in local mode)")
     dp_delta: float = _f(1e-5, "DP: the delta for which epsilon is reported per round")
+    dp_min_contributors: int = _f(0, "dp-mode = 'distributed': the fewest updates a secure sum "
+                                  "may have; each client adds noise of std sigma*C/sqrt(m) and "
+                                  "the server does not unmask a sum of fewer (0 = the clients "
+                                  "sampled per round: no dropout tolerated)")
 
     def __post_init__(self) -> None:
         _positive("num-server-rounds", self.num_server_rounds)
@@ -157,10 +162,11 @@ class FederationConfig:
             raise ConfigError(f"fraction-train must be in (0, 1]; got {self.fraction_train}")
         _positive("num-train-nodes", self.num_train_nodes, zero_ok=True)
         _choice("sampling", self.sampling, SAMPLINGS)
-        if self.sampling == "data-size" and self.dp_mode == "central":
-            raise ConfigError("dp-mode = 'central' reports epsilon amplified by uniform "
+        if self.sampling == "data-size" and self.dp_mode in ("central", "distributed"):
+            raise ConfigError(f"dp-mode = {self.dp_mode!r} reports epsilon amplified by uniform "
                               "sampling; with sampling = 'data-size' that analysis does not "
                               "hold. Use sampling = 'uniform' or dp-mode = 'local'")
+        _positive("dp-min-contributors", self.dp_min_contributors, zero_ok=True)
         if not 0 <= self.fraction_evaluate <= 1:
             raise ConfigError(f"fraction-evaluate must be in [0, 1]; got {self.fraction_evaluate}")
         _positive("server-lr", self.server_lr, zero_ok=True)

@@ -10,10 +10,21 @@ trained LoRA factors and the declared heads), flattened: ``u = x_sent - x_receiv
   ``N(0, (σC/k)²)`` to the mean of ``k`` updates.
 * ``local`` (untrusted server): each client adds ``N(0, (σC)²)`` to its own clipped update
   before sending; the server averages unweighted.
+* ``distributed`` (untrusted but protocol-following server, with secure aggregation): each
+  client adds ``N(0, (σC)²/m)`` to its clipped update and uploads it masked with weight 1, so
+  the sum the server unmasks carries ``N(0, (σC)²·m'/m)`` for ``m' ≥ m`` contributors — at
+  least central mode's noise, and the server never sees an individual update (nor the
+  noise one client added). The server does not unmask a sum of fewer
+  than ``m`` (``dp-min-contributors``, default: the clients sampled per round), since its
+  noise would fall short. The noise is continuous Gaussian rounded to the secure codec's
+  fixed-point grid (with weight 1 the step is ``c·n/(2³¹−1)`` for clip range ``c`` and ``n``
+  clients, ~1e-8): the analysis treats that rounding as negligible next to the noise, where a
+  discrete-Gaussian scheme would account for it exactly (Kairouz et al. 2021).
 
 Accounting uses Google's ``dp_accounting`` RDP accountant (the backend of ``flwr[dp]``): per
 round a Gaussian event with noise multiplier σ, amplified by sampling ``k`` of ``N`` clients
-without replacement in central mode (replace-one adjacency), not amplified in local mode (a
+without replacement in central and distributed mode (replace-one adjacency; one noisy sum
+of at least ``σC`` per round either way), not amplified in local mode (a
 client's own guarantee, counting every round it may take part in). The reported ε is for the
 configured δ after each round. Noise is drawn from fresh OS entropy, never from the run seed.
 
@@ -34,7 +45,8 @@ import numpy as np
 
 from fedlora.errors import ConfigError
 
-MODES = ("off", "central", "local")
+MODES = ("off", "central", "local", "distributed")
+CONTRIBUTORS_KEY = "dp-contributors"  # train config, distributed mode: m of noise_std
 DP_STRATEGIES = ("fedit", "ffa", "fedsa", "rolora")  # linear, equal-rank: a mean of updates
 
 
@@ -76,10 +88,31 @@ def check_config(cfg: Any) -> DPSpec:
     """Start-up check of a run's DP settings (before any model is loaded)."""
     spec = cfg.fl.dp_spec()
     check_strategy(spec, cfg.fl.strategy)
-    if spec.enabled and cfg.fl.secure_aggregation:
-        raise ConfigError("dp-mode with secure-aggregation is not supported yet (the noise "
-                          "would have to be added inside the secure sum); use one of them")
+    if spec.mode == "central" and cfg.fl.secure_aggregation:
+        raise ConfigError("dp-mode = 'central' needs the server to check each clipped update "
+                          "and add the noise itself, but with secure-aggregation = true it "
+                          "sees only the sum; use dp-mode = 'distributed' (each client adds "
+                          "its share of the noise inside the secure sum) or 'local'")
+    if spec.mode == "distributed" and not cfg.fl.secure_aggregation:
+        raise ConfigError("dp-mode = 'distributed' splits the noise among the clients of a "
+                          "secure sum; without secure-aggregation = true the server would see "
+                          "each update with only its share of the noise. Set "
+                          "secure-aggregation = true, or use dp-mode = 'local' or 'central'")
     return spec
+
+
+def noise_std(spec: DPSpec, contributors: int = 1) -> float:
+    """Std of the Gaussian noise one client adds to each coordinate of its clipped update:
+    ``σC`` in local mode, ``σC/√m`` in distributed mode (``m`` = ``contributors``, the fewest
+    updates of a sum the server unmasks), none in central mode (the server adds it)."""
+    if spec.mode == "local":
+        return spec.noise_multiplier * spec.clip_norm
+    if spec.mode == "distributed":
+        if contributors < 1:
+            raise ConfigError(f"dp-mode = 'distributed' needs the round's minimum number of "
+                              f"contributors (>= 1); got {contributors}")
+        return spec.noise_multiplier * spec.clip_norm / math.sqrt(contributors)
+    return 0.0
 
 
 def update_norm(sent: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]) -> float:
@@ -93,23 +126,24 @@ def _rng() -> np.random.Generator:
 
 
 def privatize(sent: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray],
-              spec: DPSpec, rng: np.random.Generator | None = None
+              spec: DPSpec, rng: np.random.Generator | None = None, contributors: int = 1
               ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Client side: clip the update to ``clip_norm`` (and add noise in local mode).
+    """Client side: clip the update to ``clip_norm`` and add this client's noise
+    (:func:`noise_std`; ``contributors`` matters in distributed mode only).
 
     Returns the arrays to send (received + privatized update) and ``dp-norm`` (before
     clipping) / ``dp-clip-factor`` metrics.
     """
     norm = update_norm(sent, received)
     factor = min(1.0, spec.clip_norm / norm) if norm > 0 else 1.0
+    std = noise_std(spec, contributors)
     rng = rng or _rng()
     out = {}
     for key, value in sent.items():
         base = np.asarray(received[key], np.float64)
         update = (np.asarray(value, np.float64) - base) * factor
-        if spec.mode == "local":
-            update = update + rng.normal(0.0, spec.noise_multiplier * spec.clip_norm,
-                                         size=update.shape)
+        if std:
+            update = update + rng.normal(0.0, std, size=update.shape)
         out[key] = (base + update).astype(np.float32)
     return out, {"dp-norm": norm, "dp-clip-factor": factor}
 
@@ -154,8 +188,8 @@ class Accountant:
         return accountant
 
     @property
-    def _amplified(self) -> bool:
-        return self.spec.mode == "central"
+    def _amplified(self) -> bool:  # one noisy sum per round, of a uniform sample of clients
+        return self.spec.mode in ("central", "distributed")
 
     def record_round(self, sampled: int) -> None:
         if self.events and self.events[-1][0] == sampled:

@@ -59,9 +59,12 @@ UNMASK = "query.secagg_unmask"
 def secagg_config(cfg: RunConfig) -> SecAggConfig:
     """The protocol settings shared by the server and every client (0 = the default)."""
     fl = cfg.fl
+    # with DP the mean is unweighted: every update is encoded with weight 1, which also makes
+    # the fixed-point step secagg-max-weight times finer
+    max_weight = 1.0 if fl.dp_mode != "off" else float(fl.secagg_max_weight)
     return SecAggConfig(threshold=fl.secagg_threshold or None,
                         neighbours=fl.secagg_neighbours or None,
-                        clip_range=fl.secagg_clip_range, max_weight=float(fl.secagg_max_weight))
+                        clip_range=fl.secagg_clip_range, max_weight=max_weight)
 
 
 def check_secure_aggregation(cfg: RunConfig, num_clients: int | None = None) -> None:

@@ -103,13 +103,14 @@ class SecureRound:
         check_secure_aggregation(cfg)
         self.settings = secagg_config(cfg)
         self.timeout = cfg.fl.round_timeout
-        self.max_weight = cfg.fl.secagg_max_weight
+        # with DP every update is encoded with weight 1; num-examples is then only reported
+        self.max_weight = cfg.fl.secagg_max_weight if cfg.fl.dp_mode == "off" else float("inf")
 
     def run(self, grid: Grid, server_round: int, sampled: list[NodeInfo],
             messages: list[Message], template: Mapping[str, np.ndarray],
             check_metrics: Callable[[dict[str, Any]], int],
-            check_signature: Callable[[RecordDict, int], None] | None = None
-            ) -> SecureOutcome:
+            check_signature: Callable[[RecordDict, int], None] | None = None,
+            min_contributors: int = 0) -> SecureOutcome:
         """Stage 0 (``messages``, the round's train messages) and stages 1–3.
 
         Parameters
@@ -123,6 +124,9 @@ class SecureRound:
         check_signature
             ``(content, sender)``: verifies a masked input's signature before it is decoded
             (``sign-updates``), or raises :class:`~fedlora.secagg.signing.SignatureRejected`.
+        min_contributors
+            Abort before unmasking when fewer masked inputs arrived (``dp-mode =
+            'distributed'``: a smaller sum would carry less noise than promised).
         """
         out = SecureOutcome()
         by_id = {n.node_id: n for n in sampled}
@@ -161,6 +165,12 @@ class SecureRound:
             }, masked_input, out)
             requests = server.collect_masked_inputs(inputs)
             seen = self._count(server, out, before=seen)
+            if len(requests) < min_contributors:  # no share asked for: the sum stays masked
+                raise SecAggAborted(
+                    "masked-input", server_round,
+                    f"{len(requests)} masked input(s) arrived but dp-min-contributors is "
+                    f"{min_contributors}: the sum would carry less noise than dp-mode = "
+                    f"'distributed' promises, so it is not unmasked")
             responses = self._exchange(grid, server_round, UNMASK, {
                 node: unmask_request_record(request) for node, request in requests.items()
             }, read_unmask, out)

@@ -397,6 +397,12 @@ class FederatedLora:
             "strategy %s", len(nodes), dict(sorted(Counter(n.rank for n in nodes).items())),
             self.cfg.fl.clients_per_round(len(nodes)), self.cfg.fl.sampling,
             self.cfg.fl.strategy)
+        per_round = self.cfg.fl.clients_per_round(len(nodes))
+        if self.dp.mode == "distributed" and self.cfg.fl.dp_min_contributors > per_round:
+            raise ConfigError(f"dp-min-contributors = {self.cfg.fl.dp_min_contributors}, but "
+                              f"a round samples {per_round} of the {len(nodes)} nodes, so no "
+                              f"secure sum could ever be unmasked; lower dp-min-contributors "
+                              f"or sample more nodes (num-train-nodes / fraction-train)")
         if start_round == 1:
             self._evaluate_and_log(0, grid, nodes, {"duration_s": 0.0, **discovery})
         failures = 0
@@ -494,13 +500,22 @@ class FederatedLora:
                     msg.content["config"]["hetlora-rank"] = pad
                 template = secure_hetlora.prescale(template, 1, sampled[0].rank, pad,
                                                    self.glob.lora_alpha, self.glob.rslora)
+            contributors = 0
+            if self.dp.mode == "distributed":  # each client's share of the noise is 1/m
+                contributors = self.cfg.fl.dp_min_contributors or len(sampled)
+                for msg in messages:
+                    msg.content["config"][privacy.CONTRIBUTORS_KEY] = contributors
             outcome = self.secure.run(
                 grid, server_round, sampled, messages, template,
                 lambda metrics: self.check_metrics(metrics, server_round),
-                lambda content, node_id: self.verify_signature(content, node_id, server_round))
+                lambda content, node_id: self.verify_signature(content, node_id, server_round),
+                min_contributors=contributors)
             for node in outcome.trained:
                 self.base_version[node.partition_id] = start_version
-            return self._adopt_secure(outcome, sent, plan, server_round, start, bytes_down)
+            record = self._adopt_secure(outcome, sent, plan, server_round, start, bytes_down)
+            if not record.get("abandoned"):  # an abandoned round released nothing
+                self._account(record, len(sampled), len(nodes))
+            return record
         replies = list(grid.send_and_receive(messages, timeout=self.cfg.fl.round_timeout))
 
         accepted: list[Accepted] = []
@@ -614,14 +629,20 @@ class FederatedLora:
         })
         if "phase" in plan.options:
             record["phase"] = plan.options["phase"]
-        if self.dp.enabled:
-            if self.accountant is None:
-                self.accountant = privacy.Accountant(self.dp, population=len(nodes))
-            self.accountant.record_round(len(sampled))
-            record["dp_epsilon"] = self.accountant.epsilon()
-            record["dp_delta"] = self.dp.delta
+        self._account(record, len(sampled), len(nodes))
         record["duration_s"] = time.perf_counter() - start
         return record
+
+    def _account(self, record: dict[str, Any], sampled: int, population: int) -> None:
+        """With DP: one more Gaussian release of ``sampled`` of ``population`` clients; the
+        run's ε so far (for ``dp-delta``) goes into the round's metrics line."""
+        if not self.dp.enabled:
+            return
+        if self.accountant is None:
+            self.accountant = privacy.Accountant(self.dp, population=population)
+        self.accountant.record_round(sampled)
+        record["dp_epsilon"] = self.accountant.epsilon()
+        record["dp_delta"] = self.dp.delta
 
     def records_to_average(self, accepted: list[Accepted]) -> list[ArrayRecord] | None:
         """The accepted replies' records when the round's aggregate is their weighted mean:
