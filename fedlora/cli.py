@@ -143,7 +143,7 @@ def preflight(cfg: config.RunConfig, clients: int) -> None:
     check_secure_aggregation(cfg, clients)  # e.g. flora needs the individual factors
     from fedlora.privacy import check_config
 
-    check_config(cfg)  # DP needs a mean of equal-shape updates
+    check_config(cfg, clients)  # DP needs a mean of equal-shape updates
     if cfg.model.name not in assets.MODEL_ALIASES:
         assets.resolve_model(cfg.model.name)
     if cfg.data.source == "files":

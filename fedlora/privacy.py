@@ -84,9 +84,17 @@ def check_strategy(spec: DPSpec, strategy: str) -> None:
                           f"factors non-linearly. Use ffa (recommended with DP) or fedit")
 
 
-def check_config(cfg: Any) -> DPSpec:
-    """Start-up check of a run's DP settings (before any model is loaded)."""
+def check_config(cfg: Any, num_nodes: int | None = None) -> DPSpec:
+    """Start-up check of a run's DP settings (before any model is loaded); with the number
+    of nodes, also that a round samples at least ``dp-min-contributors`` of them."""
     spec = cfg.fl.dp_spec()
+    per_round = None if num_nodes is None else cfg.fl.clients_per_round(num_nodes)
+    if spec.mode == "distributed" and per_round is not None and \
+            cfg.fl.dp_min_contributors > per_round:
+        raise ConfigError(f"dp-min-contributors = {cfg.fl.dp_min_contributors}, but a round "
+                          f"samples {per_round} of the {num_nodes} nodes, so no secure sum "
+                          f"could ever be unmasked; lower dp-min-contributors or sample more "
+                          f"nodes (num-train-nodes / fraction-train)")
     check_strategy(spec, cfg.fl.strategy)
     if spec.mode == "central" and cfg.fl.secure_aggregation:
         raise ConfigError("dp-mode = 'central' needs the server to check each clipped update "

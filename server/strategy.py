@@ -397,12 +397,7 @@ class FederatedLora:
             "strategy %s", len(nodes), dict(sorted(Counter(n.rank for n in nodes).items())),
             self.cfg.fl.clients_per_round(len(nodes)), self.cfg.fl.sampling,
             self.cfg.fl.strategy)
-        per_round = self.cfg.fl.clients_per_round(len(nodes))
-        if self.dp.mode == "distributed" and self.cfg.fl.dp_min_contributors > per_round:
-            raise ConfigError(f"dp-min-contributors = {self.cfg.fl.dp_min_contributors}, but "
-                              f"a round samples {per_round} of the {len(nodes)} nodes, so no "
-                              f"secure sum could ever be unmasked; lower dp-min-contributors "
-                              f"or sample more nodes (num-train-nodes / fraction-train)")
+        privacy.check_config(self.cfg, len(nodes))  # dp-min-contributors vs the sample
         if start_round == 1:
             self._evaluate_and_log(0, grid, nodes, {"duration_s": 0.0, **discovery})
         failures = 0

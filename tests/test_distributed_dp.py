@@ -131,3 +131,20 @@ def test_a_node_does_not_guess_its_share_of_the_noise():
     assert _dp_contributors(DPSpec("local", 1.0, 1.0), {}) == 1
     with pytest.raises(ConfigError, match="refuses to upload"):
         _dp_contributors(spec, {})
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ("secure-aggregation=true dp-mode=distributed dp-min-contributors=5",
+     "dp-min-contributors = 5, but a round samples 3 of the 3 nodes"),
+    ("dp-mode=distributed", "Set secure-aggregation = true"),
+])
+def test_fedlora_run_refuses_distributed_dp_that_cannot_work_before_starting(
+        tmp_path, overrides, message):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "fedlora", "run", "--num-clients", "3",
+                          "--out", str(tmp_path / "never"), "-c", "strategy=ffa " + overrides],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "never" / "metrics.jsonl").exists()
