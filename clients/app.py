@@ -124,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
     if dp.enabled:  # clip, and add this node's noise, before anything leaves the node
         outgoing, dp_metrics = privacy.privatize(
             outgoing, arrays, dp, contributors=_dp_contributors(dp, instructions))
-        metrics.update(dp_metrics)
+        privacy.withhold_metrics(dp, metrics, dp_metrics)
         if secure:
             secure_client.check_fits(outgoing, cfg.fl.secagg_clip_range)
     metrics.update({"partition-id": node.partition_id, "lora-rank": node.rank,

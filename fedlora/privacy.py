@@ -47,6 +47,9 @@ from fedlora.errors import ConfigError
 
 MODES = ("off", "central", "local", "distributed")
 CONTRIBUTORS_KEY = "dp-contributors"  # train config, distributed mode: m of noise_std
+# modes whose server is not trusted with anything about one client's training beyond its
+# noisy update: the client withholds its train loss and update norm (see withhold_metrics)
+UNTRUSTED_SERVER = ("local", "distributed")
 DP_STRATEGIES = ("fedit", "ffa", "fedsa", "rolora")  # linear, equal-rank: a mean of updates
 
 
@@ -154,6 +157,21 @@ def privatize(sent: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]
             update = update + rng.normal(0.0, std, size=update.shape)
         out[key] = (base + update).astype(np.float32)
     return out, {"dp-norm": norm, "dp-clip-factor": factor}
+
+
+def withhold_metrics(spec: DPSpec, metrics: dict[str, Any], dp_metrics: Mapping[str, float]
+                     ) -> None:
+    """The training metrics a client reports under DP, in place.
+
+    A trusted server (``central``) gets the update's norm and clip factor. Where the server is
+    not trusted (``local``, ``distributed``) only the noisy update is covered by ε, so the
+    client reports neither those nor its train loss (sent as 0.0, which the server does not
+    record); ``num-examples`` (the size of its data, not its content) is still sent.
+    """
+    if spec.mode in UNTRUSTED_SERVER:
+        metrics["train-loss"] = 0.0
+    elif spec.enabled:
+        metrics.update(dp_metrics)
 
 
 def add_central_noise(mean: Mapping[str, np.ndarray], keys: Any, spec: DPSpec, k: int,

@@ -607,11 +607,9 @@ class FederatedLora:
         self.glob.apply(result, heads, self.optimizer, rank=node.rank)
         record["aggregate_s"] = time.perf_counter() - aggregating
         record.update(client_timings([item.metrics for item in accepted]))
-        total = float(sum(weights))
+        record.update(self._train_loss([item.metrics for item in accepted], weights))
         metrics = [item.metrics for item in accepted]
         record.update({
-            "train_loss": sum(m["train-loss"] * w for m, w in zip(metrics, weights,
-                                                                  strict=True)) / total,
             "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for m in metrics),
             "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0)) for m in metrics),
             "client_cpu_s": sum(float(m.get("train-cpu-s", 0.0)) for m in metrics),
@@ -627,6 +625,16 @@ class FederatedLora:
         self._account(record, len(sampled), len(nodes))
         record["duration_s"] = time.perf_counter() - start
         return record
+
+    def _train_loss(self, metrics: list[Mapping[str, Any]], weights: list[int]
+                    ) -> dict[str, float]:
+        """``train_loss``: the example-weighted mean of the replies' losses, unless the clients
+        withheld them (DP with an untrusted server)."""
+        if self.dp.mode in privacy.UNTRUSTED_SERVER:
+            return {}
+        total = float(sum(weights))
+        return {"train_loss": sum(float(m["train-loss"]) * w
+                                  for m, w in zip(metrics, weights, strict=True)) / total}
 
     def _account(self, record: dict[str, Any], sampled: int, population: int) -> None:
         """With DP: one more Gaussian release of ``sampled`` of ``population`` clients; the
@@ -724,10 +732,9 @@ class FederatedLora:
         self.glob.apply(result, heads, self.optimizer, rank=node.rank)
         record["aggregate_s"] = time.perf_counter() - aggregating
         record.update(client_timings([m for _, m in contributors]))
+        record.update(self._train_loss([m for _, m in contributors], weights))
         total = float(sum(weights))
         record.update({
-            "train_loss": sum(m["train-loss"] * w for (_, m), w in zip(contributors, weights,
-                                                                      strict=True)) / total,
             "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for _, m in contributors),
             "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0))
                                           for _, m in contributors),

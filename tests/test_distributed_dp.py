@@ -148,3 +148,25 @@ def test_fedlora_run_refuses_distributed_dp_that_cannot_work_before_starting(
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "never" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("mode", ["local", "distributed"])
+def test_with_an_untrusted_server_only_the_noisy_update_says_anything_about_training(mode):
+    metrics_sent: list[dict] = []
+
+    def watch(reply):
+        if reply.metadata.message_type == "train" and not reply.has_error():
+            metrics_sent.append(dict(reply.content["metrics"]))
+
+    records, *_ = run(dp_config(mode), on_reply=watch)
+    assert len(metrics_sent) == NODES
+    for metrics in metrics_sent:
+        assert metrics["train-loss"] == 0.0
+        assert "dp-norm" not in metrics and "dp-clip-factor" not in metrics
+    assert "train_loss" not in records[1] and records[1]["num_accepted"] == NODES
+
+
+def test_a_trusted_server_gets_the_norms_and_losses():
+    metrics, dp = {"train-loss": 1.5}, {"dp-norm": 0.3, "dp-clip-factor": 0.33}
+    privacy.withhold_metrics(DPSpec("central", 0.1, 1.0), metrics, dp)
+    assert metrics == {"train-loss": 1.5, **dp}
