@@ -121,17 +121,19 @@ def train(msg: Message, context: Context) -> Message:
     if secure:
         outgoing = secure_client.clip_update(outgoing, arrays, cfg.fl.clip_update_norm)
     dp = cfg.fl.dp_spec()
-    if dp.enabled:  # clip, and add this node's noise, before anything leaves the node
-        outgoing, dp_metrics = privacy.privatize(
-            outgoing, arrays, dp, contributors=_dp_contributors(dp, instructions))
-        privacy.withhold_metrics(dp, metrics, dp_metrics)
-        if secure:
-            secure_client.check_fits(outgoing, cfg.fl.secagg_clip_range)
     metrics.update({"partition-id": node.partition_id, "lora-rank": node.rank,
                     "base-version": base.version,
                     "server-round": int(instructions["server-round"]),
                     "rss-mb": outputs.rss_mb(), "peak-rss-mb": outputs.rss_mb(peak=True),
                     "load-seconds": load_seconds, "train-cpu-s": time.process_time() - cpu})
+    if dp.enabled:  # clip, and add this node's noise, before anything leaves the node
+        contributors = _dp_contributors(cfg, dp, instructions)
+        if secure:  # decided on public values only, before the data is touched
+            privacy.check_secure_range({k: arrays[k] for k in outgoing}, dp, contributors,
+                                       cfg.fl.secagg_clip_range)
+        outgoing, dp_metrics = privacy.privatize(outgoing, arrays, dp,
+                                                 contributors=contributors)
+        privacy.withhold_metrics(dp, metrics, dp_metrics)
     if secure:
         if cfg.fl.strategy == "hetlora":  # norm weights and padding applied here, summed there
             outgoing = secure_hetlora.prescale(
@@ -152,8 +154,11 @@ def train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-def _dp_contributors(dp: privacy.DPSpec, instructions: ConfigRecord) -> int:
-    """``m`` of distributed DP (this node adds 1/m of the noise's variance), from the server."""
+def _dp_contributors(cfg: config.RunConfig, dp: privacy.DPSpec, instructions: ConfigRecord
+                     ) -> int:
+    """``m`` of distributed DP (this node adds 1/m of the noise's variance), from the server,
+    checked against what the run config lets the node know: a larger ``m`` would shrink its
+    noise (a smaller one only adds noise)."""
     if dp.mode != "distributed":
         return 1
     if privacy.CONTRIBUTORS_KEY not in instructions:
@@ -161,7 +166,13 @@ def _dp_contributors(dp: privacy.DPSpec, instructions: ConfigRecord) -> int:
                           f"not say how many contributors share the noise "
                           f"({privacy.CONTRIBUTORS_KEY}); the node refuses to upload an update "
                           "whose noise it cannot size")
-    return int(instructions[privacy.CONTRIBUTORS_KEY])
+    m = int(instructions[privacy.CONTRIBUTORS_KEY])
+    bound = cfg.fl.dp_min_contributors or cfg.fl.num_train_nodes
+    if m < 1 or (bound and m > bound):
+        raise ConfigError(f"the server asks this node to add 1/{m} of the noise, but the run "
+                          f"config allows at most {bound} contributors (dp-min-contributors, "
+                          f"else num-train-nodes); the node refuses to upload")
+    return m
 
 
 @app.query("secagg_share_keys")

@@ -16,17 +16,20 @@ trained LoRA factors and the declared heads), flattened: ``u = x_sent - x_receiv
   least central mode's noise, and the server never sees an individual update (nor the
   noise one client added). The server does not unmask a sum of fewer
   than ``m`` (``dp-min-contributors``, default: the clients sampled per round), since its
-  noise would fall short. The noise is continuous Gaussian rounded to the secure codec's
+  noise would fall short (nor one below ``min-accepted``, which it would then discard
+  unaccounted). The noise is continuous Gaussian rounded to the secure codec's
   fixed-point grid (with weight 1 the step is ``c·n/(2³¹−1)`` for clip range ``c`` and ``n``
-  clients, ~1e-8): the analysis treats that rounding as negligible next to the noise, where a
+  clients: 1e-8 for 3, 4e-6 for 1,000): the analysis treats that rounding as negligible, where a
   discrete-Gaussian scheme would account for it exactly (Kairouz et al. 2021).
 
-Accounting uses Google's ``dp_accounting`` RDP accountant (the backend of ``flwr[dp]``): per
-round a Gaussian event with noise multiplier σ, amplified by sampling ``k`` of ``N`` clients
-without replacement in central and distributed mode (replace-one adjacency; one noisy sum
-of at least ``σC`` per round either way), not amplified in local mode (a
-client's own guarantee, counting every round it may take part in). The reported ε is for the
-configured δ after each round. Noise is drawn from fresh OS entropy, never from the run seed.
+Accounting uses Google's ``dp_accounting`` RDP accountant (the backend of ``flwr[dp]``) with
+replace-one neighbours (two clipped updates differ by up to 2C, so the Gaussian's multiplier
+is σ/2; see :class:`Accountant`): per round a Gaussian event, amplified by sampling ``k`` of
+``N`` clients without replacement where the adversary does not know the sample (``central``:
+the trusted server's published adapters), not amplified against a server that draws the
+sample itself (``local``, ``distributed``; every round counted). The reported ε is for the
+configured δ after each round that released an aggregate. Noise is drawn from fresh OS
+entropy, never from the run seed.
 
 The FFA-LoRA mode (``strategy = "ffa"``: A frozen, only B trained and sent) is the recommended
 pairing: the noise is added to one factor only, so it is not multiplied by a noisy partner
@@ -159,6 +162,9 @@ def privatize(sent: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]
     return out, {"dp-norm": norm, "dp-clip-factor": factor}
 
 
+TIMINGS = ("train-seconds", "train-cpu-s", "load-seconds")  # grow with the data's size
+
+
 def withhold_metrics(spec: DPSpec, metrics: dict[str, Any], dp_metrics: Mapping[str, float]
                      ) -> None:
     """The training metrics a client reports under DP, in place.
@@ -166,12 +172,36 @@ def withhold_metrics(spec: DPSpec, metrics: dict[str, Any], dp_metrics: Mapping[
     A trusted server (``central``) gets the update's norm and clip factor. Where the server is
     not trusted (``local``, ``distributed``) only the noisy update is covered by ε, so the
     client reports neither those nor its train loss (sent as 0.0, which the server does not
-    record); ``num-examples`` (the size of its data, not its content) is still sent.
+    record) nor its timings; ``num-examples`` (the size of its data, not its content) is
+    still sent.
     """
     if spec.mode in UNTRUSTED_SERVER:
         metrics["train-loss"] = 0.0
+        for key in TIMINGS:
+            metrics.pop(key, None)
     elif spec.enabled:
         metrics.update(dp_metrics)
+
+
+TAIL_Z = 9.0  # P(|N(0,1)| > 9) ≈ 2e-19 per coordinate: negligible next to any δ
+
+
+def check_secure_range(received: Mapping[str, np.ndarray], spec: DPSpec, contributors: int,
+                       clip_range: float) -> None:
+    """A DP upload must reach the secure sum unclipped, and the decision must not depend on
+    the client's data: every coordinate of ``received + clipped update + noise`` is within
+    ``max|received| + C + 9·std`` (``|u_i| ≤ ‖u‖ ≤ C``), which must fit ``secagg-clip-range``.
+    Only public values enter the check, so the server and every client reach the same answer.
+    """
+    largest = max((float(np.abs(v).max()) for v in received.values() if v.size), default=0.0)
+    needed = largest + spec.clip_norm + TAIL_Z * noise_std(spec, contributors)
+    if needed > clip_range:
+        raise ConfigError(f"secagg-clip-range {clip_range:g} is too small for this DP upload: "
+                          f"the largest received value {largest:.3g} + dp-clip-norm "
+                          f"{spec.clip_norm:g} + 9 x the noise std "
+                          f"{noise_std(spec, contributors):.3g} = {needed:.3g} could be "
+                          f"clipped, which would change the noise; raise secagg-clip-range to "
+                          f"at least {needed:.3g}")
 
 
 def add_central_noise(mean: Mapping[str, np.ndarray], keys: Any, spec: DPSpec, k: int,
@@ -186,26 +216,37 @@ def add_central_noise(mean: Mapping[str, np.ndarray], keys: Any, spec: DPSpec, k
     return out
 
 
+# Neighbouring runs differ in one client's data (replace-one: the only relation that sampling
+# k of N without replacement is analysed for). Two updates clipped to C differ by up to 2C, so
+# the Gaussian's noise multiplier relative to that sensitivity is σ/2.
+SENSITIVITY = 2.0
+
+
 @dataclass
 class Accountant:
-    """Cumulative (ε, δ) of the run's Gaussian releases (``dp_accounting`` RDP)."""
+    """Cumulative (ε, δ) of the run's Gaussian releases (``dp_accounting`` RDP).
+
+    Two adversaries: one that sees the released aggregates but not which clients were
+    sampled (sampling amplifies privacy), and one that knows the sample — the server, which
+    draws it. ``central`` reports the first (the server is trusted); ``local`` and
+    ``distributed`` guard against the server, so their ``dp_epsilon`` is the unamplified one
+    (every round counted, as if the client took part in each); ``distributed`` also reports
+    the amplified ``dp_epsilon_released`` for whoever sees only the published adapters.
+    """
 
     spec: DPSpec
     population: int
     events: list[tuple[int, int]] = field(default_factory=list)  # (sample size, rounds)
 
-    def _accountant(self) -> Any:
+    def _accountant(self, amplified: bool) -> Any:
         from dp_accounting import dp_event
         from dp_accounting.privacy_accountant import NeighboringRelation
         from dp_accounting.rdp import RdpAccountant
 
-        # sampling k of N without replacement is analysed for replace-one neighbours
-        relation = (NeighboringRelation.REPLACE_ONE if self._amplified
-                    else NeighboringRelation.ADD_OR_REMOVE_ONE)
-        accountant = RdpAccountant(neighboring_relation=relation)
+        accountant = RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
         for sample, count in self.events:
-            gaussian = dp_event.GaussianDpEvent(self.spec.noise_multiplier)
-            if self._amplified and sample < self.population:
+            gaussian = dp_event.GaussianDpEvent(self.spec.noise_multiplier / SENSITIVITY)
+            if amplified and sample < self.population:
                 event = dp_event.SampledWithoutReplacementDpEvent(self.population, sample,
                                                                  gaussian)
             else:
@@ -213,20 +254,26 @@ class Accountant:
             accountant.compose(event, count)
         return accountant
 
-    @property
-    def _amplified(self) -> bool:  # one noisy sum per round, of a uniform sample of clients
-        return self.spec.mode in ("central", "distributed")
-
     def record_round(self, sampled: int) -> None:
         if self.events and self.events[-1][0] == sampled:
             self.events[-1] = (sampled, self.events[-1][1] + 1)
         else:
             self.events.append((sampled, 1))
 
-    def epsilon(self) -> float:
+    def epsilon(self, amplified: bool | None = None) -> float:
+        """ε for ``delta`` so far; ``amplified`` defaults to the mode's own adversary."""
+        if amplified is None:
+            amplified = self.spec.mode == "central"
         if not self.events:
             return 0.0
-        return float(self._accountant().get_epsilon(self.spec.delta))
+        return float(self._accountant(amplified).get_epsilon(self.spec.delta))
+
+    def report(self) -> dict[str, float]:
+        """The metrics of the run's privacy so far (see the class docstring)."""
+        out = {"dp_epsilon": self.epsilon(), "dp_delta": self.spec.delta}
+        if self.spec.mode == "distributed":
+            out["dp_epsilon_released"] = self.epsilon(amplified=True)
+        return out
 
     def state(self) -> list[list[int]]:
         return [list(e) for e in self.events]

@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedlora import lora
-from fedlora.errors import ConfigError, PayloadError
+from fedlora.errors import PayloadError
 from fedlora.secagg import SecAggClient, SecAggConfig, flatten_arrays
 from fedlora.secure_wire import (
     SECAGG,
@@ -57,17 +57,6 @@ def clip_update(outgoing: Mapping[str, np.ndarray], received: Mapping[str, np.nd
         clipped[key] = (received[key] + keep * (outgoing[key] - received[key])
                         ).astype(outgoing[key].dtype)
     return clipped
-
-
-def check_fits(outgoing: Mapping[str, np.ndarray], clip_range: float) -> None:
-    """A DP upload must reach the sum exactly: refuse one that the codec would clip
-    coordinate-wise (``secagg-clip-range``), which would change the noise it carries."""
-    largest = max((float(np.abs(v).max()) for v in outgoing.values() if v.size), default=0.0)
-    if largest > clip_range:
-        raise ConfigError(f"a coordinate of this node's noisy update is {largest:.3g}, outside "
-                          f"secagg-clip-range {clip_range:g}; clipping it would change the "
-                          f"differential-privacy noise, so the node does not upload. Raise "
-                          f"secagg-clip-range (to about |factor| + 6 x noise std)")
 
 
 def begin(context: Context, settings: SecAggConfig, server_round: int,

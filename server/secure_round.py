@@ -126,7 +126,8 @@ class SecureRound:
             (``sign-updates``), or raises :class:`~fedlora.secagg.signing.SignatureRejected`.
         min_contributors
             Abort before unmasking when fewer masked inputs arrived (``dp-mode =
-            'distributed'``: a smaller sum would carry less noise than promised).
+            'distributed'``: a smaller sum would carry less noise than promised, and one
+            below ``min-accepted`` would be seen and then discarded).
         """
         out = SecureOutcome()
         by_id = {n.node_id: n for n in sampled}
@@ -168,9 +169,12 @@ class SecureRound:
             if len(requests) < min_contributors:  # no share asked for: the sum stays masked
                 raise SecAggAborted(
                     "masked-input", server_round,
-                    f"{len(requests)} masked input(s) arrived but dp-min-contributors is "
-                    f"{min_contributors}: the sum would carry less noise than dp-mode = "
-                    f"'distributed' promises, so it is not unmasked")
+                    f"{len(requests)} masked input(s) arrived, {min_contributors} needed "
+                    f"(dp-min-contributors, min-accepted): with fewer the sum would carry "
+                    f"less noise than dp-mode = 'distributed' promises, or be discarded after "
+                    f"it was seen, so it is not unmasked", reason="DP_TOO_FEW",
+                    hint="lower dp-min-contributors (each client then adds more noise) or "
+                         "min-accepted to tolerate more dropouts")
             responses = self._exchange(grid, server_round, UNMASK, {
                 node: unmask_request_record(request) for node, request in requests.items()
             }, read_unmask, out)

@@ -495,20 +495,24 @@ class FederatedLora:
                     msg.content["config"]["hetlora-rank"] = pad
                 template = secure_hetlora.prescale(template, 1, sampled[0].rank, pad,
                                                    self.glob.lora_alpha, self.glob.rslora)
-            contributors = 0
+            unmask_at_least = 0
             if self.dp.mode == "distributed":  # each client's share of the noise is 1/m
                 contributors = self.cfg.fl.dp_min_contributors or len(sampled)
+                privacy.check_secure_range(template, self.dp, contributors,
+                                           self.cfg.fl.secagg_clip_range)
                 for msg in messages:
                     msg.content["config"][privacy.CONTRIBUTORS_KEY] = contributors
+                unmask_at_least = max(contributors, self._needed(len(sampled)))
             outcome = self.secure.run(
                 grid, server_round, sampled, messages, template,
                 lambda metrics: self.check_metrics(metrics, server_round),
                 lambda content, node_id: self.verify_signature(content, node_id, server_round),
-                min_contributors=contributors)
+                min_contributors=unmask_at_least)
             for node in outcome.trained:
                 self.base_version[node.partition_id] = start_version
+            released = outcome.mean is not None  # seen by the server, adopted or not
             record = self._adopt_secure(outcome, sent, plan, server_round, start, bytes_down)
-            if not record.get("abandoned"):  # an abandoned round released nothing
+            if released:
                 self._account(record, len(sampled), len(nodes))
             return record
         replies = list(grid.send_and_receive(messages, timeout=self.cfg.fl.round_timeout))
@@ -577,8 +581,7 @@ class FederatedLora:
             record["clip_bound"] = clip_bound
         if errors:
             record["errors"] = errors[:5]
-        needed = max(self.cfg.fl.min_accepted,
-                     math.ceil(self.cfg.fl.min_accepted_fraction * len(sampled)))
+        needed = self._needed(len(sampled))
         if len(accepted) < needed:
             log(WARNING, "Round %d: %d accepted update(s), %d needed (min-accepted / "
                 "min-accepted-fraction): round abandoned, the global adapter is unchanged",
@@ -626,6 +629,11 @@ class FederatedLora:
         record["duration_s"] = time.perf_counter() - start
         return record
 
+    def _needed(self, sampled: int) -> int:
+        """Accepted updates a round of ``sampled`` nodes needs (min-accepted[-fraction])."""
+        return max(self.cfg.fl.min_accepted,
+                   math.ceil(self.cfg.fl.min_accepted_fraction * sampled))
+
     def _train_loss(self, metrics: list[Mapping[str, Any]], weights: list[int]
                     ) -> dict[str, float]:
         """``train_loss``: the example-weighted mean of the replies' losses, unless the clients
@@ -644,8 +652,7 @@ class FederatedLora:
         if self.accountant is None:
             self.accountant = privacy.Accountant(self.dp, population=population)
         self.accountant.record_round(sampled)
-        record["dp_epsilon"] = self.accountant.epsilon()
-        record["dp_delta"] = self.dp.delta
+        record.update(self.accountant.report())
 
     def records_to_average(self, accepted: list[Accepted]) -> list[ArrayRecord] | None:
         """The accepted replies' records when the round's aggregate is their weighted mean:
@@ -712,8 +719,7 @@ class FederatedLora:
         errors = ([outcome.aborted] if outcome.aborted else []) + outcome.errors
         if errors:
             record["errors"] = [_last_line(e) for e in errors[:5]]
-        needed = max(self.cfg.fl.min_accepted,
-                     math.ceil(self.cfg.fl.min_accepted_fraction * len(sent)))
+        needed = self._needed(len(sent))
         if mean is None or len(contributors) < needed:
             log(WARNING, "Round %d: %d update(s) in the secure sum, %d needed (min-accepted / "
                 "min-accepted-fraction / secure aggregation threshold): round abandoned, the "

@@ -16,9 +16,9 @@ from fedlora import config, privacy
 from fedlora.errors import ConfigError
 from fedlora.evaluator import ServerModel
 from fedlora.privacy import Accountant, DPSpec, noise_std, privatize
-from fedlora.secure_client import check_fits
 from fedlora.secure_wire import UNMASK
 from tests.fl_harness import tiny_config
+from tests.test_privacy import classic_rdp_epsilon
 from tests.test_secure_rounds import NODES, ONE_ROUND, fails_at, run
 
 CLIP, SIGMA = 0.1, 0.5
@@ -44,33 +44,59 @@ def test_each_client_adds_its_share_of_the_noise():
     assert np.std(total) == pytest.approx(1.0, rel=0.01)
 
 
-def test_distributed_and_central_dp_report_the_same_epsilon():
-    central, distributed = (Accountant(DPSpec(mode, 1.0, 1.1), population=100)
+def test_epsilon_against_the_server_is_not_amplified_by_its_own_sample():
+    """The server draws the sample, so against it a distributed run spends the plain
+    Gaussian's ε every round (sensitivity 2C: multiplier σ/2, hand-computed RDP bound); the
+    published adapters alone, without the sample, get central mode's amplified ε."""
+    central, distributed = (Accountant(DPSpec(mode, 1.0, 2.0), population=100)
                             for mode in ("central", "distributed"))
     for accountant in (central, distributed):
         for _ in range(5):
             accountant.record_round(10)
-    assert distributed.epsilon() == central.epsilon() > 0
+    reference = classic_rdp_epsilon(2.0 / 2, 5, 1e-5)
+    assert 0.7 * reference <= distributed.epsilon() <= reference * 1.001
+    report = distributed.report()
+    assert report["dp_epsilon"] == distributed.epsilon()
+    assert report["dp_epsilon_released"] == central.epsilon() < report["dp_epsilon"] / 2
+    assert "dp_epsilon_released" not in central.report()
 
 
-def test_the_unmasked_mean_carries_sigma_c_over_m_of_noise():
-    """Training is seeded and the noise is not, so two runs that differ only in σ give the
-    same clipped updates: their global B differs by the mean of 3 clients' noise shares,
-    N(0, (σC/√3)²/3) per coordinate, i.e. std σC/3."""
-    records, noisy, *_ = run(dp_config(sigma=SIGMA))
-    quiet_records, quiet, *_ = run(dp_config(sigma=1e-9))
-    assert records[1]["num_accepted"] == quiet_records[1]["num_accepted"] == NODES
+def noise_of_the_mean(fail=None, **extra) -> tuple[np.ndarray, list[dict], object]:
+    """Global B (and heads) of a run with σ minus that of the same run with σ ≈ 0.
+
+    Training is seeded and the noise is not, so both runs clip the same updates; the
+    difference is the mean of the contributors' noise shares."""
+    records, noisy, *_ = run(dp_config(sigma=SIGMA, **extra), fail=fail)
+    _, quiet, *_ = run(dp_config(sigma=1e-9, **extra), fail=fail)
     diff = np.concatenate([(noisy.arrays_for(8)[k] - quiet.arrays_for(8)[k]).ravel()
                            for k in quiet.arrays_for(8) if "lora_A" not in k])
     assert diff.size > 5_000
+    return diff, records, noisy
+
+
+def test_the_unmasked_mean_carries_sigma_c_over_m_of_noise():
+    """3 of 3 contribute, each N(0, (σC)²/3): the mean's noise has std σC/3."""
+    diff, records, noisy = noise_of_the_mean()
+    assert records[1]["num_accepted"] == NODES
     assert np.std(diff) == pytest.approx(SIGMA * CLIP / NODES, rel=0.06)
     assert abs(np.mean(diff)) < 4 * SIGMA * CLIP / NODES / np.sqrt(diff.size)
     initial = ServerModel(config.from_flat(dp_config()), 64).initial_global().arrays_for(8)
     for key, value in noisy.arrays_for(8).items():  # FFA: the frozen A gets no noise
         if "lora_A" in key:
             assert np.array_equal(value, initial[key]), key
-    assert records[1]["dp_epsilon"] > 0 and records[1]["dp_delta"] == 1e-5
+    # every node sampled: the sample hides nothing, both adversaries get the same ε
+    assert records[1]["dp_epsilon"] == records[1]["dp_epsilon_released"] > 0
+    assert records[1]["dp_delta"] == 1e-5
     assert records[1]["secagg_error_bound"] < 1e-7  # weight 1: the fine fixed-point step
+
+
+def test_with_a_dropout_the_survivors_still_carry_the_whole_noise():
+    """dp-min-contributors = 2 and one of 3 drops at the masked input: each client added
+    N(0, (σC)²/2), so the sum of the 2 survivors carries (σC)² and their mean std σC/2 — not
+    the σC/(2√1.5) it would be had the server sized the shares for 3."""
+    diff, records, _ = noise_of_the_mean(fail=fails_at(2, 1), dp_min_contributors=2)
+    assert records[1]["num_accepted"] == 2 and not records[1].get("abandoned")
+    assert np.std(diff) == pytest.approx(SIGMA * CLIP / 2, rel=0.06)
 
 
 def test_a_sum_of_fewer_than_dp_min_contributors_is_never_unmasked():
@@ -78,7 +104,8 @@ def test_a_sum_of_fewer_than_dp_min_contributors_is_never_unmasked():
     records, glob, grid, error = run(dp_config(), fail=fails_at(2, 1),
                                      on_reply=lambda r: asked.append(r.metadata.message_type))
     record = records[1]
-    assert record["abandoned"] and "dp-min-contributors is 3" in record["errors"][0]
+    assert record["abandoned"] and "2 masked input(s) arrived, 3 needed" in \
+        record["errors"][0]
     assert UNMASK not in asked  # no share requested: the masked sum stays masked
     assert "dp_epsilon" not in record  # nothing released, nothing spent
     initial = ServerModel(config.from_flat(dp_config()), 64).initial_global().arrays_for(8)
@@ -87,10 +114,14 @@ def test_a_sum_of_fewer_than_dp_min_contributors_is_never_unmasked():
     assert error is not None
 
 
-def test_a_lower_dp_min_contributors_tolerates_a_dropout():
-    records, *_ = run(dp_config(dp_min_contributors=2), fail=fails_at(2, 1))
-    assert records[1]["num_accepted"] == 2 and not records[1].get("abandoned")
-    assert records[1]["dp_epsilon"] > 0
+def test_a_sum_below_min_accepted_is_not_unmasked_either():
+    """Unmasked and then abandoned, a sum would be seen without being accounted for."""
+    asked: list[str] = []
+    records, *_ = run(dp_config(dp_min_contributors=2, min_accepted=3), fail=fails_at(2, 1),
+                      on_reply=lambda r: asked.append(r.metadata.message_type))
+    assert records[1]["abandoned"] and "[DP_TOO_FEW]" in records[1]["errors"][0]
+    assert "lower dp-min-contributors" in records[1]["errors"][0]
+    assert UNMASK not in asked and "dp_epsilon" not in records[1]
 
 
 def test_local_dp_runs_under_secure_aggregation():
@@ -119,18 +150,37 @@ def test_distributed_dp_refuses_data_size_sampling_and_negative_contributors():
         config.from_flat(dp_config(dp_min_contributors=-1))
 
 
-def test_a_node_does_not_upload_what_the_codec_would_clip():
-    check_fits({"b": np.array([0.5, -7.9], np.float32)}, clip_range=8.0)
-    with pytest.raises(ConfigError, match="outside secagg-clip-range 8"):
-        check_fits({"b": np.array([0.5, -8.5], np.float32)}, clip_range=8.0)
+def test_the_clip_range_check_uses_only_public_values():
+    received = {"b": np.array([0.5, -2.0], np.float32)}
+    spec = DPSpec("distributed", clip_norm=1.0, noise_multiplier=1.0)
+    privacy.check_secure_range(received, spec, 4, clip_range=7.6)  # 2 + 1 + 9 × 0.5 = 7.5
+    with pytest.raises(ConfigError, match="raise secagg-clip-range to at least 7.5"):
+        privacy.check_secure_range(received, spec, 4, clip_range=7.4)
 
 
-def test_a_node_does_not_guess_its_share_of_the_noise():
+def test_a_clip_range_too_small_for_the_noise_stops_the_run_before_any_upload():
+    asked: list[str] = []
+    with pytest.raises(ConfigError, match="secagg-clip-range 0.1 is too small"):
+        run(dp_config(secagg_clip_range=0.1),
+            on_reply=lambda r: asked.append(r.metadata.message_type))
+    assert "train" not in asked
+
+
+def test_a_node_does_not_guess_or_shrink_its_share_of_the_noise():
     spec = DPSpec("distributed", 1.0, 1.0)
-    assert _dp_contributors(spec, {privacy.CONTRIBUTORS_KEY: 4}) == 4
-    assert _dp_contributors(DPSpec("local", 1.0, 1.0), {}) == 1
-    with pytest.raises(ConfigError, match="refuses to upload"):
-        _dp_contributors(spec, {})
+    cfg = config.from_flat(dp_config(dp_min_contributors=4))
+    assert _dp_contributors(cfg, spec, {privacy.CONTRIBUTORS_KEY: 4}) == 4
+    assert _dp_contributors(cfg, spec, {privacy.CONTRIBUTORS_KEY: 2}) == 2  # more noise: fine
+    assert _dp_contributors(cfg, DPSpec("local", 1.0, 1.0), {}) == 1
+    with pytest.raises(ConfigError, match="refuses to upload an update"):
+        _dp_contributors(cfg, spec, {})
+    with pytest.raises(ConfigError, match="allows at most 4 contributors"):
+        _dp_contributors(cfg, spec, {privacy.CONTRIBUTORS_KEY: 40})
+
+
+def test_dp_needs_a_checkpoint_every_round():
+    with pytest.raises(ConfigError, match="needs checkpoint-every = 1"):
+        config.from_flat(dp_config(checkpoint_every=2))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -163,6 +213,7 @@ def test_with_an_untrusted_server_only_the_noisy_update_says_anything_about_trai
     for metrics in metrics_sent:
         assert metrics["train-loss"] == 0.0
         assert "dp-norm" not in metrics and "dp-clip-factor" not in metrics
+        assert not set(privacy.TIMINGS) & set(metrics)
     assert "train_loss" not in records[1] and records[1]["num_accepted"] == NODES
 
 

@@ -106,13 +106,13 @@ def test_accountant_matches_the_gaussian_rdp_bound_without_sampling():
     acc = Accountant(DPSpec("local", 1.0, 2.0, 1e-5), population=3)
     for _ in range(5):
         acc.record_round(3)
-    reference = classic_rdp_epsilon(2.0, 5, 1e-5)
+    reference = classic_rdp_epsilon(2.0 / 2, 5, 1e-5)  # sensitivity 2C: multiplier σ/2
     assert 0.7 * reference <= acc.epsilon() <= reference * 1.001
 
 
 def test_epsilon_grows_with_rounds_and_sampling_amplifies_privacy():
-    full = Accountant(DPSpec("central", 1.0, 1.0, 1e-5), population=100)
-    sampled = Accountant(DPSpec("central", 1.0, 1.0, 1e-5), population=100)
+    full = Accountant(DPSpec("central", 1.0, 2.0, 1e-5), population=100)
+    sampled = Accountant(DPSpec("central", 1.0, 2.0, 1e-5), population=100)
     eps = []
     for _ in range(4):
         full.record_round(100)

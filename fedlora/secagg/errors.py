@@ -63,13 +63,17 @@ class SecAggAborted(SecAggError, RuntimeError):
         What was missing or wrong.
     reason
         ``"BELOW_THRESHOLD"`` (too few clients left, the usual case) or
-        ``"CORRUPT_SHARES"`` (shares that do not reconstruct a valid secret).
+        ``"CORRUPT_SHARES"`` (shares that do not reconstruct a valid secret), or the
+        caller's own code.
+    hint
+        What to change; by default the one that fits ``reason``.
     """
 
     def __init__(
-        self, stage: str, server_round: int, message: str, reason: str = "BELOW_THRESHOLD"
+        self, stage: str, server_round: int, message: str, reason: str = "BELOW_THRESHOLD",
+        hint: str | None = None,
     ) -> None:
-        hint = (
+        hint = hint or (
             "sample more clients, raise `neighbours` or lower `threshold` to tolerate more dropouts"
             if reason == "BELOW_THRESHOLD"
             else "find the client(s) that sent bad shares before the next round"
