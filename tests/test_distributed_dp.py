@@ -114,6 +114,20 @@ def test_a_sum_of_fewer_than_dp_min_contributors_is_never_unmasked():
     assert error is not None
 
 
+def test_clip_update_norm_acts_before_the_noise_not_on_it():
+    """A tiny clip-update-norm shrinks the update; scaling the noisy upload instead would
+    shrink the noise too."""
+    diff, records, _ = noise_of_the_mean(clip_update_norm=1e-6)
+    assert records[1]["num_accepted"] == NODES
+    assert np.std(diff) == pytest.approx(SIGMA * CLIP / NODES, rel=0.06)
+
+
+def test_a_dropout_at_the_unmask_stage_keeps_every_input_and_is_accounted():
+    records, *_ = run(dp_config(), fail=fails_at(3, 1))
+    assert records[1]["num_accepted"] == NODES and records[1]["dp_epsilon"] > 0
+    assert records[1]["secagg_dropped"]["unmask"] == 1
+
+
 def test_a_sum_below_min_accepted_is_not_unmasked_either():
     """Unmasked and then abandoned, a sum would be seen without being accounted for."""
     asked: list[str] = []
