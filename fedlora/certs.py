@@ -187,13 +187,7 @@ def generate(directory: str | Path, hosts: Sequence[str] = (), nodes: int = 2,
     _write(creds.server_key, _pem_key(server_key), private=True)
     _write(creds.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
     for key_path, pub_path in zip(creds.node_keys, creds.node_public_keys, strict=True):
-        key = ec.generate_private_key(CURVE())
-        _write(key_path, key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()), private=True)
-        _write(pub_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                       serialization.PublicFormat.OpenSSH)
-               + f" {key_path.stem}\n".encode())
+        _write_openssh_pair(ec.generate_private_key(CURVE()), key_path, pub_path)
     _write_signing_keys(creds)
     return creds
 
@@ -214,13 +208,18 @@ def generate_signing_keys(directory: str | Path, nodes: int, force: bool = False
 
 def _write_signing_keys(creds: Credentials) -> None:
     for key_path, pub_path in zip(creds.signing_keys, creds.signing_public_keys, strict=True):
-        key = Ed25519PrivateKey.generate()
-        _write(key_path, key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()), private=True)
-        _write(pub_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                       serialization.PublicFormat.OpenSSH)
-               + f" {key_path.stem}\n".encode())
+        _write_openssh_pair(Ed25519PrivateKey.generate(), key_path, pub_path)
+
+
+def _write_openssh_pair(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey, key_path: Path,
+                        pub_path: Path) -> None:
+    """``key`` in OpenSSH format (private, 0600) and its public key, commented with the name."""
+    _write(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()), private=True)
+    _write(pub_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                   serialization.PublicFormat.OpenSSH)
+           + f" {key_path.stem}\n".encode())
 
 
 def subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:

@@ -602,21 +602,13 @@ class FederatedLora:
             result, heads, _ = self._adopt_mean(mean, sent[node.node_id], node, sum(weights),
                                                 plan, server_round)
         else:
-            result = aggregate(self.cfg.fl.strategy, updates, lora_alpha=self.glob.lora_alpha,
-                               rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
-                               seed=self.cfg.fl.seed * 100_003 + server_round, **plan.options)
+            result = self._aggregate(updates, plan, server_round)
             heads = aggregate_heads([item.heads for item in accepted], weights)
         diagnostics = result.diagnostics(updates)
         self.glob.apply(result, heads, self.optimizer, rank=node.rank)
         record["aggregate_s"] = time.perf_counter() - aggregating
-        record.update(client_timings([item.metrics for item in accepted]))
-        record.update(self._train_loss([item.metrics for item in accepted], weights))
-        metrics = [item.metrics for item in accepted]
+        record.update(self._client_summary([item.metrics for item in accepted], weights))
         record.update({
-            "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for m in metrics),
-            "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0)) for m in metrics),
-            "client_cpu_s": sum(float(m.get("train-cpu-s", 0.0)) for m in metrics),
-            "num_examples": int(sum(m["num-examples"] for m in metrics)),
             "agg_error": diagnostics["agg_error"],
             "agg_error_mean": diagnostics["agg_error_mean"],
             "agg_error_max": diagnostics["agg_error_max"],
@@ -634,15 +626,22 @@ class FederatedLora:
         return max(self.cfg.fl.min_accepted,
                    math.ceil(self.cfg.fl.min_accepted_fraction * sampled))
 
-    def _train_loss(self, metrics: list[Mapping[str, Any]], weights: list[int]
-                    ) -> dict[str, float]:
-        """``train_loss``: the example-weighted mean of the replies' losses, unless the clients
-        withheld them (DP with an untrusted server)."""
-        if self.dp.mode in privacy.UNTRUSTED_SERVER:
-            return {}
-        total = float(sum(weights))
-        return {"train_loss": sum(float(m["train-loss"]) * w
-                                  for m, w in zip(metrics, weights, strict=True)) / total}
+    def _client_summary(self, metrics: list[Mapping[str, Any]], weights: list[int]
+                        ) -> dict[str, float]:
+        """What the contributors' metrics say about a round: timings, memory, CPU, examples
+        and ``train_loss`` (mean weighted by ``weights``, unless the clients withheld their
+        losses: DP with an untrusted server)."""
+        out: dict[str, float] = client_timings(metrics)
+        if self.dp.mode not in privacy.UNTRUSTED_SERVER:
+            out["train_loss"] = sum(float(m["train-loss"]) * w for m, w in
+                                    zip(metrics, weights, strict=True)) / float(sum(weights))
+        out.update({
+            "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for m in metrics),
+            "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0)) for m in metrics),
+            "client_cpu_s": sum(float(m.get("train-cpu-s", 0.0)) for m in metrics),
+            "num_examples": int(sum(m["num-examples"] for m in metrics)),
+        })
+        return out
 
     def _account(self, record: dict[str, Any], sampled: int, population: int) -> None:
         """With DP: one more Gaussian release of ``sampled`` of ``population`` clients; the
@@ -691,10 +690,14 @@ class FederatedLora:
         scale = scale_for_rank(rank, self.glob.lora_alpha, self.glob.rslora)
         factors, heads = split_arrays({**sent, **mean}, scale)
         update = ClientUpdate(factors=factors, num_examples=weight)
-        result = aggregate(self.cfg.fl.strategy, [update], lora_alpha=self.glob.lora_alpha,
-                           rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
-                           seed=self.cfg.fl.seed * 100_003 + server_round, **plan.options)
-        return result, heads, update
+        return self._aggregate([update], plan, server_round), heads, update
+
+    def _aggregate(self, updates: list[ClientUpdate], plan: RoundPlan, server_round: int
+                   ) -> AggregationResult:
+        """The round's rule over ``updates`` (its randomness seeded by run seed and round)."""
+        return aggregate(self.cfg.fl.strategy, updates, lora_alpha=self.glob.lora_alpha,
+                         rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
+                         seed=self.cfg.fl.seed * 100_003 + server_round, **plan.options)
 
     def _adopt_secure(self, outcome: SecureOutcome, sent: Mapping[int, Mapping[str, np.ndarray]],
                       plan: RoundPlan, server_round: int, start: float, bytes_down: int
@@ -737,15 +740,8 @@ class FederatedLora:
                                                  sum(weights), plan, server_round)
         self.glob.apply(result, heads, self.optimizer, rank=node.rank)
         record["aggregate_s"] = time.perf_counter() - aggregating
-        record.update(client_timings([m for _, m in contributors]))
-        record.update(self._train_loss([m for _, m in contributors], weights))
-        total = float(sum(weights))
+        record.update(self._client_summary([m for _, m in contributors], weights))
         record.update({
-            "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for _, m in contributors),
-            "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0))
-                                          for _, m in contributors),
-            "client_cpu_s": sum(float(m.get("train-cpu-s", 0.0)) for _, m in contributors),
-            "num_examples": int(total),
             "effective_rank_mean": result.diagnostics([update])["effective_rank_mean"],
             "base_version": self.glob.version,
             "secagg_error_bound": error_bound,
