@@ -75,13 +75,12 @@ def _check_range(key: str, exact: np.ndarray, wire: np.ndarray, dtype: str) -> N
 
 
 def bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 → bfloat16 bit patterns (uint16), rounded to nearest, ties to even.
+    """float32 → bfloat16 bit patterns (uint16): torch's conversion (round to nearest, ties to
+    even; overflow to ±inf; NaN stays NaN)."""
+    import torch  # numpy has no bfloat16
 
-    Overflow rounds to ±inf as in torch; a NaN stays a (quiet) NaN with its sign.
-    """
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16  # only NaN patterns wrap around
-    return np.where(np.isnan(x), (bits >> 16) | 0x0040, rounded).astype(np.uint16)
+    value = torch.from_numpy(np.array(x, dtype=np.float32)).to(torch.bfloat16)
+    return value.view(torch.int16).numpy().view(np.uint16)
 
 
 def bfloat16_values(bits: np.ndarray) -> np.ndarray:
