@@ -200,12 +200,12 @@ def _adapter_tensors(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_sigkilled_run_resumes_bit_identically(tmp_path):
-    """Kill `fedlora run` with SIGKILL after round 2 is logged, resume with --resume: the
+    """Kill `fedlora run` with SIGKILL once round 2 is logged, resume with --resume: the
     final adapter equals, bit for bit, that of the same run left alone."""
     tiny = ("strategy=fedit server-optimizer=fedadam model.num-hidden-layers=1 "
             "data.samples-per-client=16 data.eval-samples=32 data.max-length=32 "
             "train.local-steps=2 train.batch-size=8")
-    args = ["--num-clients", "2", "--rounds", "4", "-c", tiny]
+    args = ["--num-clients", "2", "--rounds", "5", "-c", tiny]
     straight = tmp_path / "straight"
     res = fedlora_cli("run", "--out", str(straight), *args)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -216,10 +216,13 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not any(
             r["round"] >= 2 for r in read_metrics(out)):
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.kill()
     proc.wait(30)
     assert not (out / "adapter").exists(), "the run finished before it could be interrupted"
+    # rounds are short: one more may have finished between the poll and the kill
+    logged = max(r["round"] for r in read_metrics(out))
+    assert 2 <= logged < 5
     deadline = time.monotonic() + 30
     while our_processes(str(out)) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -228,9 +231,10 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming" in res.stderr
     records = read_metrics(out)
-    assert [r["round"] for r in records] == [0, 1, 2, 3, 4]  # no round lost or duplicated
+    assert [r["round"] for r in records] == [0, 1, 2, 3, 4, 5]  # no round lost or duplicated
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_after"] in (1, 2)  # at most the round in flight is lost
+    # a round is logged, then checkpointed: at most the round being checkpointed is lost
+    assert summary["resumed_after"] in (logged - 1, logged)
     want, got = _adapter_tensors(straight), _adapter_tensors(out)
     assert want.keys() == got.keys()
     for key in want:
