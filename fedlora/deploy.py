@@ -70,6 +70,7 @@ from fedlora.launcher import (
     free_port,
     json_tail,
     run_logs,
+    submit_run,
     write_connection,
 )
 from fedlora.outputs import read_metrics
@@ -537,23 +538,12 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
         _wait_online(specs, node_procs, link, link_log, env, cwd, startup_timeout, poll_s)
         _write_deployment(out, link_port, tls, auth, creds, specs, node_ids)
         (out / "summary.json").unlink(missing_ok=True)  # written when the run completes
-        run_id = _submit(run_config, env, cwd)
+        run_id = submit_run(run_config, env, cwd)
         (out / "flwr-run-id").write_text(str(run_id))
         return _follow(run_id, out, flat, specs, node_procs, link, link_log, env, cwd,
                        on_round, warn, poll_s)
     finally:
         processes.stop()
-
-
-def _submit(run_config: Path, env: Mapping[str, str], cwd: Path) -> int:
-    submitted = flwr_cli(["run", ".", CONNECTION, "--run-config", str(run_config),
-                       "--format", "json"], env, cwd)
-    if submitted.returncode != 0:
-        raise RunFailed(f"flwr run failed: {(submitted.stdout + submitted.stderr)[-2000:]}")
-    payload = json_tail(submitted.stdout)
-    if "run-id" not in payload:
-        raise RunFailed(f"flwr run was refused: {payload.get('error-message', payload)}")
-    return int(payload["run-id"])
 
 
 def _follow(run_id: int, out: Path, flat: Mapping[str, Any], specs: Sequence[NodeSpec],

@@ -190,6 +190,18 @@ def json_tail(text: str) -> Any:
     return json.loads(text[start:])
 
 
+def submit_run(run_config: Path, env: Mapping[str, str], cwd: Path, *extra: str) -> int:
+    """Submit the app in ``cwd`` with ``flwr run`` (``extra``: more flags); return the run id."""
+    submitted = flwr_cli(["run", ".", CONNECTION, "--run-config", str(run_config), *extra,
+                          "--format", "json"], env, cwd)
+    if submitted.returncode != 0:
+        raise RunFailed(f"flwr run failed: {(submitted.stdout + submitted.stderr)[-2000:]}")
+    payload = json_tail(submitted.stdout)
+    if "run-id" not in payload:
+        raise RunFailed(f"flwr run was refused: {payload.get('error-message', payload)}")
+    return int(payload["run-id"])
+
+
 def run_status(run_id: int, env: Mapping[str, str], cwd: Path,
                connection: str = CONNECTION) -> str:
     res = flwr_cli(["ls", connection, "--run-id", str(run_id), "--format", "json"], env, cwd)
@@ -247,15 +259,8 @@ def run_simulation(run_config_file: Path, output_dir: Path, num_supernodes: int,
     try:
         write_connection(home, link.port)
         (output_dir / "summary.json").unlink(missing_ok=True)  # written when the run completes
-        submitted = flwr_cli(["run", ".", CONNECTION, "--run-config", str(run_config_file),
-                              "--federation-config", placement.federation_config(num_supernodes),
-                              "--format", "json"], env, cwd)
-        if submitted.returncode != 0:
-            raise RunFailed(f"flwr run failed: {(submitted.stdout + submitted.stderr)[-2000:]}")
-        payload = json_tail(submitted.stdout)
-        if "run-id" not in payload:
-            raise RunFailed(f"flwr run was refused: {payload.get('error-message', payload)}")
-        run_id = int(payload["run-id"])
+        run_id = submit_run(run_config_file, env, cwd, "--federation-config",
+                            placement.federation_config(num_supernodes))
         (output_dir / "flwr-run-id").write_text(str(run_id))
         records: list[dict[str, Any]] = []
 
