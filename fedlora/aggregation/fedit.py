@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedlora.aggregation.context import RoundContext
-from fedlora.aggregation.factors import ClientUpdate
+from fedlora.aggregation.factors import ClientUpdate, LoraFactors
 from fedlora.aggregation.registry import register
 from fedlora.aggregation.result import AggregationResult, same_rank_result
 from fedlora.aggregation.weighting import mean_factors
@@ -26,9 +26,16 @@ from fedlora.aggregation.weighting import mean_factors
 @register("fedit", equal_ranks=True, exact=False, linear=True, modifies_base=False)
 def fedit(updates: Sequence[ClientUpdate], context: RoundContext) -> AggregationResult:
     """Average A and B separately (see module docstring)."""
+    return same_rank_result("fedit", factorwise_mean(updates, context), context)
+
+
+def factorwise_mean(
+    updates: Sequence[ClientUpdate], context: RoundContext
+) -> dict[str, LoraFactors]:
+    """``(Ā, B̄, s_g)`` per module: the weighted mean of each factor at the global scale."""
     global_factors = {}
     for module in context.modules:
         factors = context.factors_of(updates, module)
         mean = mean_factors(factors, context.weights, context.scale(factors[0].rank))
         global_factors[module] = mean.astype(context.dtype)
-    return same_rank_result("fedit", global_factors, context)
+    return global_factors

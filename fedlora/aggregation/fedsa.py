@@ -20,17 +20,12 @@ from collections.abc import Sequence
 
 from fedlora.aggregation.context import RoundContext
 from fedlora.aggregation.factors import ClientUpdate
+from fedlora.aggregation.fedit import factorwise_mean
 from fedlora.aggregation.registry import register
 from fedlora.aggregation.result import AggregationResult, same_rank_result
-from fedlora.aggregation.weighting import mean_factors
 
 
 @register("fedsa", equal_ranks=True, exact=False, linear=True, modifies_base=False)
 def fedsa(updates: Sequence[ClientUpdate], context: RoundContext) -> AggregationResult:
     """Shared mean A, reference mean B (see module docstring)."""
-    global_factors = {}
-    for module in context.modules:
-        factors = context.factors_of(updates, module)
-        mean = mean_factors(factors, context.weights, context.scale(factors[0].rank))
-        global_factors[module] = mean.astype(context.dtype)
-    return same_rank_result("fedsa", global_factors, context)
+    return same_rank_result("fedsa", factorwise_mean(updates, context), context)

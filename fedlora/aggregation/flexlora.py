@@ -29,8 +29,7 @@ from fedlora.aggregation.context import RoundContext
 from fedlora.aggregation.factors import ClientUpdate, LoraFactors
 from fedlora.aggregation.linalg import factored_svd, stack_factors
 from fedlora.aggregation.registry import register
-from fedlora.aggregation.result import AggregationResult
-from fedlora.aggregation.views import PrefixView
+from fedlora.aggregation.result import AggregationResult, prefix_result
 
 
 @register("flexlora", equal_ranks=False, exact=True, linear=False, modifies_base=False)
@@ -44,18 +43,4 @@ def flexlora(updates: Sequence[ClientUpdate], context: RoundContext) -> Aggregat
         global_factors[module] = LoraFactors(
             a=root[:, None] * vt, b=u * root[None, :], scale=1.0
         ).astype(context.dtype)
-    return AggregationResult(
-        strategy="flexlora",
-        global_factors=global_factors,
-        base_correction={},
-        lora_alpha=context.lora_alpha,
-        rslora=context.rslora,
-        client_view=PrefixView(
-            factors=global_factors,
-            lora_alpha=context.lora_alpha,
-            rslora=context.rslora,
-            split="balanced",
-            fixed_rank=False,
-            strategy="flexlora",
-        ),
-    )
+    return prefix_result("flexlora", global_factors, context, split="balanced", fixed_rank=False)

@@ -30,8 +30,7 @@ from fedlora.aggregation.context import RoundContext
 from fedlora.aggregation.factors import ClientUpdate, LoraFactors
 from fedlora.aggregation.linalg import factored_frobenius_norm
 from fedlora.aggregation.registry import register
-from fedlora.aggregation.result import AggregationResult
-from fedlora.aggregation.views import PrefixView
+from fedlora.aggregation.result import AggregationResult, prefix_result
 
 
 @register("hetlora", equal_ranks=False, exact=False, linear=False, modifies_base=False)
@@ -71,18 +70,4 @@ def hetlora(
             a[: f.rank] += w * f.a.astype(np.float64)
             b[:, : f.rank] += (w * f.scale / scale) * f.b.astype(np.float64)
         global_factors[module] = LoraFactors(a=a, b=b, scale=scale).astype(context.dtype)
-    return AggregationResult(
-        strategy="hetlora",
-        global_factors=global_factors,
-        base_correction={},
-        lora_alpha=context.lora_alpha,
-        rslora=context.rslora,
-        client_view=PrefixView(
-            factors=global_factors,
-            lora_alpha=context.lora_alpha,
-            rslora=context.rslora,
-            split="b",
-            fixed_rank=False,
-            strategy="hetlora",
-        ),
-    )
+    return prefix_result("hetlora", global_factors, context, split="b", fixed_rank=False)

@@ -116,6 +116,48 @@ class AggregationResult:
         return round_diagnostics(updates, self)
 
 
+def prefix_result(
+    strategy: str,
+    global_factors: Mapping[str, LoraFactors],
+    context: RoundContext,
+    *,
+    split: str = "b",
+    fixed_rank: bool = True,
+    base_correction: Mapping[str, LoraFactors] | None = None,
+) -> AggregationResult:
+    """Result whose clients receive (a rank-r prefix of) the global factors.
+
+    Parameters
+    ----------
+    strategy
+        Rule name.
+    global_factors
+        New global adapter at the global scale.
+    context
+        The round's context.
+    split, fixed_rank
+        How the :class:`~fedlora.aggregation.views.PrefixView` folds the scale into a
+        client's factors, and whether it refuses any rank other than the global one.
+    base_correction
+        Optional factors to merge into the frozen base.
+    """
+    return AggregationResult(
+        strategy=strategy,
+        global_factors=global_factors,
+        base_correction=base_correction or {},
+        lora_alpha=context.lora_alpha,
+        rslora=context.rslora,
+        client_view=PrefixView(
+            factors=global_factors,
+            lora_alpha=context.lora_alpha,
+            rslora=context.rslora,
+            split=split,
+            fixed_rank=fixed_rank,
+            strategy=strategy,
+        ),
+    )
+
+
 def same_rank_result(
     strategy: str,
     global_factors: Mapping[str, LoraFactors],
@@ -141,18 +183,4 @@ def same_rank_result(
         With a :class:`~fedlora.aggregation.views.PrefixView` that refuses
         any rank other than the global one.
     """
-    return AggregationResult(
-        strategy=strategy,
-        global_factors=global_factors,
-        base_correction=base_correction or {},
-        lora_alpha=context.lora_alpha,
-        rslora=context.rslora,
-        client_view=PrefixView(
-            factors=global_factors,
-            lora_alpha=context.lora_alpha,
-            rslora=context.rslora,
-            split="b",
-            fixed_rank=True,
-            strategy=strategy,
-        ),
-    )
+    return prefix_result(strategy, global_factors, context, base_correction=base_correction)
