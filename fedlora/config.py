@@ -167,11 +167,6 @@ class FederationConfig:
                               "sampling; with sampling = 'data-size' that analysis does not "
                               "hold. Use sampling = 'uniform' or dp-mode = 'local'")
         _positive("dp-min-contributors", self.dp_min_contributors, zero_ok=True)
-        if self.dp_mode != "off" and self.checkpoint_every > 1:
-            raise ConfigError(f"dp-mode {self.dp_mode!r} needs checkpoint-every = 1 (or 0): a "
-                              f"resumed run repeats the rounds after its last checkpoint with "
-                              f"fresh noise on the same clipped updates, a release the "
-                              f"accountant would not count; got {self.checkpoint_every}")
         if not 0 <= self.fraction_evaluate <= 1:
             raise ConfigError(f"fraction-evaluate must be in [0, 1]; got {self.fraction_evaluate}")
         _positive("server-lr", self.server_lr, zero_ok=True)

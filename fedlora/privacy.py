@@ -38,10 +38,13 @@ factor, and the aggregate of B is exact (Sun et al. 2024).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -280,3 +283,57 @@ class Accountant:
 
     def load(self, state: list[list[int]]) -> None:
         self.events = [(int(s), int(c)) for s, c in state]
+
+
+RELEASES = "dp-releases.jsonl"  # in the checkpoint directory
+
+
+class ReleaseLog:
+    """Append-only record of the DP rounds that may release an aggregate.
+
+    One line per round attempt — ``{"round", "sample", "population"}`` — written and fsync'ed
+    *before* the round's messages leave the server, so it survives a crash at any later
+    moment. A resume restores the accountant of its checkpoint and then counts every attempt
+    the log holds after that checkpoint's round (:meth:`after`): rounds that ran (or may have
+    run) after the checkpoint and are now repeated with fresh noise on the same clipped
+    updates are charged once per attempt, never dropped. Conservative: an attempt that
+    released nothing (a round abandoned before its aggregate was formed) is charged on resume
+    as if it had.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def reset(self) -> None:
+        """A fresh run: earlier runs' attempts in the same directory are not this run's."""
+        self.path.unlink(missing_ok=True)
+
+    def append(self, server_round: int, sample: int, population: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"round": server_round, "sample": sample, "population": population})
+        with self.path.open("a+", encoding="utf-8") as fh:
+            if fh.tell() and not self._ends_with_newline():  # after a torn line
+                line = "\n" + line
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _ends_with_newline(self) -> bool:
+        with self.path.open("rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
+
+    def after(self, server_round: int) -> list[dict[str, int]]:
+        """The attempts of rounds after ``server_round``, oldest first (a line torn by a
+        crash in mid-write is an attempt whose messages never left: skipped)."""
+        if not self.path.exists():
+            return []
+        attempts = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if int(entry["round"]) > server_round:
+                attempts.append({k: int(entry[k]) for k in ("round", "sample", "population")})
+        return attempts

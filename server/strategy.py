@@ -175,6 +175,7 @@ class FederatedLora:
         self._round_norms: list[float] = []
         self.dp = privacy.check_config(cfg)
         self.accountant: privacy.Accountant | None = None
+        self.releases: privacy.ReleaseLog | None = None  # with DP and checkpoints
         # the registered signing keys (None: trust each node's announced key on first use)
         self.registered = (signed_wire.registered_keys(cfg.fl.signing_keys)
                            if cfg.fl.signing_keys else None)
@@ -391,6 +392,10 @@ class FederatedLora:
         """Rounds ``start_round``..``num-server-rounds`` (round 0 = evaluate the initial
         adapter when starting fresh); a checkpoint after every ``checkpoint-every`` rounds."""
         started = time.perf_counter()
+        if self.dp.enabled and checkpoint_dir is not None:
+            self.releases = privacy.ReleaseLog(checkpoint_dir / privacy.RELEASES)
+            if start_round == 1:
+                self.releases.reset()
         nodes = self.discover(grid)
         discovery = {"num_nodes": len(nodes), "discover_s": time.perf_counter() - started}
         log(INFO, "fedlora: %d nodes (nodes per rank %s), %d sampled per round (%s), "
@@ -470,7 +475,22 @@ class FederatedLora:
         if "dp_events" in ck.state:
             self.accountant = privacy.Accountant(self.dp, int(ck.state["dp_population"]))
             self.accountant.load(ck.state["dp_events"])
+        if self.dp.enabled:
+            self._charge_lost_releases(ck)
         self.base_version = {}  # fresh node processes: every correction is sent again
+
+    def _charge_lost_releases(self, ck: checkpoint.Checkpoint) -> None:
+        """Count in ε the DP round attempts made after the checkpoint (see ReleaseLog)."""
+        lost = privacy.ReleaseLog(ck.path.parent / privacy.RELEASES).after(ck.round)
+        if not lost:
+            return
+        if self.accountant is None:
+            self.accountant = privacy.Accountant(self.dp, population=lost[0]["population"])
+        for attempt in lost:
+            self.accountant.record_round(attempt["sample"])
+        log(WARNING, "fedlora: DP: %d round attempt(s) after the round-%d checkpoint (rounds "
+            "%s) are charged to epsilon; the rounds now repeated are charged again",
+            len(lost), ck.round, ", ".join(str(a["round"]) for a in lost))
 
     def train_round(self, grid: Grid, nodes: list[NodeInfo], server_round: int) -> dict:
         start = time.perf_counter()
@@ -485,6 +505,8 @@ class FederatedLora:
             sent[node.node_id] = arrays
         bytes_down = sum(nbytes(m.content["arrays"]) + (nbytes(m.content["correction"]) if
                          "correction" in m.content else 0) for m in messages)
+        if self.releases is not None:  # before anything leaves: a crash cannot lose it
+            self.releases.append(server_round, len(sampled), len(nodes))
         start_version = self.glob.version
         if self.secure is not None:
             template = select_outgoing(sent[sampled[0].node_id], plan.send)

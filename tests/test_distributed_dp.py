@@ -192,9 +192,60 @@ def test_a_node_does_not_guess_or_shrink_its_share_of_the_noise():
         _dp_contributors(cfg, spec, {privacy.CONTRIBUTORS_KEY: 40})
 
 
-def test_dp_needs_a_checkpoint_every_round():
-    with pytest.raises(ConfigError, match="needs checkpoint-every = 1"):
-        config.from_flat(dp_config(checkpoint_every=2))
+def test_the_release_log_survives_a_torn_line_and_a_fresh_run_resets_it(tmp_path):
+    log = privacy.ReleaseLog(tmp_path / "ck" / privacy.RELEASES)
+    assert log.after(0) == []
+    log.append(1, 3, 10)
+    log.append(2, 3, 10)
+    with log.path.open("a") as fh:
+        fh.write('{"round": 3, "sam')  # a crash in mid-write: its messages never left
+    log.append(3, 4, 10)  # the resumed attempt
+    assert log.after(1) == [{"round": 2, "sample": 3, "population": 10},
+                            {"round": 3, "sample": 4, "population": 10}]
+    log.reset()
+    assert log.after(0) == []
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_a_resume_charges_the_dp_rounds_run_after_the_checkpoint(tmp_path, mode):
+    """A run that crashed after round 3 released its aggregate but before round 3's
+    checkpoint resumes from round 2 and repeats round 3 with fresh noise: ε counts four
+    releases, not three (and DP needs no checkpoint every round for that)."""
+    from clients.app import app as client_app
+    from fedlora import checkpoint
+    from server.inprocess import InProcessGrid
+    from server.strategy import FederatedLora
+
+    flat = dp_config(mode, num_server_rounds=3, checkpoint_every=2, checkpoint_keep=5,
+                     secure_aggregation=mode == "distributed")
+    cfg = config.from_flat(flat)
+    server_model = ServerModel(cfg, cfg.fl.max_rank)
+    nodes = [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)]
+    records: list[dict] = []
+    first = FederatedLora(cfg, server_model.initial_global(), server_model.evaluate,
+                          records.append)
+    first.run(InProcessGrid(client_app, nodes, flat), checkpoint_dir=tmp_path)
+    assert [r["dp_epsilon"] > 0 for r in records[1:]] == [True] * 3
+    (tmp_path / "round-000003" / checkpoint.MANIFEST).unlink()  # the crash: no round-3 ck
+
+    ck = checkpoint.load_latest(tmp_path, warn=lambda text: None)
+    assert ck.round == 2
+    again: list[dict] = []
+    second = FederatedLora(config.from_flat({**flat, "resume": True}),
+                           server_model.initial_global(), server_model.evaluate, again.append)
+    second.restore(ck)
+    second.run(InProcessGrid(client_app, nodes, flat), start_round=3, checkpoint_dir=tmp_path)
+    want = Accountant(cfg.fl.dp_spec(), NODES)
+    for _ in range(4):
+        want.record_round(NODES)
+    assert again[-1]["dp_epsilon"] == pytest.approx(want.epsilon())
+    assert again[-1]["dp_epsilon"] > records[-1]["dp_epsilon"]
+    # a fresh run in the same directory starts a new log
+    FederatedLora(cfg, server_model.initial_global(), server_model.evaluate,
+                  lambda r: None).run(InProcessGrid(client_app, nodes, flat),
+                                      checkpoint_dir=tmp_path)
+    assert [a["round"] for a in privacy.ReleaseLog(tmp_path / privacy.RELEASES).after(0)] == \
+        [1, 2, 3]
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
