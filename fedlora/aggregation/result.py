@@ -164,23 +164,6 @@ def same_rank_result(
     context: RoundContext,
     base_correction: Mapping[str, LoraFactors] | None = None,
 ) -> AggregationResult:
-    """Result of an equal-rank rule: every client receives the global factors as they are.
-
-    Parameters
-    ----------
-    strategy
-        Rule name.
-    global_factors
-        New global adapter, at the clients' common rank and the global scale.
-    context
-        The round's context.
-    base_correction
-        Optional factors to merge into the frozen base.
-
-    Returns
-    -------
-    AggregationResult
-        With a :class:`~fedlora.aggregation.views.PrefixView` that refuses
-        any rank other than the global one.
-    """
+    """Result of an equal-rank rule: every client receives the global factors as they are
+    (:func:`prefix_result` with a view that refuses any rank other than the global one)."""
     return prefix_result(strategy, global_factors, context, base_correction=base_correction)
