@@ -538,7 +538,7 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
         _wait_online(specs, node_procs, link, link_log, env, cwd, startup_timeout, poll_s)
         _write_deployment(out, link_port, tls, auth, creds, specs, node_ids)
         (out / "summary.json").unlink(missing_ok=True)  # written when the run completes
-        run_id = submit_run(run_config, env, cwd)
+        run_id = submit_run(run_config, env, cwd, connection=CONNECTION)
         (out / "flwr-run-id").write_text(str(run_id))
         return _follow(run_id, out, flat, specs, node_procs, link, link_log, env, cwd,
                        on_round, warn, poll_s)

@@ -190,9 +190,10 @@ def json_tail(text: str) -> Any:
     return json.loads(text[start:])
 
 
-def submit_run(run_config: Path, env: Mapping[str, str], cwd: Path, *extra: str) -> int:
+def submit_run(run_config: Path, env: Mapping[str, str], cwd: Path, *extra: str,
+               connection: str = CONNECTION) -> int:
     """Submit the app in ``cwd`` with ``flwr run`` (``extra``: more flags); return the run id."""
-    submitted = flwr_cli(["run", ".", CONNECTION, "--run-config", str(run_config), *extra,
+    submitted = flwr_cli(["run", ".", connection, "--run-config", str(run_config), *extra,
                           "--format", "json"], env, cwd)
     if submitted.returncode != 0:
         raise RunFailed(f"flwr run failed: {(submitted.stdout + submitted.stderr)[-2000:]}")
