@@ -652,11 +652,19 @@ class FederatedLora:
                         ) -> dict[str, float]:
         """What the contributors' metrics say about a round: timings, memory, CPU, examples
         and ``train_loss`` (mean weighted by ``weights``, unless the clients withheld their
-        losses: DP with an untrusted server)."""
+        losses: DP with an untrusted server); with central DP the median update norm before
+        clipping and the fraction of clients clipped."""
         out: dict[str, float] = client_timings(metrics)
         if self.dp.mode not in privacy.UNTRUSTED_SERVER:
             out["train_loss"] = sum(float(m["train-loss"]) * w for m, w in
                                     zip(metrics, weights, strict=True)) / float(sum(weights))
+        if self.dp.mode == "central":  # for tuning dp-clip-norm: how large, how many clipped
+            norms = [float(m["dp-norm"]) for m in metrics if "dp-norm" in m]
+            if norms:
+                out["dp_norm_median"] = float(np.median(norms))
+                out["dp_clipped_fraction"] = sum(
+                    float(m["dp-clip-factor"]) < 1.0 for m in metrics if "dp-clip-factor" in m
+                ) / len(norms)
         out.update({
             "client_rss_mb_max": max(float(m.get("rss-mb", 0.0)) for m in metrics),
             "client_peak_rss_mb_max": max(float(m.get("peak-rss-mb", 0.0)) for m in metrics),

@@ -137,12 +137,13 @@ def _run(flat, on_reply=None):
 def test_central_dp_with_ffa_clips_on_clients_noises_once_and_reports_epsilon():
     from tests.fl_harness import tiny_config
 
-    norms = []
+    norms, raw = [], []
 
     def watch(reply):
         if reply.metadata.message_type == "train" and not reply.has_error():
             norms.append(float(reply.content["metrics"]["dp-norm"]) *
                          float(reply.content["metrics"]["dp-clip-factor"]))
+            raw.append(float(reply.content["metrics"]["dp-norm"]))
 
     flat = tiny_config(strategy="ffa", num_server_rounds=2, dp_mode="central",
                        dp_clip_norm=0.05, dp_noise_multiplier=0.5)
@@ -151,6 +152,9 @@ def test_central_dp_with_ffa_clips_on_clients_noises_once_and_reports_epsilon():
     eps = [r["dp_epsilon"] for r in records[1:]]
     assert 0 < eps[0] < eps[1] and records[1]["dp_delta"] == 1e-5
     assert all(r["num_accepted"] == 3 for r in records[1:])
+    for record, round_norms in zip(records[1:], (raw[:3], raw[3:]), strict=True):
+        assert record["dp_norm_median"] == pytest.approx(float(np.median(round_norms)))
+        assert record["dp_clipped_fraction"] == sum(n > 0.05 for n in round_norms) / 3
     # FFA: A is frozen, so neither clipping nor noise ever touches it
     from fedlora import config
     from fedlora.evaluator import ServerModel
