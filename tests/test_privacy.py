@@ -125,6 +125,23 @@ def test_epsilon_grows_with_rounds_and_sampling_amplifies_privacy():
     assert again.epsilon() == sampled.epsilon()
 
 
+def test_the_amplified_epsilon_is_never_above_the_unamplified_one():
+    """At small σ the RDP bound for sampling without replacement is looser than counting every
+    round in full; the reported ε is the smaller of the two valid bounds."""
+    weak = Accountant(DPSpec("central", 1.0, 0.3, 1e-5), population=60)
+    for _ in range(10):
+        weak.record_round(20)
+    plain = weak.epsilon(amplified=False)
+    loose = float(weak._accountant(True).get_epsilon(1e-5))
+    assert loose > plain  # the sampled bound alone would report more (440 vs 322)
+    assert weak.epsilon() == weak.epsilon(amplified=True) == plain
+    strong = Accountant(DPSpec("central", 1.0, 1.0, 1e-5), population=60)
+    for _ in range(10):
+        strong.record_round(20)
+    assert strong.epsilon() == pytest.approx(float(strong._accountant(True).get_epsilon(1e-5)))
+    assert strong.epsilon() < strong.epsilon(amplified=False)
+
+
 # ------------------------------------------------------------------ in rounds (in process)
 
 
