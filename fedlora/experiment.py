@@ -39,6 +39,7 @@ import json
 import re
 import time
 import tomllib
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,9 @@ class Spec:
 
 
 def slug(text: str) -> str:
-    text = text.replace("α", "alpha").replace("β", "beta")
+    """A directory name for a label: Greek letters spelled out (σ → sigma), then ASCII only."""
+    text = "".join(unicodedata.name(c, "").rsplit(" ", 1)[-1].lower()
+                   if unicodedata.name(c, "").startswith("GREEK") else c for c in text)
     return re.sub(r"[^A-Za-z0-9.=+-]+", "-", text).strip("-").lower() or "x"
 
 

@@ -252,3 +252,10 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert ok["status"] == "done"
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| mixed | failed: strategy 'fedit' needs equal LoRA ranks" in summary
+
+
+def test_cell_directory_names_spell_greek_letters_out():
+    assert experiment.slug("central σ=0.1") == "central-sigma=0.1"
+    assert experiment.slug("Dirichlet α = 0.3") == "dirichlet-alpha-=-0.3"
+    assert experiment.slug("fedit+fedadam (lr 1e-3)") == "fedit+fedadam-lr-1e-3"
+    assert experiment.slug("σ") != experiment.slug("τ")
