@@ -257,6 +257,8 @@ def test_launch_with_tls_auth_and_mixed_ranks(tmp_path):
     assert "2 nodes (nodes per rank {4: 1, 8: 1})" in (out / "run.log").read_text()
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 12
     again = reevaluate(out)  # the adapter loads with PeftModel.from_pretrained
+    # another process and a folded scale: a prediction within float32 rounding of a tie may
+    # flip (see test_simulation.check_run); a wrong adapter costs ≫ 0.01
     assert again["eval-accuracy"] == pytest.approx(records[-1]["eval_accuracy"], abs=0.01)
 
     deployment = json.loads((out / "deployment.json").read_text())

@@ -107,6 +107,10 @@ def test_a_base_correction_on_a_quantized_base_lives_in_a_float32_buffer(minilm_
 
     assert torch.equal(layer.weight, packed)  # the 4-bit weight is untouched
     assert layer._fedlora_correction[0].dtype == torch.float32
+    # the layer adds x·Cᵀ (C = BA, float32) to its 4-bit output; both sides are float32 dot
+    # products of length 384 (γ_384 ≈ 2.3e-5 relative to Σ|x||C|) and the subtraction of the
+    # dequantized base output adds a rounding of |after|: rtol 1e-4 ≈ 4·γ_384, atol for the
+    # near-zero entries. A correction that is missing or transposed is off by O(1).
     torch.testing.assert_close(after - before, x @ torch.from_numpy(b @ a).T,
                                rtol=1e-4, atol=1e-5)
     lora.set_base_delta(model, {}, tag=2)  # removing the correction restores the layer

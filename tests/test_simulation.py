@@ -65,6 +65,10 @@ def check_run(out: Path, rounds: int) -> list[dict]:
     assert json.loads((out / "config.json").read_text())["num-server-rounds"] == rounds
     assert (out / "adapter" / "adapter_config.json").exists()
     again = reevaluate(out)
+    # the server evaluated in its process, this re-evaluates the exported adapter here (scale
+    # folded into B: a float32 reassociation, ≈ γ_384 relative per layer): a logit within that
+    # of a tie may flip one of the 300 predictions, and the mean loss moves far below 1e-3;
+    # a wrong export costs ≫ 0.01 accuracy
     assert again["eval-accuracy"] == pytest.approx(records[-1]["eval_accuracy"], abs=0.01)
     assert again["eval-loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-3)
     return records

@@ -73,7 +73,13 @@ def test_weighted_sum_is_within_the_documented_bound(clients: int) -> None:
     assert error.max() <= codec.error_bound(clients) + 2**-24 * np.abs(expected).max()
     assert error.max() > 0  # quantisation really happened
     assert abs(decoded.total_weight - sum(weights)) <= codec.weight_error_bound(clients)
-    np.testing.assert_allclose(decoded.mean(), expected / sum(weights), atol=1e-5)
+    # mean = S/W with |S − S*| ≤ e_S and |W − W*| ≤ e_W (the two bounds above), so
+    # |S/W − S*/W*| ≤ (e_S + |S*/W*|·e_W) / (W* − e_W): derived, not tuned
+    total = sum(weights)
+    e_s = codec.error_bound(clients) + 2**-24 * np.abs(expected)
+    e_w = codec.weight_error_bound(clients)
+    bound = (e_s + np.abs(expected / total) * e_w) / (total - e_w)
+    assert np.all(np.abs(decoded.mean() - expected / total) <= bound)
 
 
 def test_fewer_contributors_than_planned_decode_fine() -> None:
