@@ -235,6 +235,10 @@ class ModelCache:
         self._models: OrderedDict[ModelSpec, tuple[Any, Any, dict[AdapterSpec, str]]] = \
             OrderedDict()
 
+    def clear(self) -> None:
+        """Drop every cached model (what a fresh client process starts with)."""
+        self._models.clear()
+
     def get(self, model_spec: ModelSpec, adapter: AdapterSpec) -> tuple[Any, Any]:
         """(model with ``adapter`` active, tokenizer)."""
         if model_spec in self._models:

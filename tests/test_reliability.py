@@ -3,7 +3,9 @@
 The fuzz table runs the real ServerApp strategy against the real ClientApp in process; one
 node's round-1 reply is corrupted in one way per case. Every case must be rejected with its
 reason code while the run completes, and the global adapter must equal — bit for bit — the
-aggregate of the good replies (the same run in which that node simply failed).
+aggregate of the good replies (the same run in which that node simply failed), and the
+example-weighted mean of the good replies' arrays computed here, independently, in float64
+(within the derived float32 bound of ``tests/tolerances.py``).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import torch
 from flwr.app import Array, ConfigRecord, Message
 
 from clients.app import app as client_app
-from fedlora import checkpoint, config
+from fedlora import checkpoint, client, config
 from fedlora.evaluator import ServerModel
 from fedlora.federation import GlobalAdapter
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora
 from tests.fl_harness import run_rounds, tiny_config
+from tests.tolerances import assert_within, weighted_sum_bound
 
 BAD = 2  # the partition whose reply is corrupted
 
@@ -44,10 +47,11 @@ class FuzzGrid(InProcessGrid):
         return replies
 
 
-def run(flat, transform=None, fail=None, nodes=3):
+def run(flat, transform=None, fail=None, nodes=3, on_reply=None):
     cfg = config.from_flat(flat)
     node_configs = [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
-    grid = FuzzGrid(client_app, node_configs, flat, transform=transform, fail=fail)
+    grid = FuzzGrid(client_app, node_configs, flat, transform=transform, fail=fail,
+                    on_reply=on_reply)
     server_model = ServerModel(cfg, cfg.fl.max_rank)
     records: list[dict] = []
     strategy = FederatedLora(cfg, server_model.initial_global(), server_model.evaluate,
@@ -181,16 +185,43 @@ CASES = [
 ]
 
 
+def independent_mean(replies: list[Message]) -> tuple[dict, dict]:
+    """FedIT at equal rank and scale: the global factors and head are the example-weighted
+    means of the good replies' arrays (float64 here), with their float32 bounds."""
+    good = [r for r in replies if r.metadata.message_type == "train" and not r.has_error()]
+    arrays = [{k: v.numpy() for k, v in r.content["arrays"].items()} for r in good]
+    weights = [int(r.content["metrics"]["num-examples"]) for r in good]
+    p = np.asarray(weights, dtype=np.float64) / sum(weights)
+    mean = {k: sum(pk * a[k].astype(np.float64) for pk, a in zip(p, arrays, strict=True))
+            for k in arrays[0]}
+    bound = {k: weighted_sum_bound([a[k] for a in arrays], weights) for k in arrays[0]}
+    return mean, bound
+
+
 @pytest.fixture(scope="module")
 def references():
     flat = tiny_config(num_server_rounds=1)
-    _, without = run(flat, fail=lambda p, msg: p == BAD and msg.metadata.message_type == "train")
-    _, everyone = run(flat)
-    return {"without": without.arrays_for(8), "all": everyone.arrays_for(8)}
+    good_replies, all_replies = [], []
+    _, without = run(flat, fail=lambda p, msg: p == BAD and msg.metadata.message_type == "train",
+                     on_reply=good_replies.append)
+    _, everyone = run(flat, on_reply=all_replies.append)
+    assert len([r for r in good_replies if r.metadata.message_type == "train"]) == 3
+    return {"without": without.arrays_for(8), "all": everyone.arrays_for(8),
+            "mean": {"without": independent_mean(good_replies),
+                     "all": independent_mean(all_replies)}}
 
 
-def test_the_table_covers_at_least_twenty_kinds_of_bad_update():
-    assert len({name for name, *_ in CASES}) >= 20
+def test_the_table_covers_every_reason_code_a_plain_round_can_give():
+    """Every code the plain round's validation can return (README, "Bad replies") is
+    produced by a case of the table or by a named test in this file."""
+    plain_codes = {"WRONG_ROUND", "BAD_EXAMPLE_COUNT", "BAD_METRICS", "PAYLOAD_TOO_LARGE",
+                   "BAD_DTYPE", "KEY_MISMATCH", "SHAPE_MISMATCH", "RANK_MISMATCH",
+                   "NON_FINITE", "NORM_TOO_LARGE", "BAD_HEAD", "MALFORMED",
+                   "DUPLICATE_OR_UNKNOWN"}
+    named_tests = {"NO_REPLY", "CLIENT_ERROR"}  # below / test_federated_rounds
+    assert {reason for _, _, reason, _ in CASES} == plain_codes
+    assert len(CASES) >= 20 and len({name for name, *_ in CASES}) == len(CASES)
+    assert not plain_codes & named_tests
 
 
 @pytest.mark.parametrize(("name", "transform", "reason", "expect"), CASES,
@@ -201,10 +232,26 @@ def test_bad_update_is_rejected_and_the_global_is_the_good_aggregate(
     assert records[1]["rejected"] == {reason: 1}, records[1].get("rejected")
     assert records[1]["num_accepted"] == (3 if expect == "all" else 2)
     arrays = glob.arrays_for(8)
+    mean, bound = references["mean"][expect]
+    assert arrays.keys() == mean.keys()
     for key, value in arrays.items():
         assert np.all(np.isfinite(value)), key
-        assert np.array_equal(value, references[expect][key]), key
+        assert np.array_equal(value, references[expect][key]), key  # = the node dropped
+        assert_within(value, mean[key], bound[key], key)  # = the good replies' mean
     assert math.isfinite(records[1]["eval_loss"])
+
+
+def test_a_node_that_never_replies_is_counted_as_no_reply(references):
+    def transform(replies):  # BAD's reply is lost on the way: the server hears nothing
+        return [r for r in replies if r.has_error() or pid(r) != BAD]
+
+    records, glob = run(tiny_config(num_server_rounds=1), transform=transform)
+    assert records[1]["rejected"] == {"NO_REPLY": 1}
+    assert records[1]["num_sampled"] == 3 and records[1]["clients"] == [0, 1]
+    mean, bound = references["mean"]["without"]
+    for key, value in glob.arrays_for(8).items():
+        assert np.array_equal(value, references["without"][key]), key
+        assert_within(value, mean[key], bound[key], key)
 
 
 def test_a_reply_from_a_node_that_was_not_asked_is_rejected(references):
@@ -221,14 +268,25 @@ def test_a_reply_from_a_node_that_was_not_asked_is_rejected(references):
 
 
 def test_clipping_scales_a_large_update_down_to_the_bound():
-    flat = tiny_config(num_server_rounds=1, clip_update_norm=1e-6)
-    records, glob = run(flat)
+    """One client per round (so the global moves by exactly its clipped update): an update
+    far larger than C arrives, and the global's LoRA factors move by C — not less."""
+    bound = 1e-3  # ≪ the update norms here (~0.1), ≫ the float32 rounding of the global
+    flat = tiny_config(num_server_rounds=1, clip_update_norm=bound, num_train_nodes=1,
+                       min_train_nodes=1)
+    replies: list[Message] = []
+    records, glob = run(flat, on_reply=replies.append)
     initial = ServerModel(config.from_flat(flat), 64).initial_global().arrays_for(8)
-    moved = math.sqrt(sum(float(np.sum((glob.arrays_for(8)[k].astype(np.float64) -
-                                        initial[k]) ** 2))
-                          for k in initial if "lora_" in k))
-    assert records[1]["num_accepted"] == 3
-    assert moved <= 1e-6 * 1.01  # a weighted mean of updates of norm <= C has norm <= C
+
+    def moved(arrays):
+        return math.sqrt(sum(float(np.sum((arrays[k].astype(np.float64) - initial[k]) ** 2))
+                             for k in initial if "lora_" in k))
+
+    (reply,) = [r for r in replies if r.metadata.message_type == "train"]
+    arrived = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    assert records[1]["num_accepted"] == 1
+    assert moved({**initial, **arrived}) > 10 * bound  # the client really sent a large update
+    # float32 storage of initial + δ rounds each coordinate by ≤ u·|x|: ≪ 1e-3 of C here
+    assert moved(glob.arrays_for(8)) == pytest.approx(bound, rel=1e-3)
 
 
 def test_too_few_accepted_replies_abandon_the_round_and_keep_the_global():
@@ -321,8 +379,10 @@ def test_global_adapter_state_round_trips_exactly(strategy, extra):
     ("fedit", {"server_optimizer": "fedadam"}), ("flexlora", {"rank_by_partition": "2,4"}),
     ("rolora", {})])
 def test_resume_after_an_interruption_is_bit_identical(tmp_path, strategy, extra):
-    """3 rounds straight vs 2 rounds, then a new strategy (and fresh client processes)
-    restored from the round-2 checkpoint running round 3."""
+    """3 rounds straight vs 2 rounds, then a new strategy restored from the round-2
+    checkpoint running round 3 on a new grid whose clients start empty: new contexts (no
+    ``context.state``) and the client-side model cache cleared — what fresh client
+    processes hold. (Real new processes: test_simulation's SIGKILL + resume test.)"""
     flat = tiny_config(strategy=strategy, num_server_rounds=3, **extra)
     _, _, straight, _ = run_rounds(flat, num_nodes=2)
 
@@ -340,6 +400,7 @@ def test_resume_after_an_interruption_is_bit_identical(tmp_path, strategy, extra
     ck = checkpoint.load_latest(tmp_path)
     assert ck.round == 2
     second.restore(ck)
+    client.MODELS.clear()  # nothing the first clients loaded survives
     fresh_grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": 2}
                                             for i in range(2)], flat)
     resumed = second.run(fresh_grid, start_round=3, checkpoint_dir=tmp_path)
