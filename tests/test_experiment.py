@@ -200,6 +200,7 @@ def smoke_run(tmp_path_factory):
     return out, res
 
 
+@pytest.mark.slow  # a real Flower simulation (make test-fast skips it)
 def test_smoke_experiment_end_to_end(smoke_run):
     out, res = smoke_run
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
@@ -225,6 +226,7 @@ def test_smoke_experiment_end_to_end(smoke_run):
     assert len(set(zero.values())) == 1
 
 
+@pytest.mark.slow  # a real Flower simulation (make test-fast skips it)
 def test_resume_skips_finished_cells_and_a_rerun_needs_resume(smoke_run):
     out, res = smoke_run
     assert res.returncode == 0

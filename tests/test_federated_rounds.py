@@ -21,8 +21,11 @@ MIXED = "2,4,8"
 
 @pytest.mark.parametrize("strategy", available_strategies())
 def test_every_rule_runs_end_to_end(strategy):
+    """Two rounds of every rule: every reply accepted, every client sent the adapter of its
+    own rank, and the global adapter moved in each round (the rule's result was adopted)."""
     ranks = "" if requires_equal_ranks(strategy) else MIXED
-    records, *_ = run_rounds(tiny_config(strategy=strategy, rank_by_partition=ranks))
+    rank_of = {p: int(r) for p, r in enumerate(ranks.split(","))} if ranks else {}
+    records, grid, glob, _ = run_rounds(tiny_config(strategy=strategy, rank_by_partition=ranks))
 
     assert [r["round"] for r in records] == [0, 1, 2]
     for rec in records[1:]:
@@ -31,6 +34,25 @@ def test_every_rule_runs_end_to_end(strategy):
         assert np.isfinite(rec["train_loss"]) and np.isfinite(rec["eval_loss"])
         assert rec["bytes_up"] > 0 and rec["bytes_down"] > 0
         assert 0.0 <= rec["agg_error_mean"] <= rec["agg_error_max"]
+    # each client received LoRA factors of its own rank, and round 2's adapter differs from
+    # round 1's: the round's aggregate reached the next messages
+    sent = {}
+    for msg in grid.delivered:
+        if msg.metadata.message_type != "train":
+            continue
+        arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        sent[(int(msg.content["config"]["server-round"]), msg.metadata.dst_node_id)] = arrays
+    assert len(sent) == 6
+    rows = {}  # node -> the rank of the factors it was sent, in both rounds
+    for (_, node), arrays in sent.items():
+        a_rows = {v.shape[0] for k, v in arrays.items() if k.endswith("lora_A.weight")}
+        assert len(a_rows) == 1 and rows.setdefault(node, a_rows) == a_rows, (node, a_rows)
+    assert sorted(r for (r,) in rows.values()) == sorted(rank_of.values() or [8, 8, 8])
+    nodes = set(rows)
+    for node in nodes:
+        first, second = sent[(1, node)], sent[(2, node)]
+        assert any(not np.array_equal(first[k], second[k]) for k in first), node
+    assert glob.updates == 2
 
 
 @pytest.mark.parametrize("strategy", ["flora", "fedex", "flexlora"])
@@ -139,9 +161,35 @@ def test_client_absent_in_a_round_trains_on_the_caught_up_base(strategy):
 
 @pytest.mark.parametrize("optimizer", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
 def test_server_optimizers_compose_with_linear_rules(optimizer):
-    records, _, glob, _ = run_rounds(tiny_config(strategy="fedit", server_optimizer=optimizer))
+    """The adopted global is the optimizer's step from the initial adapter toward the FedIT
+    mean of the replies, recomputed here with a fresh optimizer (float64 mean)."""
+    flat = tiny_config(strategy="fedit", server_optimizer=optimizer, num_server_rounds=1)
+    replies = []
+    records, _, glob, _ = run_rounds(flat, on_reply=replies.append)
     assert records[-1]["num_accepted"] == 3 and np.isfinite(records[-1]["eval_loss"])
-    assert glob.updates == 2
+    assert glob.updates == 1
+
+    good = [r for r in replies if r.metadata.message_type == "train"]
+    arrays = [{k: v.numpy() for k, v in r.content["arrays"].items()} for r in good]
+    weights = [int(r.content["metrics"]["num-examples"]) for r in good]
+    p = np.asarray(weights, dtype=np.float64) / sum(weights)
+    mean = {k: sum(pk * a[k].astype(np.float64) for pk, a in zip(p, arrays, strict=True))
+            for k in arrays[0]}
+    cfg = config.from_flat(flat)  # a fresh server model: the run's now holds the new global
+    initial = ServerModel(cfg, cfg.fl.max_rank).initial_global().arrays_for(8)
+    reference = strategy_module.build_optimizer(cfg)
+    want = reference.step(initial, {k: mean[k].astype(np.float32) for k in mean})
+    # the server's float32 mean differs from this one by ≤ the derived float32 bound; the
+    # first step's derivative in the mean is ≤ η(1−β1)/τ (adaptive) or η (FedAvgM)
+    gain = (reference.lr if optimizer == "fedavgm"
+            else reference.lr * (1 - reference.beta_1) / reference.tau)
+    got = glob.arrays_for(8)
+    assert got.keys() == want.keys()
+    for key in want:
+        bound = (gain * weighted_sum_bound([a[key] for a in arrays], weights)
+                 + 2 * U32 * np.abs(want[key].astype(np.float64)))
+        assert_within(got[key], want[key], bound, key)
+    assert any(not np.array_equal(got[k], initial[k]) for k in got)  # it moved
 
 
 def test_server_optimizer_refused_for_nonlinear_rules():

@@ -106,6 +106,25 @@ def classic_rdp_epsilon(sigma: float, rounds: int, delta: float) -> float:
     return float(np.min(rounds * orders / (2 * sigma**2) + math.log(1 / delta) / (orders - 1)))
 
 
+def analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """The exact ε of one Gaussian mechanism with noise multiplier ``sigma`` at ``delta``
+    (Balle & Wang 2018, Thm. 8: δ(ε) = Φ(μ/2 − ε/μ) − e^ε Φ(−μ/2 − ε/μ), μ = 1/σ), by
+    bisection; every valid accountant reports at least this."""
+    mu = 1.0 / sigma
+
+    def phi(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    def delta_of(eps: float) -> float:
+        return phi(mu / 2 - eps / mu) - math.exp(eps) * phi(-mu / 2 - eps / mu)
+
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
+
+
 def test_accountant_matches_the_gaussian_rdp_bound_without_sampling():
     acc = Accountant(DPSpec("local", 1.0, 2.0, 1e-5), population=3)
     for _ in range(5):
@@ -155,21 +174,51 @@ def _run(flat, on_reply=None):
     return run_rounds(flat, num_nodes=3, on_reply=on_reply)
 
 
-def test_central_dp_with_ffa_clips_on_clients_noises_once_and_reports_epsilon():
+def test_central_dp_with_ffa_clips_on_clients_noises_once_and_reports_epsilon(monkeypatch):
+    from fedlora.federation import GlobalAdapter
     from tests.fl_harness import tiny_config
 
-    norms, raw = [], []
+    norms, raw, replies, adopted = [], [], [], []
 
     def watch(reply):
         if reply.metadata.message_type == "train" and not reply.has_error():
             norms.append(float(reply.content["metrics"]["dp-norm"]) *
                          float(reply.content["metrics"]["dp-clip-factor"]))
             raw.append(float(reply.content["metrics"]["dp-norm"]))
+            replies.append(reply)
 
+    real_apply = GlobalAdapter.apply
+
+    def apply(self, *args, **kwargs):  # the global B after each round
+        real_apply(self, *args, **kwargs)
+        adopted.append({k: v for k, v in self.arrays_for(8).items() if "lora_B" in k})
+
+    monkeypatch.setattr(GlobalAdapter, "apply", apply)
+    clip, sigma = 0.05, 0.5
     flat = tiny_config(strategy="ffa", num_server_rounds=2, dp_mode="central",
-                       dp_clip_norm=0.05, dp_noise_multiplier=0.5)
-    records, _, glob, _ = _run(flat, on_reply=watch)
-    assert all(n <= 0.05 * (1 + 1e-5) for n in norms) and len(norms) == 6  # sent clipped
+                       dp_clip_norm=clip, dp_noise_multiplier=sigma)
+    records, grid, glob, _ = _run(flat, on_reply=watch)
+    assert len(norms) == 6 and all(n <= clip * (1 + 1e-5) for n in norms)  # reported clipped
+    # clipped on the clients, measured from the arrays they sent: ‖reply − received‖ ≤ C
+    sent = {(int(m.content["config"]["server-round"]), m.metadata.dst_node_id):
+            m.content["arrays"] for m in grid.delivered if m.metadata.message_type == "train"}
+    for reply in replies:
+        received = sent[(int(reply.content["metrics"]["server-round"]),
+                         reply.metadata.src_node_id)]
+        out = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        moved = update_norm(out, {k: received[k].numpy() for k in out})
+        assert moved <= clip * (1 + 1e-5), moved
+    # noised once: the round-1 global B minus the plain mean of the clipped replies is one
+    # N(0, (σC)²) draw on one of 3 equally weighted updates, i.e. N(0, (σC/3)²); noised
+    # twice (or by every client) its spread would be √2 (√3) times larger
+    first = [r for r in replies if int(r.content["metrics"]["server-round"]) == 1]
+    counts = {int(r.content["metrics"]["num-examples"]) for r in first}
+    assert len(first) == 3 and len(counts) == 1  # equal weights
+    noise = np.concatenate([
+        (adopted[0][k] - np.mean([r.content["arrays"][k].numpy() for r in first], axis=0))
+        .ravel() for k in adopted[0]])
+    assert noise.size > 2000
+    assert np.std(noise) == pytest.approx(sigma * clip / 3, rel=0.06)  # 0.06 ≈ 4 s.e.
     eps = [r["dp_epsilon"] for r in records[1:]]
     assert 0 < eps[0] < eps[1] and records[1]["dp_delta"] == 1e-5
     assert all(r["num_accepted"] == 3 for r in records[1:])
@@ -210,15 +259,24 @@ def test_local_dp_runs_and_accounts_per_client():
     flat = tiny_config(strategy="fedit", num_server_rounds=1, dp_mode="local",
                        dp_clip_norm=0.1, dp_noise_multiplier=2.0)
     records, *_ = _run(flat)
-    assert records[1]["num_accepted"] == 3 and records[1]["dp_epsilon"] > 0
+    assert records[1]["num_accepted"] == 3
+    # per client, unamplified (each client's release is its own Gaussian mechanism with
+    # replace-one sensitivity 2C: multiplier σ/2), one round — not the 3-client aggregate's ε
+    # ε of one Gaussian release lies between the exact (analytic) curve and the classic RDP
+    # conversion; the server's ε of an aggregate of 3 noisy updates would be far below both
+    eps = records[1]["dp_epsilon"]
+    assert analytic_gaussian_epsilon(2.0 / 2, 1e-5) <= eps <= classic_rdp_epsilon(1.0, 1, 1e-5)
     assert np.isfinite(records[1]["eval_loss"])
 
 
-def test_dp_with_a_nonlinear_rule_fails_before_anything_runs():
+def test_dp_with_a_nonlinear_rule_fails_before_anything_runs(tmp_path):
     import subprocess
     import sys
 
+    out = tmp_path / "never-started"
     res = subprocess.run([sys.executable, "-m", "fedlora", "run", "-c",
-                          "strategy=flexlora dp-mode=central", "--out", "/tmp/never-started"],
+                          "strategy=flexlora dp-mode=central", "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "Use ffa" in res.stderr
+    # nothing started: no output directory (config.json, FLWR_HOME, SuperLink state)
+    assert not out.exists(), sorted(p.name for p in out.iterdir())

@@ -4,6 +4,7 @@ float32, and base corrections (FLoRA, FedEx) in a separate float32 buffer."""
 from __future__ import annotations
 
 import builtins
+import importlib.util
 from dataclasses import replace
 from typing import Any
 
@@ -15,7 +16,11 @@ from fl_harness import run_rounds, tiny_config
 from fedlora import lora
 from fedlora.errors import ConfigError
 
-pytest.importorskip("bitsandbytes")
+# only the tests that quantize need bitsandbytes; the bfloat16 base, the "what to install"
+# message and the config check run without it
+requires_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                  reason="bitsandbytes is not installed (pip install "
+                                         "'fedlora[qlora]')")
 
 PREFIX = "base_model.model.bert.encoder.layer.0.attention.self."
 QUERY, VALUE = PREFIX + "query", PREFIX + "value"
@@ -32,6 +37,7 @@ def _logits(model: Any) -> torch.Tensor:
         return model.eval()(**_inputs()).logits
 
 
+@requires_bnb
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_a_quantized_base_keeps_the_wire_format_and_trains(minilm_spec, quantization):
     plain, _ = lora.build_peft_model(minilm_spec, ADAPTER, seed=0)
@@ -58,8 +64,22 @@ def test_a_quantized_base_keeps_the_wire_format_and_trains(minilm_spec, quantiza
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad and all(".lora_" in n or "classifier" in n for n in with_grad)
     assert torch.isfinite(loss)
+    # ... and trains: a few steps on this batch lower its loss and move the LoRA factors,
+    # while the quantized weight stays as it was
+    packed = query.weight.detach().clone()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_B" in n}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):
+        optimizer.step()
+        optimizer.zero_grad()
+        loss_now = model(**_inputs(), labels=torch.tensor([1, 3])).loss
+        loss_now.backward()
+    assert loss_now.item() < loss.item()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    assert torch.equal(query.weight, packed)
 
 
+@requires_bnb
 def test_a_quantized_causal_lm_keeps_its_tied_output_head_in_float(tmp_path):
     """SmolLM2-style tied embeddings: lm_head shares the (float) embedding matrix, so it must
     not be converted to a 4-bit layer (it then fails on its first forward)."""
@@ -90,6 +110,7 @@ def test_a_quantized_causal_lm_keeps_its_tied_output_head_in_float(tmp_path):
     assert torch.isfinite(loss)
 
 
+@requires_bnb
 def test_a_base_correction_on_a_quantized_base_lives_in_a_float32_buffer(minilm_spec):
     model, _ = lora.build_peft_model(replace(minilm_spec, quantization="nf4"), ADAPTER, seed=0)
     rng = np.random.default_rng(0)
@@ -141,6 +162,7 @@ def test_a_bfloat16_base_keeps_small_corrections_that_its_weights_would_round_aw
     assert (after - before).mean().item() == pytest.approx(expected_shift, rel=0.05)
 
 
+@requires_bnb
 @pytest.mark.parametrize("strategy", ["fedex", "flora"])
 def test_qlora_clients_run_base_modifying_rules_end_to_end(strategy):
     """Two rounds of the real ClientApp/ServerApp with an NF4 base on every client and the
@@ -152,6 +174,9 @@ def test_qlora_clients_run_base_modifying_rules_end_to_end(strategy):
     assert all(r["num_accepted"] == 2 for r in records[1:])
     assert all(np.isfinite(r["eval_loss"]) for r in records)
     assert records[-1]["base_version"] == 2  # both rounds moved the base
+    # the rules stay exact on a quantized base, and the moved base changes the server's model
+    assert max(r["agg_error_max"] for r in records[1:]) < 1e-5
+    assert records[-1]["eval_loss"] != records[0]["eval_loss"]
 
 
 def test_quantization_without_bitsandbytes_says_what_to_install(minilm_spec, monkeypatch):

@@ -61,8 +61,10 @@ class Grid(InProcessGrid):
 
 
 def run(flat: dict, *, fail: Callable | None = None, transform: Callable | None = None,
-        on_reply: Callable | None = None, client_config: dict | None = None):
-    """(records, global adapter, grid, error raised by the run or None)."""
+        on_reply: Callable | None = None, client_config: dict | None = None,
+        expect_error: bool = False):
+    """(records, global adapter, grid, error raised by the run or None). A run that ends
+    with an error re-raises it unless the caller said it expects one (``expect_error``)."""
     cfg = config.from_flat(flat)
     grid = Grid(client_app, [{"partition-id": i, "num-partitions": NODES} for i in range(NODES)],
                 client_config or flat, fail=fail, transform=transform, on_reply=on_reply)
@@ -73,6 +75,8 @@ def run(flat: dict, *, fail: Callable | None = None, transform: Callable | None 
     try:
         strategy.run(grid)
     except RuntimeError as exc:
+        if not expect_error:
+            raise
         return records, strategy.glob, grid, exc
     return records, strategy.glob, grid, None
 
@@ -197,7 +201,8 @@ def test_the_server_never_receives_a_clients_factors():
 
 def test_a_node_of_a_secure_run_refuses_to_send_its_factors_in_the_clear():
     # the server runs plain rounds, the nodes' run config says secure aggregation
-    records, _, _, error = run(flat_config(False), client_config=flat_config(True))
+    records, _, _, error = run(flat_config(False), client_config=flat_config(True),
+                                  expect_error=True)
     assert records[1]["rejected"] == {"CLIENT_ERROR": 3}
     assert "refuses to send them" in str(error)
 
@@ -224,7 +229,7 @@ def test_a_dropout_at_any_stage_leaves_the_aggregate_of_the_survivors(stage):
 
 def test_below_the_threshold_the_round_is_abandoned_and_the_global_kept():
     flat = flat_config(True)
-    records, glob, _, error = run(flat, fail=fails_at(2, 0, OFF))
+    records, glob, _, error = run(flat, fail=fails_at(2, 0, OFF), expect_error=True)
     record = records[1]
     assert record["abandoned"] and record["abandon_reason"] == "SECAGG_ABORTED"
     assert record["secagg_dropped"]["masked-input"] == 2

@@ -344,11 +344,26 @@ ATTACKS = [
 @pytest.mark.parametrize(("name", "attack", "rounds", "reason", "expect"), ATTACKS,
                          ids=[a[0] for a in ATTACKS])
 def test_an_attacked_reply_is_rejected_with_its_reason_before_decoding(
-        name, attack, rounds, reason, expect):
+        name, attack, rounds, reason, expect, monkeypatch):
+
+    decoded: list[tuple[int, int]] = []  # (round, partition) of every reply the server decoded
+    real_decode = FederatedLora.decode
+
+    def decode(self, reply, node, *args, **kwargs):
+        decoded.append((int(reply.content["metrics"]["server-round"]), node.partition_id))
+        return real_decode(self, reply, node, *args, **kwargs)
+
+    monkeypatch.setattr(FederatedLora, "decode", decode)
     records, glob, _ = run(signed(rounds), attack=attack)
 
     assert records[rounds]["rejected"] == {reason: 1}, records[rounds]["rejected"]
-    assert records[rounds]["num_accepted"] == (3 if expect == "all" else 2)
+    accepted = 3 if expect == "all" else 2
+    assert records[rounds]["num_accepted"] == accepted
+    # the signature check came first: the rejected reply was never decoded
+    in_round = [p for r, p in decoded if r == rounds]
+    assert len(in_round) == accepted, in_round
+    if expect != "all":
+        assert BAD not in in_round
     assert_equal(glob, reference(expect))
 
 

@@ -150,7 +150,15 @@ def test_unknown_option_lists_the_valid_ones(rng: np.random.Generator) -> None:
 
 def test_common_options_are_accepted_by_every_rule(round_updates: list[ClientUpdate]) -> None:
     for name in ALL:
-        aggregate(name, round_updates, lora_alpha=16.0, rslora=False, seed=3, max_rank=8)
+        result = aggregate(name, round_updates, lora_alpha=16.0, rslora=False, seed=3,
+                           max_rank=8)
+        # the options took effect: the rule's result carries them
+        assert result.strategy == name and result.lora_alpha == 16.0 and not result.rslora
+        assert set(result.modules) == set(round_updates[0].factors)
+        rank = next(iter(round_updates[0].factors.values())).rank
+        sent = result.for_client(rank)  # what a client of the round's rank receives
+        for module, f in round_updates[0].factors.items():
+            assert sent[module].a.shape == f.a.shape and sent[module].b.shape == f.b.shape
 
 
 def test_max_rank_rejects_larger_updates(rng: np.random.Generator) -> None:

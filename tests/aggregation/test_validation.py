@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlora.aggregation import ClientUpdate, LoraFactors, UpdateRejected, validate_update
+from fedlora.aggregation import (
+    ClientUpdate,
+    LoraFactors,
+    UpdateRejected,
+    aggregate,
+    validate_update,
+)
 from fedlora.aggregation.validation import check_shared_factor
 
 EXPECTED = {"q": (6, 5), "v": (4, 7)}  # module -> (out, in)
@@ -82,7 +88,11 @@ def test_validate_update_rejects_with_reason(
 def test_validate_update_accepts_ranks_up_to_the_boundary(rank: int) -> None:
     update = ClientUpdate(good(rank), np.int64(3))
 
-    validate_update(update, EXPECTED, max_rank=5, declared_rank=rank)
+    assert validate_update(update, EXPECTED, max_rank=5, declared_rank=rank) is None
+    # ... and the boundary is where it says: one rank more is refused
+    with pytest.raises(UpdateRejected) as info:
+        validate_update(ClientUpdate(good(6), 3), EXPECTED, max_rank=5, declared_rank=6)
+    assert info.value.reason == "RANK_TOO_LARGE"
 
 
 def test_shape_message_says_expected_got_and_what_to_change() -> None:
@@ -100,8 +110,15 @@ def test_shape_message_says_expected_got_and_what_to_change() -> None:
 def test_float16_and_float32_factors_are_accepted() -> None:
     factors = {m: f.astype(np.float16) for m, f in good().items()}
     factors["v"] = factors["v"].astype(np.float32)
+    update = ClientUpdate(factors, 5)
 
-    validate_update(ClientUpdate(factors, 5), EXPECTED, max_rank=None)
+    assert validate_update(update, EXPECTED, max_rank=None) is None
+    # accepted as they are: aggregating them gives their values (float16 → float64 is exact)
+    result = aggregate("fedit", [update])
+    for module, f in factors.items():
+        g = result.global_factors[module]
+        assert np.array_equal(g.b * (g.scale / f.scale), f.b.astype(np.float64))
+        assert np.array_equal(g.a, f.a.astype(np.float64))
 
 
 def test_shared_factor_check_allows_the_tolerance_and_names_the_client() -> None:
