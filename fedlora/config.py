@@ -100,8 +100,8 @@ class FederationConfig:
     resume: bool = _f(False, "continue from the newest intact checkpoint in output-dir")
     secure_aggregation: bool = _f(False, "the server learns only the weighted sum of the "
                                   "clients' factors (SecAgg+ message rounds; fedit, ffa, fedsa, "
-                                  "rolora); max-update-norm cannot be checked, clip-update-norm "
-                                  "is applied by each client")
+                                  "rolora, hetlora, fedsvd); max-update-norm cannot be "
+                                  "checked, clip-update-norm is applied by each client")
     secagg_threshold: int = _f(0, "secure aggregation: shares needed to rebuild a client's "
                                "secrets (0 = a strict majority of its share group, which "
                                "tolerates the most dropouts)")
@@ -126,7 +126,7 @@ class FederationConfig:
     dp_mode: str = _f("off", "client-level differential privacy: off, central (clients clip, the "
                       "server adds noise), local (clients clip and add noise) or distributed "
                       "(with secure aggregation: each client adds its share of the noise "
-                      "inside the secure sum); fedit, ffa (recommended), fedsa, rolora")
+                      "inside the secure sum); fedit, ffa (recommended), fedsa, rolora, fedsvd")
     dp_clip_norm: float = _f(1.0, "DP: L2 bound of each client's update (sent - received)")
     dp_noise_multiplier: float = _f(1.0, "DP: noise std / clip norm (on the sum, or per client "
                                     "in local mode)")

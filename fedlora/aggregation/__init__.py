@@ -10,7 +10,7 @@ folded in, so clients of different ranks combine correctly.
 >>> result.for_client(8)                               # doctest: +SKIP
 
 Rules (one module each, registered by name): ``fedit``, ``ffa``, ``fedsa``,
-``rolora``, ``hetlora``, ``flora``, ``flexlora``, ``fedex``, ``robust``. Everything here
+``rolora``, ``hetlora``, ``flora``, ``flexlora``, ``fedex``, ``robust``, ``fedsvd``. Everything here
 is numpy only, never mutates its inputs, and sums in the order given.
 """
 
@@ -18,6 +18,7 @@ from fedlora.aggregation import (  # noqa: F401  (imported to register the rules
     fedex,
     fedit,
     fedsa,
+    fedsvd,
     ffa,
     flexlora,
     flora,

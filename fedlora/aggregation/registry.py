@@ -64,6 +64,10 @@ class StrategyInfo:
         aggregation and server optimizers apply.
     modifies_base
         The result carries a base correction to merge into frozen weights.
+    refactors
+        The server step re-factorises the weighted mean of the uploads (FedSVD): the mean
+        is all it needs, so secure aggregation and DP apply, but the global factors are
+        not that mean, so server optimizers do not.
     options
         Rule-specific option names and defaults (``REQUIRED`` when none).
     """
@@ -74,6 +78,7 @@ class StrategyInfo:
     linear: bool
     modifies_base: bool
     options: Mapping[str, Any]
+    refactors: bool = False
 
 
 _RULES: dict[str, tuple[Callable[..., AggregationResult], StrategyInfo]] = {}
@@ -86,6 +91,7 @@ def register(
     exact: bool = False,
     linear: bool = False,
     modifies_base: bool = False,
+    refactors: bool = False,
 ) -> Callable[[R], R]:
     """Decorator registering an aggregation rule under ``name``.
 
@@ -93,7 +99,7 @@ def register(
     ----------
     name
         Lower-case identifier, unique in the registry.
-    equal_ranks, exact, linear, modifies_base
+    equal_ranks, exact, linear, modifies_base, refactors
         Rule properties, see :class:`StrategyInfo`.
 
     Returns
@@ -125,6 +131,7 @@ def register(
                 linear=linear,
                 modifies_base=modifies_base,
                 options=MappingProxyType(_rule_options(name, rule)),
+                refactors=refactors,
             ),
         )
         return rule

@@ -26,6 +26,10 @@ COMPATIBLE: dict[str, str] = {
     "ffa": "only B is aggregated (A stays frozen at the shared seeded init)",
     "fedsa": "only A is aggregated; each B_k stays on its client",
     "rolora": "the factor trained this round (A or B) is a weighted mean",
+    "fedsvd": (
+        "only B is aggregated (A is what the server sent); the server takes the SVD of the "
+        "decoded mean B̄ times that A"
+    ),
     "hetlora": (
         "clients zero-pad to r_max, pre-scale their factors by their own weight "
         "(‖s_k B_k A_k‖_F, times n_k if weighting by examples) and the weights are summed "
