@@ -78,6 +78,8 @@ class FederationConfig:
     max_rank: int = _f(64, "largest LoRA rank the server accepts from a client")
     hetlora_weight_by_examples: bool = _f(False, "hetlora: multiply norm weights by examples")
     rolora_first_phase: str = _f("b", "rolora: factor trained in round 1 ('b' or 'a')")
+    lora_fair_lambda: float = _f(0.01, "lora-fair: weight of the penalty on the server's "
+                                 "correction of B (0 = the least-squares correction)")
     robust_reducer: str = _f("median", "robust: coordinate-wise median, trimmed-mean or mean "
                              "of the clients' ΔW")
     robust_trim: float = _f(0.1, "robust: fraction trimmed at each end by trimmed-mean")
@@ -154,6 +156,7 @@ class FederationConfig:
         _positive("checkpoint-keep", self.checkpoint_keep)
         _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _choice("rolora-first-phase", self.rolora_first_phase, ("a", "b"))
+        _positive("lora-fair-lambda", self.lora_fair_lambda, zero_ok=True)
         _choice("robust-reducer", self.robust_reducer, ("median", "trimmed-mean", "mean"))
         if not 0 <= self.robust_trim < 0.5:
             raise ConfigError(f"robust-trim must be in [0, 0.5); got {self.robust_trim}")

@@ -112,6 +112,8 @@ def round_plan(cfg: RunConfig, server_round: int) -> RoundPlan:
         return RoundPlan(trainable=phase, send=phase, options={"phase": phase})
     if name == "hetlora":
         return RoundPlan(options={"weight_by_examples": cfg.fl.hetlora_weight_by_examples})
+    if name == "lora-fair":
+        return RoundPlan(options={"lambda_": cfg.fl.lora_fair_lambda})
     if name == "robust":
         return RoundPlan(options={"reducer": cfg.fl.robust_reducer, "trim": cfg.fl.robust_trim,
                                   "clip_multiplier": cfg.fl.robust_clip_multiplier})

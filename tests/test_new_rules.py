@@ -107,3 +107,18 @@ def test_fedsvd_refuses_a_server_optimizer_with_the_reason():
     cfg = config.from_flat(tiny_config(strategy="fedsvd", server_optimizer="fedadam"))
     with pytest.raises(ConfigError, match="rotation"):
         build_optimizer(cfg)
+
+
+# --------------------------------------------------------------------------- lora-fair
+
+
+def test_lora_fair_corrects_fedits_aggregation_error_on_the_same_replies():
+    """Round 1 starts from the same seeded adapter and trains with the same seeds, so both
+    rules aggregate identical replies (2 of 4 nodes sampled); lora-fair's error is lower."""
+    common = {"num_server_rounds": 1, "num_train_nodes": 2, "min_available_nodes": 4}
+    fair, *_ = run_rounds(tiny_config(strategy="lora-fair", **common), num_nodes=4)
+    fedit, *_ = run_rounds(tiny_config(strategy="fedit", **common), num_nodes=4)
+    assert fair[1]["clients"] == fedit[1]["clients"] and fair[1]["num_accepted"] == 2
+    assert fair[1]["train_loss"] == fedit[1]["train_loss"]  # the same local training
+    for module, error in fair[1]["agg_error"].items():
+        assert error < fedit[1]["agg_error"][module], module

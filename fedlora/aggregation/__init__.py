@@ -10,8 +10,9 @@ folded in, so clients of different ranks combine correctly.
 >>> result.for_client(8)                               # doctest: +SKIP
 
 Rules (one module each, registered by name): ``fedit``, ``ffa``, ``fedsa``,
-``rolora``, ``hetlora``, ``flora``, ``flexlora``, ``fedex``, ``robust``, ``fedsvd``. Everything here
-is numpy only, never mutates its inputs, and sums in the order given.
+``rolora``, ``hetlora``, ``flora``, ``flexlora``, ``fedex``, ``robust``, ``fedsvd``,
+``lora-fair``, ``raflora``. Everything here is numpy only, never mutates its inputs, and
+sums in the order given.
 """
 
 from fedlora.aggregation import (  # noqa: F401  (imported to register the rules)
@@ -23,6 +24,7 @@ from fedlora.aggregation import (  # noqa: F401  (imported to register the rules
     flexlora,
     flora,
     hetlora,
+    lora_fair,
     robust,
     rolora,
 )

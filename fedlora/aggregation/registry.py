@@ -40,7 +40,7 @@ COMMON_OPTIONS: Mapping[str, Any] = MappingProxyType(
     {"lora_alpha": None, "rslora": False, "seed": 0, "max_rank": None}
 )
 REQUIRED = inspect.Parameter.empty
-_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_NAME = re.compile(r"[a-z][a-z0-9_]*(-[a-z0-9_]+)*")
 
 
 R = TypeVar("R", bound=Callable[..., AggregationResult])
@@ -98,7 +98,8 @@ def register(
     Parameters
     ----------
     name
-        Lower-case identifier, unique in the registry.
+        Lower-case identifier (words may be joined by "-", as in "lora-fair"), unique in
+        the registry.
     equal_ranks, exact, linear, modifies_base, refactors
         Rule properties, see :class:`StrategyInfo`.
 
@@ -114,7 +115,8 @@ def register(
         clash with the common ones or are not keyword-only.
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"strategy names are lower-case identifiers like 'fedit', got {name!r}")
+        raise ValueError(f"strategy names are lower-case identifiers like 'fedit' or 'lora-fair', "
+                         f"got {name!r}")
 
     def decorator(rule: R) -> R:
         if name in _RULES:
