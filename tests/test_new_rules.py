@@ -122,3 +122,28 @@ def test_lora_fair_corrects_fedits_aggregation_error_on_the_same_replies():
     assert fair[1]["train_loss"] == fedit[1]["train_loss"]  # the same local training
     for module, error in fair[1]["agg_error"].items():
         assert error < fedit[1]["agg_error"][module], module
+
+
+# --------------------------------------------------------------------------- raflora
+
+
+def test_raflora_runs_mixed_ranks_with_partial_participation_and_checkpoints():
+    """6 nodes of ranks 4/8/16, 3 sampled per round: every rank up to max-rank receives live
+    components only, and the global adapter survives a checkpoint round trip."""
+    from fedlora.federation import GlobalAdapter
+
+    flat = tiny_config(strategy="raflora", num_server_rounds=2, num_train_nodes=3,
+                       min_available_nodes=6, rank_by_partition="4,8,16", max_rank=16)
+    records, _, glob, _ = run_rounds(flat, num_nodes=6)
+    assert [r["num_accepted"] for r in records[1:]] == [3, 3]
+    for rank in (4, 8, 16):
+        arrays = glob.arrays_for(rank)
+        for m in modules(arrays):
+            a, b = arrays[m + lora.LORA_A], arrays[m + lora.LORA_B]
+            assert a.shape[0] == rank == b.shape[1]
+            dead = (np.abs(a).max(axis=1) == 0) & (np.abs(b).max(axis=0) == 0)
+            assert not dead.any(), (rank, m)
+    state, arrays = glob.state_dict()
+    again = GlobalAdapter.from_state(state, arrays)
+    for key, value in glob.arrays_for(16).items():
+        np.testing.assert_array_equal(again.arrays_for(16)[key], value)

@@ -25,6 +25,7 @@ from fedlora.aggregation import (  # noqa: F401  (imported to register the rules
     flora,
     hetlora,
     lora_fair,
+    raflora,
     robust,
     rolora,
 )

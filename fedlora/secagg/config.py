@@ -43,6 +43,7 @@ INCOMPATIBLE: dict[str, str] = {
     "flexlora": "it needs each client's product s_k B_k A_k to form ΔW* before its SVD",
     "fedex": "its residual Σ p_k s_k B_k A_k − s·B̄Ā needs each client's product B_k A_k",
     "robust": "its median / trimmed mean is taken over each client's own ΔW_k",
+    "raflora": "its band-wise means and SVD allocation need each client's product s_k B_k A_k",
     "lora-fair": "its correction ΔB needs Σ p_k B_k (A_k Āᵀ), each client's B_k next to its A_k",
 }
 
