@@ -21,8 +21,9 @@ components ``ρ_{j-1} < i ≤ ρ_j`` (columns of B, rows of A), held by
 
 So the components above rank 8 of a round with ranks 4/8/16 come only from the rank-16
 clients, at their full (re-normalised) weight; with equal ranks raFLoRA is FlexLoRA's
-aggregate. ``effective_delta`` is the banded ``ΔW`` exactly (``exact`` refers to this banded
-target: it differs from ``Σ_k p_k s_k B_k A_k`` by design whenever ranks differ).
+aggregate. ``effective_delta`` is the banded ``ΔW`` exactly; it differs from
+``Σ_k p_k s_k B_k A_k`` by design whenever ranks differ, so the rule is registered as not
+exact (its ``agg_error`` measures that re-weighting; 0 with equal ranks).
 
 Contract (no dead components): the global factors have ``max(k, max_rank, largest rank of the
 round)`` rows, ``k = min(m, n, Σ_k r_k)``; every row of A is non-zero. Rows beyond ``k``
@@ -63,7 +64,7 @@ from fedlora.aggregation.result import AggregationResult, prefix_result
 ROW_NORM = 1.0 / math.sqrt(3.0)  # ‖row‖ of PEFT's kaiming_uniform(a=√5) init of A, any n
 
 
-@register("raflora", equal_ranks=False, exact=True, linear=False, modifies_base=False)
+@register("raflora", equal_ranks=False, exact=False, linear=False, modifies_base=False)
 def raflora(updates: Sequence[ClientUpdate], context: RoundContext) -> AggregationResult:
     """Band-wise means over the holders of each band, then SVD allocation (module docstring)."""
     global_factors = {}

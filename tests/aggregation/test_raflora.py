@@ -154,7 +154,7 @@ def test_sampled_rounds_of_mixed_ranks_keep_every_component_alive():
 
 def test_raflora_is_declared_mixed_rank_and_outside_secure_aggregation():
     info = strategy_info("raflora")
-    assert not info.equal_ranks and not info.linear
+    assert not info.equal_ranks and not info.linear and not info.exact
     assert not secagg_compatible("raflora")[0]
 
 
