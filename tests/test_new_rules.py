@@ -147,3 +147,78 @@ def test_raflora_runs_mixed_ranks_with_partial_participation_and_checkpoints():
     again = GlobalAdapter.from_state(state, arrays)
     for key, value in glob.arrays_for(16).items():
         np.testing.assert_array_equal(again.arrays_for(16)[key], value)
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def test_fedlora_strategies_lists_the_new_rules_with_their_compatibility(capsys):
+    from fedlora.cli import cmd_strategies
+
+    assert cmd_strategies(None) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "mixed-ranks=no " in lines["fedsvd"] and "exact=yes" in lines["fedsvd"]
+    assert "secure-aggregation=yes" in lines["fedsvd"] and lines["fedsvd"].endswith("dp=yes")
+    assert "secure-aggregation=no " in lines["lora-fair"] and lines["lora-fair"].endswith("dp=no")
+    assert "mixed-ranks=yes" in lines["raflora"] and "secure-aggregation=no " in lines["raflora"]
+
+
+# --------------------------------------------------------------------------- CLI, on Ray
+
+TINY_CLI = ("model.num-hidden-layers=1 data.samples-per-client=32 data.eval-samples=64 "
+            "data.max-length=32 train.local-steps=3")
+
+
+@pytest.mark.slow
+def test_fedsvd_runs_through_fedlora_run_with_secure_aggregation_and_distributed_dp(tmp_path):
+    from tests.test_simulation import check_run, fedlora_cli
+
+    out = tmp_path / "fedsvd"
+    res = fedlora_cli("run", "--num-clients", "3", "--rounds", "2", "--out", str(out), "-c",
+                      f"strategy=fedsvd secure-aggregation=true dp-mode=distributed "
+                      f"dp-clip-norm=0.05 dp-noise-multiplier=0.5 {TINY_CLI}")
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    records = check_run(out, rounds=2)  # the exported adapter reproduces the last metrics
+    assert all(r["dp_epsilon"] > 0 and "secagg_error_bound" in r for r in records[1:])
+
+
+@pytest.mark.slow
+def test_the_new_rules_run_through_fedlora_experiment(tmp_path):
+    """fedsvd and lora-fair at equal ranks, raflora with ranks 4/8/16: every cell finishes
+    and the report lists the three."""
+    import csv
+    import json
+
+    from tests.test_experiment import cli
+
+    spec = tmp_path / "new.toml"
+    spec.write_text(f"""
+name = "new-rules"
+preset = "bbc-minilm"
+seeds = [0]
+baselines = []
+[base]
+num-clients = 3
+num-server-rounds = 2
+{chr(10).join(item.replace("=", " = ") for item in TINY_CLI.split())}
+[[strategies]]
+strategy = "fedsvd"
+[[strategies]]
+strategy = "lora-fair"
+[[strategies]]
+strategy = "raflora"
+rank-by-partition = "4,8,16"
+[[settings]]
+label = "iid"
+data.partitioner = "iid"
+""")
+    res = cli(str(spec), "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    for label in ("fedsvd", "lora-fair", "raflora"):
+        status = json.loads((tmp_path / "out" / "cells" / f"iid--{label}--seed0" / "cell.json")
+                            .read_text())
+        assert status["status"] == "done", status
+    with (tmp_path / "out" / "runs.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["kind"] == "federated"]
+    assert {r["label"] for r in rows} == {"fedsvd", "lora-fair", "raflora"}
+    assert len(rows) == 3 * 3  # rounds 0..2 per cell
