@@ -103,6 +103,39 @@ def test_fedsvd_runs_under_client_level_dp(mode):
         assert not np.allclose(got[m + lora.LORA_A], initial[m + lora.LORA_A])
 
 
+def test_fedsvd_rejects_a_node_that_uploads_the_frozen_a_and_aggregates_the_others():
+    """A hostile node sends a moved A along with B: KEY_MISMATCH, and the round is the SVD of
+    the other two nodes' mean B times the A the server sent."""
+    from flwr.app import Array
+
+    def tamper(reply):
+        if reply.metadata.message_type == "train" and \
+                int(reply.content["metrics"]["partition-id"]) == 1:
+            arrays = reply.content["arrays"]
+            for key in [k for k in arrays if k.endswith(lora.LORA_B)]:
+                a_key = key[: -len(lora.LORA_B)] + lora.LORA_A
+                rows = arrays[key].numpy().shape[1]
+                arrays[a_key] = Array(np.full((rows, 384), 0.5, np.float32))
+
+    flat = tiny_config(strategy="fedsvd", num_server_rounds=1)
+    replies: list = []
+    records, _, glob, _ = run_rounds(flat, on_reply=lambda r: (tamper(r), replies.append(r)))
+    assert records[1]["rejected"] == {"KEY_MISMATCH": 1} and records[1]["clients"] == [0, 2]
+    cfg = config.from_flat(flat)
+    scale = scale_for_rank(RANK, cfg.lora.alpha, cfg.lora.use_rslora)
+    sent = ServerModel(cfg, cfg.fl.max_rank).initial_global().arrays_for(RANK)
+    got = glob.arrays_for(RANK)
+    assert_orthonormal_a(got)
+    honest = [(n, a) for n, a in train_replies(replies)
+              if not any(k.endswith(lora.LORA_A) for k in a)]
+    assert len(honest) == 2
+    total = sum(n for n, _ in honest)
+    for m, delta in products(got, scale).items():
+        b_mean = sum(n / total * a[m + lora.LORA_B].astype(np.float64) for n, a in honest)
+        want = scale * b_mean @ sent[m + lora.LORA_A].astype(np.float64)
+        np.testing.assert_allclose(delta, want, atol=1e-6, err_msg=m)
+
+
 def test_fedsvd_refuses_a_server_optimizer_with_the_reason():
     cfg = config.from_flat(tiny_config(strategy="fedsvd", server_optimizer="fedadam"))
     with pytest.raises(ConfigError, match="rotation"):
@@ -171,15 +204,22 @@ TINY_CLI = ("model.num-hidden-layers=1 data.samples-per-client=32 data.eval-samp
 
 @pytest.mark.slow
 def test_fedsvd_runs_through_fedlora_run_with_secure_aggregation_and_distributed_dp(tmp_path):
-    from tests.test_simulation import check_run, fedlora_cli
+    from fedlora.outputs import read_metrics
+    from tests.test_simulation import fedlora_cli, reevaluate
 
     out = tmp_path / "fedsvd"
     res = fedlora_cli("run", "--num-clients", "3", "--rounds", "2", "--out", str(out), "-c",
                       f"strategy=fedsvd secure-aggregation=true dp-mode=distributed "
                       f"dp-clip-norm=0.05 dp-noise-multiplier=0.5 {TINY_CLI}")
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
-    records = check_run(out, rounds=2)  # the exported adapter reproduces the last metrics
-    assert all(r["dp_epsilon"] > 0 and "secagg_error_bound" in r for r in records[1:])
+    records = read_metrics(out)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records[1:]:  # the untrusted server gets no train loss under distributed DP
+        assert r["num_accepted"] == 3 and r["dp_epsilon"] > 0 and "secagg_error_bound" in r
+        assert "train_loss" not in r
+    again = reevaluate(out)  # the exported PEFT adapter reproduces the last metrics
+    assert again["eval-accuracy"] == pytest.approx(records[-1]["eval_accuracy"], abs=0.01)
+    assert again["eval-loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-3)
 
 
 @pytest.mark.slow
