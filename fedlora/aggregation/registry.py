@@ -111,12 +111,15 @@ def register(
     Raises
     ------
     ValueError
-        On an invalid or already registered name, or a rule whose options
-        clash with the common ones or are not keyword-only.
+        On an invalid or already registered name, ``refactors`` without ``linear``, or a
+        rule whose options clash with the common ones or are not keyword-only.
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"strategy names are lower-case identifiers like 'fedit' or 'lora-fair', "
                          f"got {name!r}")
+    if refactors and not linear:
+        raise ValueError(f"rule {name!r}: refactors=True re-factorises a weighted mean of the "
+                         f"uploads, so the rule must also be linear=True")
 
     def decorator(rule: R) -> R:
         if name in _RULES:
