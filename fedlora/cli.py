@@ -328,12 +328,16 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_strategies(args: argparse.Namespace) -> int:
     from fedlora.aggregation import available_strategies, strategy_info
+    from fedlora.privacy import DP_STRATEGIES
+    from fedlora.secagg import secagg_compatible
 
     for name in available_strategies():
         info = strategy_info(name)
         print(f"{name:10} mixed-ranks={'no ' if info.equal_ranks else 'yes'} "
               f"exact={'yes' if info.exact else 'no '} modifies-base="
-              f"{'yes' if info.modifies_base else 'no'}")
+              f"{'yes' if info.modifies_base else 'no '} secure-aggregation="
+              f"{'yes' if secagg_compatible(name)[0] else 'no '} dp="
+              f"{'yes' if name in DP_STRATEGIES else 'no'}")
     return 0
 
 

@@ -78,6 +78,8 @@ class FederationConfig:
     max_rank: int = _f(64, "largest LoRA rank the server accepts from a client")
     hetlora_weight_by_examples: bool = _f(False, "hetlora: multiply norm weights by examples")
     rolora_first_phase: str = _f("b", "rolora: factor trained in round 1 ('b' or 'a')")
+    lora_fair_lambda: float = _f(0.01, "lora-fair: weight of the penalty on the server's "
+                                 "correction of B (0 = the least-squares correction)")
     robust_reducer: str = _f("median", "robust: coordinate-wise median, trimmed-mean or mean "
                              "of the clients' ΔW")
     robust_trim: float = _f(0.1, "robust: fraction trimmed at each end by trimmed-mean")
@@ -100,8 +102,8 @@ class FederationConfig:
     resume: bool = _f(False, "continue from the newest intact checkpoint in output-dir")
     secure_aggregation: bool = _f(False, "the server learns only the weighted sum of the "
                                   "clients' factors (SecAgg+ message rounds; fedit, ffa, fedsa, "
-                                  "rolora); max-update-norm cannot be checked, clip-update-norm "
-                                  "is applied by each client")
+                                  "rolora, hetlora, fedsvd); max-update-norm cannot be "
+                                  "checked, clip-update-norm is applied by each client")
     secagg_threshold: int = _f(0, "secure aggregation: shares needed to rebuild a client's "
                                "secrets (0 = a strict majority of its share group, which "
                                "tolerates the most dropouts)")
@@ -126,7 +128,7 @@ class FederationConfig:
     dp_mode: str = _f("off", "client-level differential privacy: off, central (clients clip, the "
                       "server adds noise), local (clients clip and add noise) or distributed "
                       "(with secure aggregation: each client adds its share of the noise "
-                      "inside the secure sum); fedit, ffa (recommended), fedsa, rolora")
+                      "inside the secure sum); fedit, ffa (recommended), fedsa, rolora, fedsvd")
     dp_clip_norm: float = _f(1.0, "DP: L2 bound of each client's update (sent - received)")
     dp_noise_multiplier: float = _f(1.0, "DP: noise std / clip norm (on the sum, or per client "
                                     "in local mode)")
@@ -154,6 +156,7 @@ class FederationConfig:
         _positive("checkpoint-keep", self.checkpoint_keep)
         _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _choice("rolora-first-phase", self.rolora_first_phase, ("a", "b"))
+        _positive("lora-fair-lambda", self.lora_fair_lambda, zero_ok=True)
         _choice("robust-reducer", self.robust_reducer, ("median", "trimmed-mean", "mean"))
         if not 0 <= self.robust_trim < 0.5:
             raise ConfigError(f"robust-trim must be in [0, 0.5); got {self.robust_trim}")

@@ -143,7 +143,8 @@ class GlobalAdapter:
     def apply(self, result: AggregationResult, heads: Mapping[str, np.ndarray],
               optimizer: ServerOptimizer | None = None, rank: int | None = None) -> None:
         """Adopt a round's aggregate (optionally through a server optimizer)."""
-        if optimizer is not None and (rank is None or not strategy_info(result.strategy).linear):
+        info = strategy_info(result.strategy)
+        if optimizer is not None and (rank is None or not info.linear or info.refactors):
             raise ValueError(f"server optimizers need a linear, equal-rank rule; "
                              f"{result.strategy!r} is not")
         if result.base_correction:

@@ -56,7 +56,9 @@ CONTRIBUTORS_KEY = "dp-contributors"  # train config, distributed mode: m of noi
 # modes whose server is not trusted with anything about one client's training beyond its
 # noisy update: the client withholds its train loss and update norm (see withhold_metrics)
 UNTRUSTED_SERVER = ("local", "distributed")
-DP_STRATEGIES = ("fedit", "ffa", "fedsa", "rolora")  # linear, equal-rank: a mean of updates
+# linear, equal-rank: a mean of updates (fedsvd: the SVD of the noisy mean B̄ times the A the
+# server sent is post-processing, so it spends no privacy)
+DP_STRATEGIES = ("fedit", "ffa", "fedsa", "rolora", "fedsvd")
 
 
 @dataclass(frozen=True)

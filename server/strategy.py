@@ -102,7 +102,7 @@ class RoundPlan:
 
 def round_plan(cfg: RunConfig, server_round: int) -> RoundPlan:
     name = cfg.fl.strategy
-    if name == "ffa":
+    if name in ("ffa", "fedsvd"):  # A frozen at what the node received, only B trained
         return RoundPlan(trainable="b", send="b")
     if name == "fedsa":
         return RoundPlan(send="a", personal="b")
@@ -112,6 +112,8 @@ def round_plan(cfg: RunConfig, server_round: int) -> RoundPlan:
         return RoundPlan(trainable=phase, send=phase, options={"phase": phase})
     if name == "hetlora":
         return RoundPlan(options={"weight_by_examples": cfg.fl.hetlora_weight_by_examples})
+    if name == "lora-fair":
+        return RoundPlan(options={"lambda_": cfg.fl.lora_fair_lambda})
     if name == "robust":
         return RoundPlan(options={"reducer": cfg.fl.robust_reducer, "trim": cfg.fl.robust_trim,
                                   "clip_multiplier": cfg.fl.robust_clip_multiplier})
@@ -123,11 +125,13 @@ def build_optimizer(cfg: RunConfig) -> ServerOptimizer | None:
     if fl.server_optimizer == "none":
         return None
     info = strategy_info(fl.strategy)
-    if not info.linear or not info.equal_ranks:
+    if not info.linear or not info.equal_ranks or info.refactors:
         raise ConfigError(
             f"server-optimizer {fl.server_optimizer!r} works on the weighted mean of equal-rank "
             f"factors; strategy {fl.strategy!r} is not such a rule (use fedit, ffa, fedsa or "
             f"rolora, or server-optimizer = 'none')"
+            + (" — fedsvd replaces A by a rotation every round, so new − previous is no "
+               "pseudo-gradient" if info.refactors else "")
         )
     return ServerOptimizer(
         fl.server_optimizer, lr=fl.server_lr or None,

@@ -79,7 +79,8 @@ def test_fresh_noise_is_not_reproducible_from_the_seed():
 @pytest.mark.parametrize(("strategy", "ok"), [("fedit", True), ("ffa", True), ("fedsa", True),
                                               ("rolora", True), ("flexlora", False),
                                               ("hetlora", False), ("flora", False),
-                                              ("fedex", False)])
+                                              ("fedex", False), ("fedsvd", True),
+                                              ("lora-fair", False), ("raflora", False)])
 def test_dp_accepts_only_linear_equal_rank_rules(strategy, ok):
     spec = DPSpec("central")
     if ok:

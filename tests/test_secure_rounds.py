@@ -325,7 +325,7 @@ def test_fedlora_run_refuses_flora_with_secure_aggregation_before_starting(tmp_p
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr
     assert "flora cannot run with secure aggregation" in res.stderr
-    assert "use one of fedit, fedsa, ffa, hetlora, rolora" in res.stderr
+    assert "use one of fedit, fedsa, fedsvd, ffa, hetlora, rolora" in res.stderr
     assert not out.exists()  # preflight only: nothing was started or written
 
 

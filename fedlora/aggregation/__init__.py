@@ -10,18 +10,22 @@ folded in, so clients of different ranks combine correctly.
 >>> result.for_client(8)                               # doctest: +SKIP
 
 Rules (one module each, registered by name): ``fedit``, ``ffa``, ``fedsa``,
-``rolora``, ``hetlora``, ``flora``, ``flexlora``, ``fedex``, ``robust``. Everything here
-is numpy only, never mutates its inputs, and sums in the order given.
+``rolora``, ``hetlora``, ``flora``, ``flexlora``, ``fedex``, ``robust``, ``fedsvd``,
+``lora-fair``, ``raflora``. Everything here is numpy only, never mutates its inputs, and
+sums in the order given.
 """
 
 from fedlora.aggregation import (  # noqa: F401  (imported to register the rules)
     fedex,
     fedit,
     fedsa,
+    fedsvd,
     ffa,
     flexlora,
     flora,
     hetlora,
+    lora_fair,
+    raflora,
     robust,
     rolora,
 )

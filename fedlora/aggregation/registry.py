@@ -40,7 +40,7 @@ COMMON_OPTIONS: Mapping[str, Any] = MappingProxyType(
     {"lora_alpha": None, "rslora": False, "seed": 0, "max_rank": None}
 )
 REQUIRED = inspect.Parameter.empty
-_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_NAME = re.compile(r"[a-z][a-z0-9_]*(-[a-z0-9_]+)*")
 
 
 R = TypeVar("R", bound=Callable[..., AggregationResult])
@@ -64,6 +64,10 @@ class StrategyInfo:
         aggregation and server optimizers apply.
     modifies_base
         The result carries a base correction to merge into frozen weights.
+    refactors
+        The server step re-factorises the weighted mean of the uploads (FedSVD): the mean
+        is all it needs, so secure aggregation and DP apply, but the global factors are
+        not that mean, so server optimizers do not.
     options
         Rule-specific option names and defaults (``REQUIRED`` when none).
     """
@@ -74,6 +78,7 @@ class StrategyInfo:
     linear: bool
     modifies_base: bool
     options: Mapping[str, Any]
+    refactors: bool = False
 
 
 _RULES: dict[str, tuple[Callable[..., AggregationResult], StrategyInfo]] = {}
@@ -86,14 +91,16 @@ def register(
     exact: bool = False,
     linear: bool = False,
     modifies_base: bool = False,
+    refactors: bool = False,
 ) -> Callable[[R], R]:
     """Decorator registering an aggregation rule under ``name``.
 
     Parameters
     ----------
     name
-        Lower-case identifier, unique in the registry.
-    equal_ranks, exact, linear, modifies_base
+        Lower-case identifier (words may be joined by "-", as in "lora-fair"), unique in
+        the registry.
+    equal_ranks, exact, linear, modifies_base, refactors
         Rule properties, see :class:`StrategyInfo`.
 
     Returns
@@ -104,11 +111,15 @@ def register(
     Raises
     ------
     ValueError
-        On an invalid or already registered name, or a rule whose options
-        clash with the common ones or are not keyword-only.
+        On an invalid or already registered name, ``refactors`` without ``linear``, or a
+        rule whose options clash with the common ones or are not keyword-only.
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"strategy names are lower-case identifiers like 'fedit', got {name!r}")
+        raise ValueError(f"strategy names are lower-case identifiers like 'fedit' or 'lora-fair', "
+                         f"got {name!r}")
+    if refactors and not linear:
+        raise ValueError(f"rule {name!r}: refactors=True re-factorises a weighted mean of the "
+                         f"uploads, so the rule must also be linear=True")
 
     def decorator(rule: R) -> R:
         if name in _RULES:
@@ -125,6 +136,7 @@ def register(
                 linear=linear,
                 modifies_base=modifies_base,
                 options=MappingProxyType(_rule_options(name, rule)),
+                refactors=refactors,
             ),
         )
         return rule

@@ -26,6 +26,10 @@ COMPATIBLE: dict[str, str] = {
     "ffa": "only B is aggregated (A stays frozen at the shared seeded init)",
     "fedsa": "only A is aggregated; each B_k stays on its client",
     "rolora": "the factor trained this round (A or B) is a weighted mean",
+    "fedsvd": (
+        "only B is aggregated (A is what the server sent); the server takes the SVD of the "
+        "decoded mean B̄ times that A"
+    ),
     "hetlora": (
         "clients zero-pad to r_max, pre-scale their factors by their own weight "
         "(‖s_k B_k A_k‖_F, times n_k if weighting by examples) and the weights are summed "
@@ -39,6 +43,8 @@ INCOMPATIBLE: dict[str, str] = {
     "flexlora": "it needs each client's product s_k B_k A_k to form ΔW* before its SVD",
     "fedex": "its residual Σ p_k s_k B_k A_k − s·B̄Ā needs each client's product B_k A_k",
     "robust": "its median / trimmed mean is taken over each client's own ΔW_k",
+    "raflora": "its band-wise means and SVD allocation need each client's product s_k B_k A_k",
+    "lora-fair": "its correction ΔB needs Σ p_k B_k (A_k Āᵀ), each client's B_k next to its A_k",
 }
 
 

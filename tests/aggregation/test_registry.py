@@ -230,3 +230,8 @@ def test_bad_common_option_is_reported_before_the_updates_are_checked(
 ) -> None:
     with pytest.raises(ValueError, match="max_rank must be a positive integer"):
         aggregate("flexlora", [random_update(rng, 4)], max_rank=0)
+
+
+def test_a_refactoring_rule_must_be_linear() -> None:
+    with pytest.raises(ValueError, match="linear=True"):
+        register("svd_of_nothing", refactors=True)
