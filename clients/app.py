@@ -98,6 +98,7 @@ def capabilities(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     cpu = time.process_time()  # this worker process's CPU spent on the message
+    rss_reset = outputs.start_peak_window()  # this message's peak memory: load and train
     cfg, node, model, tokenizer, instructions, base, arrays = _prepare(msg, context)
     if cfg.fl.secure_aggregation and instructions.get(STAGE_KEY) != "train":
         raise ConfigError("this run has secure-aggregation = true, but the server asked for "
@@ -125,7 +126,8 @@ def train(msg: Message, context: Context) -> Message:
                     "base-version": base.version,
                     "server-round": int(instructions["server-round"]),
                     "rss-mb": outputs.rss_mb(), "peak-rss-mb": outputs.rss_mb(peak=True),
-                    "load-seconds": load_seconds, "train-cpu-s": time.process_time() - cpu})
+                    "load-seconds": load_seconds, "train-cpu-s": time.process_time() - cpu,
+                    **outputs.window_peaks(rss_reset)})
     if dp.enabled:  # clip, and add this node's noise, before anything leaves the node
         contributors = _dp_contributors(cfg, dp, instructions)
         if secure:  # decided on public values only, before the data is touched

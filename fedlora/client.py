@@ -88,7 +88,11 @@ class Node:
 
 
 def load_model(cfg: RunConfig, node: Node) -> tuple[Any, Any]:
-    """The node's PEFT model (cached frozen base) and tokenizer."""
+    """The node's PEFT model (cached frozen base) and tokenizer.
+
+    The run's memory knobs are checked against this node's device first: a knob without
+    kernels here fails before the base model is loaded."""
+    training.check_support(builders.train_spec(cfg, 0, node.partition_id), builders.device())
     single_threaded_blas()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -177,8 +181,11 @@ def train_round(model: Any, tokenizer: Any, train_examples: list[dict],
         free_memory()
         raise MemoryError(
             f"out of memory while training (batch size {spec.batch_size}): lower "
-            f"train.batch-size or data.max-length, or load the base in bfloat16 "
-            f"(model.dtype); the node freed its memory and will take the next round"
+            f"train.batch-size (raise train.grad-accum-steps to keep the step's examples) or "
+            f"data.max-length; or set train.gradient-checkpointing=on, "
+            f"train.optimizer=paged_adamw_8bit, train.autocast=bf16, or load the base in "
+            f"bfloat16 (model.dtype) or 4-bit (model.quantization=nf4); the node freed its "
+            f"memory and will take the next round"
         ) from exc
     return lora.adapter_arrays(model), metrics
 
