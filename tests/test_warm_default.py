@@ -98,7 +98,8 @@ def _worker_pid(out: Path, index: int) -> int:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"worker" in cmdline and want in cmdline:
+        # the worker itself, not the reaper that started it (whose command line contains it)
+        if cmdline[1:3] == [b"-m", b"fedlora"] and b"worker" in cmdline and want in cmdline:
             return int(proc.name)
     raise AssertionError(f"no fedlora worker for node {index} of {out}")
 
