@@ -32,6 +32,7 @@ from fedlora import (
     builders,
     client,
     config,
+    ddp,
     lora,
     outputs,
     privacy,
@@ -108,8 +109,14 @@ def train(msg: Message, context: Context) -> Message:
     spec = builders.train_spec(cfg, int(instructions["server-round"]), node.partition_id)
     load_seconds = time.perf_counter() - started  # model (cached after the first), data, adapter
 
-    trained, metrics = client.train_round(model, tokenizer, train_examples, arrays, spec,
-                                          str(instructions.get("trainable", "ab")))
+    trainable = str(instructions.get("trainable", "ab"))
+    if node.procs > 1:  # this process is rank 0 of the node's torch.distributed group
+        trained, metrics = ddp.train_round(context.run_config, context.node_config, model,
+                                           tokenizer, train_examples, arrays, spec, trainable,
+                                           node.procs)
+    else:
+        trained, metrics = client.train_round(model, tokenizer, train_examples, arrays, spec,
+                                              trainable)
 
     if instructions.get("personal") == "b":
         context.state[PERSONAL] = pack({k: v for k, v in trained.items()

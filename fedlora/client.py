@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from fedlora import builders, data, lora, training
+from fedlora import builders, data, ddp, lora, training
 from fedlora.aggregation import LoraFactors
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
@@ -69,6 +69,7 @@ class Node:
     num_partitions: int
     rank: int
     data_path: str = ""
+    procs: int = 1  # procs-per-node: torch.distributed processes training this node's rounds
 
     @classmethod
     def from_configs(cls, cfg: RunConfig, node_config: Mapping[str, Any]) -> Node:
@@ -84,7 +85,9 @@ class Node:
         rank = int(node_config.get("lora-rank", cfg.rank_for_partition(pid)))
         if not 0 < rank <= cfg.fl.max_rank:
             raise ConfigError(f"lora-rank {rank} of node {pid} is outside 1..{cfg.fl.max_rank}")
-        return cls(pid, num, rank, str(node_config.get("data-path", "")))
+        procs = int(node_config.get("procs-per-node", 1))
+        ddp.check(cfg.fl.strategy, procs)
+        return cls(pid, num, rank, str(node_config.get("data-path", "")), procs)
 
 
 def load_model(cfg: RunConfig, node: Node) -> tuple[Any, Any]:

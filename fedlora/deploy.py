@@ -120,6 +120,7 @@ class NodeSpec:
     public_key: Path | None = None
     signing_key: Path | None = None  # its update-signing key (sign-updates)
     warm: bool = False  # ClientApp tasks run in one long-lived `fedlora worker` process
+    procs: int = 1  # procs-per-node: torch.distributed processes per client (fedlora.ddp)
 
     @property
     def name(self) -> str:
@@ -138,6 +139,8 @@ class NodeSpec:
             items.append(f"data-path={json.dumps(self.data_path)}")
         if self.signing_key:
             items.append(f"signing-key={json.dumps(str(self.signing_key))}")
+        if self.procs > 1:
+            items.append(f"procs-per-node={self.procs}")
         return " ".join(items)
 
     def command(self, superlink: str, ca_cert: Path | None) -> list[str]:
@@ -521,7 +524,7 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
            gpus: Sequence[int] | None = None, tls: bool | None = None, auth: bool = False,
            certs_dir: str | Path | None = None, data_paths: Sequence[str | Path] | None = None,
            ranks: Sequence[int] | None = None, port: int | None = None,
-           warm: bool | None = None,
+           warm: bool | None = None, procs_per_node: int = 1,
            on_round: Callable[[dict[str, Any]], None] | None = None,
            on_warning: Callable[[str], None] | None = None,
            poll_s: float = 3.0, startup_timeout: float = 120.0,
@@ -552,6 +555,9 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
         per message, so imports and the loaded base model survive across rounds
         (:mod:`fedlora.warm`; log in ``logs/worker-<i>.log``). ``None``: warm on the tested
         Flower versions, cold with a warning elsewhere (:func:`warm_setting`); ``False``: cold.
+    procs_per_node
+        ``torch.distributed`` processes per node (node config ``procs-per-node``,
+        :mod:`fedlora.ddp`); with ``gpus``, each node needs that many visible GPUs.
     on_round, on_warning
         Called with each ``metrics.jsonl`` record, and with a message per lost SuperNode.
 
@@ -567,6 +573,8 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
     from fedlora.cli import finalize, write_run_config
 
     n = node_count(nodes, gpus)
+    if procs_per_node < 1:
+        raise DeployError(f"--procs-per-node must be >= 1; got {procs_per_node}")
     devices: list[str | None] = list(visible_devices(gpus)) if gpus is not None else [None] * n
     tls = tls_setting(tls, auth, certs_dir)
     rank_list = node_ranks(ranks, n)
@@ -610,7 +618,8 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
                       data_path=paths[i] if paths else None, gpu=devices[i],
                       private_key=creds.node_keys[i] if auth and creds else None,
                       public_key=creds.node_public_keys[i] if auth and creds else None,
-                      signing_key=signing_keys[i] if signing_keys else None, warm=warm)
+                      signing_key=signing_keys[i] if signing_keys else None, warm=warm,
+                      procs=procs_per_node)
              for i in range(n)]
     for spec in specs:
         spec.home.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     settings = {"nodes": None if gpus is not None else nodes, "gpus": gpus,
                 "tls": True if args.tls or args.certs else None, "auth": args.auth,
                 "certs_dir": args.certs, "data_paths": data_paths, "ranks": ranks,
-                "warm": True if args.warm else False if args.cold else None}
+                "warm": True if args.warm else False if args.cold else None,
+                "procs_per_node": args.procs_per_node}
     return _run(flat, out, settings, args.port, console, rounds, record=True)
 
 
@@ -210,6 +211,10 @@ def add_commands(subparsers: Any) -> None:
         "--cold", action="store_true",
         help="a fresh flwr-clientapp process per message (Flower's default; the fallback on "
              "untested Flower versions)")
+    launch.add_argument("--procs-per-node", type=int, default=1, metavar="N",
+                        help="train each node's rounds with N torch.distributed processes "
+                             "(gloo on CPU; NCCL, one GPU each, on GPUs); rank 0 talks to "
+                             "Flower")
     launch.add_argument("--resume", metavar="OUT",
                         help="relaunch the interrupted launch in OUT from its last checkpoint")
     launch.set_defaults(func=cmd_launch)

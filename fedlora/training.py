@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -99,6 +100,25 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], spec: TrainSpec
                weight_decay=spec.weight_decay)
 
 
+def _process_group(model: Any) -> tuple[int, int]:
+    """(rank, world size) when ``model`` is wrapped in DistributedDataParallel, else (0, 1)."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _shard(batch: Sequence[dict], rank: int, world: int) -> list[dict]:
+    """Rank ``rank``'s contiguous share of a step batch (sizes differ by at most one)."""
+    if len(batch) < world:
+        raise ConfigError(f"a step of {len(batch)} examples cannot be shared by {world} "
+                          f"processes: raise train.batch-size x train.grad-accum-steps to at "
+                          f"least procs-per-node")
+    bounds = np.linspace(0, len(batch), world + 1).round().astype(int)
+    return list(batch[bounds[rank]:bounds[rank + 1]])
+
+
 def _loss_items(inputs: Mapping[str, torch.Tensor]) -> int:
     """What a model's mean loss averages over: examples (class labels, 1-D) or predicted tokens
     (causal LM labels, 2-D: the labels after the first position that are not -100)."""
@@ -139,7 +159,8 @@ def train(model: Any, examples: Sequence[dict], spec: TrainSpec, pad_token_id: i
     """
     device = next(model.parameters()).device
     check_support(spec, device)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    inner = getattr(model, "module", model)  # a DistributedDataParallel wrapper's model
+    params = {n: p for n, p in inner.named_parameters() if p.requires_grad}
     optimizer = make_optimizer(list(params.values()), spec)
     anchors = ({n: global_params[n].to(device) for n in params} if spec.proximal_mu > 0
                and global_params is not None else None)
@@ -150,32 +171,52 @@ def train(model: Any, examples: Sequence[dict], spec: TrainSpec, pad_token_id: i
     losses: list[float] = []
     start = time.perf_counter()
     k, micro = spec.grad_accum_steps, spec.batch_size
+    rank, world = _process_group(model)
     for batch in _batches(examples, micro * k, spec.steps, spec.seed):
-        parts = [collate(batch[i * micro:(i + 1) * micro], pad_token_id) for i in range(k)]
-        items = [_loss_items(part) for part in parts]
-        total = max(sum(items), 1)
+        if world == 1:
+            parts = [collate(batch[i * micro:(i + 1) * micro], pad_token_id) for i in range(k)]
+            items = [_loss_items(part) for part in parts]
+            total = max(sum(items), 1)
+        else:  # every rank draws the whole step batch (same seed) and trains its own shard
+            total = max(_loss_items(collate(batch, pad_token_id)), 1)
+            shard = _shard(batch, rank, world)
+            parts = [collate(shard[i:i + micro], pad_token_id)
+                     for i in range(0, len(shard), micro)]
+            items = [_loss_items(part) for part in parts]
         optimizer.zero_grad(set_to_none=True)
         step_loss, proximal = 0.0, anchors is not None
-        for part, n in zip(parts, items, strict=True):
-            if k > 1 and n == 0:
+        for index, (part, n) in enumerate(zip(parts, items, strict=True)):
+            if world == 1 and k > 1 and n == 0:
                 continue  # nothing to predict (its mean loss would be 0/0)
             inputs = {key: v.to(device) for key, v in part.items()}
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = model(**inputs).loss
-            if k > 1:
-                loss = loss * (n / total)
-            step_loss += float(loss.detach())
-            if proximal:  # once per step: it depends on the parameters only
-                prox = sum(((p - anchors[name]) ** 2).sum() for name, p in params.items())
-                loss = loss + 0.5 * spec.proximal_mu * prox
-                proximal = False
-            scaler.scale(loss).backward()
+            last = index == len(parts) - 1  # DDP all-reduces the gradients on the last part
+            sync = contextlib.nullcontext() if world == 1 or last else model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=amp or torch.float32,
+                                    enabled=amp is not None):
+                    loss = model(**inputs).loss
+                if world > 1:  # DDP averages over ranks: scale the shard's share back up
+                    loss = torch.nan_to_num(loss) * (n * world / total)
+                elif k > 1:
+                    loss = loss * (n / total)
+                step_loss += float(loss.detach()) / world
+                if proximal and rank == 0:  # once per step (its gradient reaches every rank)
+                    prox = sum(((p - anchors[name]) ** 2).sum() for name, p in params.items())
+                    loss = loss + 0.5 * spec.proximal_mu * prox * world
+                    proximal = False
+                scaler.scale(loss).backward()
         losses.append(step_loss)
         if spec.max_grad_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params.values(), spec.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
+    if world > 1:  # each rank holds its shard's share of every step's loss
+        import torch.distributed as dist
+
+        shares = torch.tensor(losses, dtype=torch.float64, device=device)
+        dist.all_reduce(shares)
+        losses = shares.tolist()
     model.eval()
     return {"train-loss": float(np.mean(losses)), "num-examples": len(examples),
             "train-steps": spec.steps, "train-seconds": time.perf_counter() - start}
