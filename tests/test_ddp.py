@@ -75,3 +75,12 @@ def test_procs_per_node_refuses_base_modifying_rules_and_bad_counts():
     with pytest.raises(ConfigError, match="procs-per-node must be >= 1"):
         client.Node.from_configs(config.from_flat(tiny_config()), {
             "partition-id": 0, "num-partitions": 2, "procs-per-node": 0})
+
+
+def test_launch_procs_per_node_reaches_each_nodes_config(tmp_path):
+    from fedlora import deploy
+
+    spec = deploy.NodeSpec(index=1, num_nodes=2, port=0, home=tmp_path, log_path=tmp_path / "l",
+                           procs=2)
+    assert spec.node_config() == "partition-id=1 num-partitions=2 procs-per-node=2"
+    assert "procs-per-node" not in replace(spec, procs=1).node_config()
