@@ -575,6 +575,12 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
     n = node_count(nodes, gpus)
     if procs_per_node < 1:
         raise DeployError(f"--procs-per-node must be >= 1; got {procs_per_node}")
+    if procs_per_node > 1 and gpus is not None:
+        raise DeployError(f"--gpus pins each SuperNode to one GPU, and --procs-per-node "
+                          f"{procs_per_node} needs {procs_per_node} GPUs per node: start such "
+                          f"a node by hand with CUDA_VISIBLE_DEVICES listing its GPUs and "
+                          f"procs-per-node={procs_per_node} in its --node-config (README), or "
+                          f"use --nodes on CPU")
     devices: list[str | None] = list(visible_devices(gpus)) if gpus is not None else [None] * n
     tls = tls_setting(tls, auth, certs_dir)
     rank_list = node_ranks(ranks, n)

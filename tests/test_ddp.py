@@ -84,3 +84,10 @@ def test_launch_procs_per_node_reaches_each_nodes_config(tmp_path):
                            procs=2)
     assert spec.node_config() == "partition-id=1 num-partitions=2 procs-per-node=2"
     assert "procs-per-node" not in replace(spec, procs=1).node_config()
+
+
+def test_launch_refuses_procs_per_node_with_one_gpu_per_node(tmp_path):
+    from fedlora import deploy
+
+    with pytest.raises(deploy.DeployError, match="needs 2 GPUs per node"):
+        deploy.launch({}, out=tmp_path, gpus=[0], procs_per_node=2)
