@@ -9,8 +9,9 @@ measures, on SmolLM2-135M (the packaged ``smollm2`` model, no hub access):
    the base's resident weights, and training tokens/s (predicted and context tokens of
    ``--steps`` optimizer steps after one warm-up step);
 2. **a 2-SuperNode launch** (``fedlora launch``, warm workers, NF4) pinned to GPU 0, and, when
-   a second GPU is present, one node per GPU 0 and 1: completion, seconds per round, and each
-   client's peak CUDA memory from ``metrics.jsonl`` (``client_cuda_peak_mb``).
+   a second GPU is present, one node per GPU 0 and 1, and one node training with
+   ``procs-per-node`` = the GPU count (NCCL): completion, seconds per round, and each client's
+   peak CUDA memory from ``metrics.jsonl`` (``client_cuda_peak_mb``).
 
 It writes ``OUT/gpu_check.json`` and ``OUT/RESULTS-gpu.md`` (a section for
 ``benchmarks/RESULTS.md``). Steps that would overrun ``--budget-s`` are skipped and say so.
@@ -95,8 +96,10 @@ def train_memory(name: str, quantization: str, steps: int, **knobs: Any) -> dict
     return out
 
 
-def launch_check(name: str, gpus: list[int], out: Path, rounds: int) -> dict[str, Any]:
-    """A warm ``fedlora launch`` of ``len(gpus)`` SuperNodes on the given GPU indices."""
+def launch_check(name: str, gpus: list[int] | None, out: Path, rounds: int,
+                 procs: int = 1) -> dict[str, Any]:
+    """A warm ``fedlora launch`` of ``len(gpus)`` SuperNodes on the given GPU indices, or
+    (``gpus`` None) one SuperNode that sees every GPU and trains with ``procs`` processes."""
     from benchmarks.common import checkout_pythonpath
     from fedlora import deploy
     from fedlora.outputs import read_metrics
@@ -110,15 +113,18 @@ def launch_check(name: str, gpus: list[int], out: Path, rounds: int) -> dict[str
     warnings: list[str] = []
     start = time.perf_counter()
     try:
-        deploy.launch(flat, out=out / name, gpus=gpus, warm=True, poll_s=1.0,
-                      on_warning=warnings.append)
+        placement = {"gpus": gpus} if gpus is not None else {"nodes": 1}
+        if gpus is None:
+            flat.update({"min-available-nodes": 1, "min-train-nodes": 1})
+        deploy.launch(flat, out=out / name, warm=True, poll_s=1.0, procs_per_node=procs,
+                      on_warning=warnings.append, **placement)
         error = None
     except Exception as exc:  # noqa: BLE001 — reported in the results, the check goes on
         error = f"{type(exc).__name__}: {str(exc)[-1500:]}"
     records = read_metrics(out / name)
     rounds_done = [r for r in records if r.get("round", 0) > 0]
-    return {"name": name, "gpus": gpus, "completed": error is None, "error": error,
-            "warnings": warnings, "wall_s": round(time.perf_counter() - start, 1),
+    return {"name": name, "gpus": gpus, "procs_per_node": procs, "completed": error is None,
+            "error": error, "warnings": warnings, "wall_s": round(time.perf_counter() - start, 1),
             "rounds": len(rounds_done),
             "round_s": [round(r.get("duration_s", 0.0), 2) for r in rounds_done],
             "client_cuda_peak_mb": [r.get("client_cuda_peak_mb") for r in rounds_done],
@@ -190,14 +196,18 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"name": name, "error": f"{type(exc).__name__}: {exc}"}
             print(f"  {row}")
             doc["training"].append(row)
-        plans = [("2 nodes on GPU 0", [0, 0])]
-        if torch.cuda.device_count() > 1:
-            plans.append(("GPU 0 + GPU 1", [0, 1]))
-        for name, gpus in plans:
+        count = torch.cuda.device_count()
+        plans: list[tuple[str, list[int] | None, int]] = [("2 nodes on GPU 0", [0, 0], 1)]
+        if count > 1:
+            plans.append(("GPU 0 + GPU 1", [0, 1], 1))
+            plans.append((f"1 node, procs-per-node {count}", None, count))
+        else:
+            doc["skipped"].append("procs-per-node: one GPU (needs two or more)")
+        for name, gpus, procs in plans:
             if left() < 150:
                 doc["skipped"].append(f"launch {name}: budget")
                 continue
-            row = launch_check(name, gpus, out, args.rounds)
+            row = launch_check(name, gpus, out, args.rounds, procs)
             print(f"  {row}")
             doc["launches"].append(row)
         if any("error" in r for r in doc["training"]) or not all(
