@@ -2,8 +2,8 @@
 
 ``python -m benchmarks.warm_clients [--rounds 5] [--nodes 2] [--out DIR] [-c "key=value ..."]``
 runs the same ``fedlora launch`` twice on loopback — SuperNodes that start a ``flwr-clientapp``
-process per message (Flower's default), then ``--warm`` SuperNodes served by one long-lived
-``fedlora worker`` each — and compares the rounds' ``duration_s`` from ``metrics.jsonl``.
+process per message (``--cold``, Flower's default), then ``--warm`` SuperNodes served by one
+long-lived ``fedlora worker`` each — and compares the rounds' ``duration_s`` from ``metrics.jsonl``.
 Round 1 carries the first model load either way, so the comparison uses rounds 2..R.
 Both runs must end with the same adapter bit for bit (checked: warm clients compute the same).
 """
@@ -30,8 +30,7 @@ def launch(out: Path, rounds: int, nodes: int, overrides: list[str], warm: bool)
            str(rounds), "--out", str(out), "-c", "checkpoint-every=0"]
     for text in overrides:
         cmd += ["-c", text]
-    if warm:
-        cmd.append("--warm")
+    cmd.append("--warm" if warm else "--cold")  # warm is launch's default: say both
     started = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started

@@ -32,6 +32,7 @@ from fedlora import (
     builders,
     client,
     config,
+    ddp,
     lora,
     outputs,
     privacy,
@@ -98,6 +99,7 @@ def capabilities(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     cpu = time.process_time()  # this worker process's CPU spent on the message
+    rss_reset = outputs.start_peak_window()  # this message's peak memory: load and train
     cfg, node, model, tokenizer, instructions, base, arrays = _prepare(msg, context)
     if cfg.fl.secure_aggregation and instructions.get(STAGE_KEY) != "train":
         raise ConfigError("this run has secure-aggregation = true, but the server asked for "
@@ -107,8 +109,14 @@ def train(msg: Message, context: Context) -> Message:
     spec = builders.train_spec(cfg, int(instructions["server-round"]), node.partition_id)
     load_seconds = time.perf_counter() - started  # model (cached after the first), data, adapter
 
-    trained, metrics = client.train_round(model, tokenizer, train_examples, arrays, spec,
-                                          str(instructions.get("trainable", "ab")))
+    trainable = str(instructions.get("trainable", "ab"))
+    if node.procs > 1:  # this process is rank 0 of the node's torch.distributed group
+        trained, metrics = ddp.train_round(context.run_config, context.node_config, model,
+                                           tokenizer, train_examples, arrays, spec, trainable,
+                                           node.procs)
+    else:
+        trained, metrics = client.train_round(model, tokenizer, train_examples, arrays, spec,
+                                              trainable)
 
     if instructions.get("personal") == "b":
         context.state[PERSONAL] = pack({k: v for k, v in trained.items()
@@ -125,7 +133,8 @@ def train(msg: Message, context: Context) -> Message:
                     "base-version": base.version,
                     "server-round": int(instructions["server-round"]),
                     "rss-mb": outputs.rss_mb(), "peak-rss-mb": outputs.rss_mb(peak=True),
-                    "load-seconds": load_seconds, "train-cpu-s": time.process_time() - cpu})
+                    "load-seconds": load_seconds, "train-cpu-s": time.process_time() - cpu,
+                    **outputs.window_peaks(rss_reset)})
     if dp.enabled:  # clip, and add this node's noise, before anything leaves the node
         contributors = _dp_contributors(cfg, dp, instructions)
         if secure:  # decided on public values only, before the data is touched

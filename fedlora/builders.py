@@ -42,7 +42,14 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
         path=assets.resolve_model(cfg.model.name), task=cfg.model.task, dtype=cfg.model.dtype,
         num_labels=num_labels(cfg), num_hidden_layers=cfg.model.num_hidden_layers,
         device=device(), quantization=cfg.model.quantization,
+        gradient_checkpointing=gradient_checkpointing(cfg),
     )
+
+
+def gradient_checkpointing(cfg: RunConfig) -> bool:
+    """``train.gradient-checkpointing``: on, off, or auto (on exactly when quantized)."""
+    mode = cfg.train.gradient_checkpointing
+    return mode == "on" or (mode == "auto" and cfg.model.quantization != "none")
 
 
 def adapter_spec(cfg: RunConfig, rank: int) -> AdapterSpec:
@@ -62,4 +69,5 @@ def train_spec(cfg: RunConfig, server_round: int, partition_id: int) -> TrainSpe
     seed = (cfg.fl.seed * 1_000_003 + server_round * 1_009 + partition_id) % 2**31
     return TrainSpec(steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-                     proximal_mu=t.proximal_mu, seed=seed)
+                     proximal_mu=t.proximal_mu, seed=seed, grad_accum_steps=t.grad_accum_steps,
+                     optimizer=t.optimizer, autocast=t.autocast)

@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from fedlora import builders, data, lora, training
+from fedlora import builders, data, ddp, lora, training
 from fedlora.aggregation import LoraFactors
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
@@ -69,6 +69,7 @@ class Node:
     num_partitions: int
     rank: int
     data_path: str = ""
+    procs: int = 1  # procs-per-node: torch.distributed processes training this node's rounds
 
     @classmethod
     def from_configs(cls, cfg: RunConfig, node_config: Mapping[str, Any]) -> Node:
@@ -84,11 +85,17 @@ class Node:
         rank = int(node_config.get("lora-rank", cfg.rank_for_partition(pid)))
         if not 0 < rank <= cfg.fl.max_rank:
             raise ConfigError(f"lora-rank {rank} of node {pid} is outside 1..{cfg.fl.max_rank}")
-        return cls(pid, num, rank, str(node_config.get("data-path", "")))
+        procs = int(node_config.get("procs-per-node", 1))
+        ddp.check(cfg.fl.strategy, procs)
+        return cls(pid, num, rank, str(node_config.get("data-path", "")), procs)
 
 
 def load_model(cfg: RunConfig, node: Node) -> tuple[Any, Any]:
-    """The node's PEFT model (cached frozen base) and tokenizer."""
+    """The node's PEFT model (cached frozen base) and tokenizer.
+
+    The run's memory knobs are checked against this node's device first: a knob without
+    kernels here fails before the base model is loaded."""
+    training.check_support(builders.train_spec(cfg, 0, node.partition_id), builders.device())
     single_threaded_blas()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -177,8 +184,11 @@ def train_round(model: Any, tokenizer: Any, train_examples: list[dict],
         free_memory()
         raise MemoryError(
             f"out of memory while training (batch size {spec.batch_size}): lower "
-            f"train.batch-size or data.max-length, or load the base in bfloat16 "
-            f"(model.dtype); the node freed its memory and will take the next round"
+            f"train.batch-size (raise train.grad-accum-steps to keep the step's examples) or "
+            f"data.max-length; or set train.gradient-checkpointing=on, "
+            f"train.optimizer=paged_adamw_8bit, train.autocast=bf16, or load the base in "
+            f"bfloat16 (model.dtype) or 4-bit (model.quantization=nf4); the node freed its "
+            f"memory and will take the next round"
         ) from exc
     return lora.adapter_arrays(model), metrics
 

@@ -27,6 +27,9 @@ LORA_INITS = ("default", "gaussian")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")  # see fedlora.transport
 SAMPLINGS = ("uniform", "data-size")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")  # fedlora.training
+AUTOCASTS = ("none", "bf16", "fp16")
+CHECKPOINTINGS = ("auto", "on", "off")
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best in the tables below
@@ -314,14 +317,32 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     local_steps: int = _f(10, "optimizer steps per client per round")
-    batch_size: int = _f(16, "examples per step")
+    batch_size: int = _f(16, "examples per micro-batch (per optimizer step with "
+                         "grad-accum-steps = 1)")
     lr: float = _f(0.003, "AdamW learning rate of the adapter")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)")
     proximal_mu: float = _f(0.0, "FedProx: mu/2 * ||theta - theta_global||^2 on the adapter")
     num_threads: int = _f(0, "torch threads per client process (0 = torch default)")
+    grad_accum_steps: int = _f(1, "micro-batches of batch-size examples whose gradients add up "
+                               "to one optimizer step (one step sees grad-accum-steps x "
+                               "batch-size examples; activations are held for one micro-batch)")
+    gradient_checkpointing: str = _f("auto", "recompute activations in the backward pass "
+                                     "instead of storing them: on, off, or auto (on with "
+                                     "model.quantization, as in QLoRA; off otherwise)")
+    optimizer: str = _f("adamw", "adapter optimizer: adamw (torch), or bitsandbytes' adamw_8bit "
+                        "(8-bit optimizer state, CPU and CUDA), paged_adamw_8bit / "
+                        "paged_adamw_32bit (state paged to CPU memory under GPU memory "
+                        "pressure; CUDA only)")
+    autocast: str = _f("none", "mixed-precision forward/backward of the training steps: none, "
+                       "bf16 or fp16 (fp16 with dynamic loss scaling); adapter weights and "
+                       "optimizer state stay float32")
 
     def __post_init__(self) -> None:
+        _positive("train.grad-accum-steps", self.grad_accum_steps)
+        _choice("train.gradient-checkpointing", self.gradient_checkpointing, CHECKPOINTINGS)
+        _choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _choice("train.autocast", self.autocast, AUTOCASTS)
         _positive("train.local-steps", self.local_steps)
         _positive("train.batch-size", self.batch_size)
         _positive("train.lr", self.lr)

@@ -25,6 +25,14 @@ Signed updates (``sign-updates = true``): node ``i`` gets ``signing-key=DIR/sign
 its node config and the ServerApp reads the registered public keys from ``signing-keys``
 (default ``DIR``), where ``DIR`` is ``certs_dir`` or ``OUT/certs`` (generated when absent).
 
+Warm nodes (the default on the Flower versions in :data:`WARM_TESTED_FLOWER`): each SuperNode
+runs with ``--isolation process`` beside one long-lived ``fedlora worker`` (:mod:`fedlora.warm`)
+that runs its ClientApp messages, so imports and the loaded base model survive across rounds.
+``warm=False`` (``--cold``) starts a fresh ``flwr-clientapp`` per message instead; on another
+Flower version the launch falls back to that, with a warning. A worker that exits is restarted
+(the message it was running fails and is counted as a failed client); one that exits more than
+:data:`MAX_WORKER_RESTARTS` times in a run has its node reported lost and its SuperNode stopped.
+
 A SuperNode that exits mid-run is reported through ``on_warning`` and the run goes on: the
 SuperLink answers messages to the lost node with an error reply (at once when it shut down
 cleanly, after about a minute of missed heartbeats when it was killed), and the ServerApp counts
@@ -58,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora import certs, config
+from fedlora.deploy_cli import WARM_TESTED_FLOWER
 from fedlora.errors import FedLoraError
 from fedlora.launcher import (
     RunFailed,
@@ -111,6 +120,7 @@ class NodeSpec:
     public_key: Path | None = None
     signing_key: Path | None = None  # its update-signing key (sign-updates)
     warm: bool = False  # ClientApp tasks run in one long-lived `fedlora worker` process
+    procs: int = 1  # procs-per-node: torch.distributed processes per client (fedlora.ddp)
 
     @property
     def name(self) -> str:
@@ -129,6 +139,8 @@ class NodeSpec:
             items.append(f"data-path={json.dumps(self.data_path)}")
         if self.signing_key:
             items.append(f"signing-key={json.dumps(str(self.signing_key))}")
+        if self.procs > 1:
+            items.append(f"procs-per-node={self.procs}")
         return " ".join(items)
 
     def command(self, superlink: str, ca_cert: Path | None) -> list[str]:
@@ -192,6 +204,82 @@ def superlink_command(port: int, creds: certs.Credentials | None, auth: bool) ->
     if auth:
         cmd.append("--enable-supernode-auth")
     return cmd
+
+
+# ---------------------------------------------------------------------- warm workers
+
+MAX_WORKER_RESTARTS = 3  # per node and run; then the node is reported lost
+
+
+def flower_version() -> str:
+    from importlib.metadata import version
+
+    return version("flwr")
+
+
+def warm_setting(warm: bool | None, version: str | None = None) -> tuple[bool, str | None]:
+    """Whether a launch runs warm workers, and a warning to show (or ``None``).
+
+    ``None`` (the default) is warm on the tested Flower versions and cold elsewhere: the worker
+    drives the SuperNode's Runtime API through Flower internals that other versions may have
+    changed. An explicit ``True`` runs warm anyway, with a warning outside the tested range.
+    """
+    version = version or flower_version()
+    minor = ".".join(version.split(".")[:2])
+    tested = minor in WARM_TESTED_FLOWER
+    names = " and ".join(f"{v}.x" for v in WARM_TESTED_FLOWER)
+    if warm is None:
+        if tested:
+            return True, None
+        return False, (f"fedlora worker (warm clients) was tested with Flower {names}; this is "
+                       f"Flower {version}, so each message runs in a fresh flwr-clientapp "
+                       f"process (cold). Pass --warm to try warm workers anyway")
+    if warm and not tested:
+        return True, (f"--warm on Flower {version}: fedlora worker was tested with Flower "
+                      f"{names} only; pass --cold if its nodes fail")
+    return warm, None
+
+
+class Workers:
+    """The ``fedlora worker`` of each warm node, restarted when it exits (its log continues).
+
+    While a worker is down its SuperNode keeps the messages it receives; the one the worker was
+    running when it died gets no reply and counts as a failed client, and the restarted worker
+    takes the next. After :data:`MAX_WORKER_RESTARTS` restarts of one node the node is given
+    up: :meth:`check` returns it as lost and stops its SuperNode, which the SuperLink then
+    reports unavailable to the server.
+    """
+
+    def __init__(self, specs: Sequence[NodeSpec], env: Mapping[str, str],
+                 processes: _Processes, max_restarts: int = MAX_WORKER_RESTARTS) -> None:
+        self.specs = [s for s in specs if s.warm]
+        self.env, self.processes, self.max_restarts = env, processes, max_restarts
+        self.procs = {s.name: processes.start(s.worker_command(), s.worker_env(env),
+                                              s.worker_log_path) for s in self.specs}
+        self.restarts = dict.fromkeys(self.procs, 0)
+        self.given_up: set[str] = set()
+
+    def check(self, warn: Callable[[str], None]) -> list[NodeExit]:
+        """Restart the workers that exited; return the nodes given up on since the last call."""
+        lost = []
+        for spec in self.specs:
+            status = self.procs[spec.name].poll()
+            if status is None or spec.name in self.given_up:
+                continue
+            if self.restarts[spec.name] >= self.max_restarts:
+                self.given_up.add(spec.name)
+                lost.append(NodeExit(spec.name, status, spec.worker_log_path,
+                                     f"its fedlora worker exited {self.restarts[spec.name] + 1} "
+                                     f"times (last status {status}); the node was stopped"))
+                continue
+            self.restarts[spec.name] += 1
+            warn(f"the fedlora worker of {spec.name} exited with status {status} (log: "
+                 f"{spec.worker_log_path}); restarted it ({self.restarts[spec.name]} of "
+                 f"{self.max_restarts}); the message it was running counts as a failed client")
+            self.procs[spec.name] = self.processes.start(
+                spec.worker_command(), spec.worker_env(self.env), spec.worker_log_path,
+                fresh_log=False)
+        return lost
 
 
 # ---------------------------------------------------------------------- checks before starting
@@ -301,8 +389,10 @@ class _Processes:
     def __init__(self) -> None:
         self.started: list[Guarded] = []
 
-    def start(self, cmd: list[str], env: Mapping[str, str], log_path: Path) -> Guarded:
-        log_path.write_text("")
+    def start(self, cmd: list[str], env: Mapping[str, str], log_path: Path,
+              fresh_log: bool = True) -> Guarded:
+        if fresh_log:
+            log_path.write_text("")
         proc = Guarded(cmd, env=dict(env), log_path=log_path)
         self.started.append(proc)
         return proc
@@ -433,7 +523,8 @@ def _wait_online(specs: Sequence[NodeSpec], procs: Sequence[Guarded], link: Guar
 def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None,
            gpus: Sequence[int] | None = None, tls: bool | None = None, auth: bool = False,
            certs_dir: str | Path | None = None, data_paths: Sequence[str | Path] | None = None,
-           ranks: Sequence[int] | None = None, port: int | None = None, warm: bool = False,
+           ranks: Sequence[int] | None = None, port: int | None = None,
+           warm: bool | None = None, procs_per_node: int = 1,
            on_round: Callable[[dict[str, Any]], None] | None = None,
            on_warning: Callable[[str], None] | None = None,
            poll_s: float = 3.0, startup_timeout: float = 120.0,
@@ -462,7 +553,11 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
         Run each node's ClientApp tasks in one long-lived ``fedlora worker`` process
         (SuperNodes with ``--isolation process``) instead of a new ``flwr-clientapp`` process
         per message, so imports and the loaded base model survive across rounds
-        (:mod:`fedlora.warm`; log in ``logs/worker-<i>.log``).
+        (:mod:`fedlora.warm`; log in ``logs/worker-<i>.log``). ``None``: warm on the tested
+        Flower versions, cold with a warning elsewhere (:func:`warm_setting`); ``False``: cold.
+    procs_per_node
+        ``torch.distributed`` processes per node (node config ``procs-per-node``,
+        :mod:`fedlora.ddp`); with ``gpus``, each node needs that many visible GPUs.
     on_round, on_warning
         Called with each ``metrics.jsonl`` record, and with a message per lost SuperNode.
 
@@ -478,6 +573,14 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
     from fedlora.cli import finalize, write_run_config
 
     n = node_count(nodes, gpus)
+    if procs_per_node < 1:
+        raise DeployError(f"--procs-per-node must be >= 1; got {procs_per_node}")
+    if procs_per_node > 1 and gpus is not None:
+        raise DeployError(f"--gpus pins each SuperNode to one GPU, and --procs-per-node "
+                          f"{procs_per_node} needs {procs_per_node} GPUs per node: start such "
+                          f"a node by hand with CUDA_VISIBLE_DEVICES listing its GPUs and "
+                          f"procs-per-node={procs_per_node} in its --node-config (README), or "
+                          f"use --nodes on CPU")
     devices: list[str | None] = list(visible_devices(gpus)) if gpus is not None else [None] * n
     tls = tls_setting(tls, auth, certs_dir)
     rank_list = node_ranks(ranks, n)
@@ -495,11 +598,15 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
     if port is not None:
         ensure_port_free(port)
     warn = on_warning or log.warning
+    warm, warm_note = warm_setting(warm)
+    if warm_note:
+        warn(warm_note)
 
     logs, home = out / "logs", out / ".flwr"
     logs.mkdir(parents=True, exist_ok=True)
     if settings_record is not None:  # what `fedlora launch --resume` relaunches with
-        (out / "launch-settings.json").write_text(json.dumps(dict(settings_record), default=str))
+        record = {**settings_record, "warm": warm}  # as resolved: a resume runs the same way
+        (out / "launch-settings.json").write_text(json.dumps(record, default=str))
     if tls and creds is None:
         creds = certs.generate(out / "certs", nodes=n if auth or signing else 0, force=True)
     signing_keys: tuple[Path, ...] = ()
@@ -517,7 +624,8 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
                       data_path=paths[i] if paths else None, gpu=devices[i],
                       private_key=creds.node_keys[i] if auth and creds else None,
                       public_key=creds.node_public_keys[i] if auth and creds else None,
-                      signing_key=signing_keys[i] if signing_keys else None, warm=warm)
+                      signing_key=signing_keys[i] if signing_keys else None, warm=warm,
+                      procs=procs_per_node)
              for i in range(n)]
     for spec in specs:
         spec.home.mkdir(parents=True, exist_ok=True)
@@ -532,16 +640,14 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
         node_ids = register_keys(specs, env, cwd)
         node_procs = [processes.start(s.command(f"{HOST}:{link_port}", ca_cert), s.env(env),
                                       s.log_path) for s in specs]
-        for s in specs:
-            if s.warm:
-                processes.start(s.worker_command(), s.worker_env(env), s.worker_log_path)
+        workers = Workers(specs, env, processes)
         _wait_online(specs, node_procs, link, link_log, env, cwd, startup_timeout, poll_s)
         _write_deployment(out, link_port, tls, auth, creds, specs, node_ids)
         (out / "summary.json").unlink(missing_ok=True)  # written when the run completes
         run_id = submit_run(run_config, env, cwd, connection=CONNECTION)
         (out / "flwr-run-id").write_text(str(run_id))
         return _follow(run_id, out, flat, specs, node_procs, link, link_log, env, cwd,
-                       on_round, warn, poll_s)
+                       on_round, warn, poll_s, workers)
     finally:
         processes.stop()
 
@@ -550,8 +656,10 @@ def _follow(run_id: int, out: Path, flat: Mapping[str, Any], specs: Sequence[Nod
             node_procs: Sequence[Guarded], link: Guarded, link_log: Path,
             env: Mapping[str, str], cwd: Path,
             on_round: Callable[[dict[str, Any]], None] | None,
-            warn: Callable[[str], None], poll_s: float) -> LaunchResult:
-    """Forward new rounds, report lost SuperNodes, and wait for the run's final status."""
+            warn: Callable[[str], None], poll_s: float,
+            workers: Workers | None = None) -> LaunchResult:
+    """Forward new rounds, restart exited workers, report lost SuperNodes, and wait for the
+    run's final status."""
     result = LaunchResult([], run_id)
     lost: set[str] = set()
     min_available = int(flat["min-available-nodes"])
@@ -569,6 +677,15 @@ def _follow(run_id: int, out: Path, flat: Mapping[str, Any], specs: Sequence[Nod
         forward_new_rounds()
         if link.poll() is not None:
             raise RunFailed(f"the SuperLink exited during run {run_id}; see {link_log}")
+        for gone in workers.check(warn) if workers else []:  # given up: stop its SuperNode
+            node_procs[next(i for i, s in enumerate(specs) if s.name == gone.node)].stop()
+            lost.add(gone.node)
+            result.lost_nodes.append(gone)
+            warn(f"{gone}; the run continues with {len(specs) - len(lost)} of {len(specs)} "
+                 f"SuperNode(s)")
+            if len(lost) == len(specs):
+                raise RunFailed(f"{gone}; no SuperNode is left, so run {run_id} cannot "
+                                f"continue (logs in {gone.log_path.parent})")
         while gone := _first_exit(specs, node_procs, lost):
             lost.add(gone.node)
             result.lost_nodes.append(gone)
@@ -581,7 +698,8 @@ def _follow(run_id: int, out: Path, flat: Mapping[str, Any], specs: Sequence[Nod
                     if not result.records and alive < min_available else "")
             warn(f"{gone}; the run continues with {alive} of {len(specs)} SuperNode(s) (the "
                  f"server counts the lost node's missing replies as failures){note}")
-        _sleep_watching([*node_procs, link], poll_s)
+        _sleep_watching([*node_procs, link, *(workers.procs.values() if workers else ())],
+                        poll_s)
     status = poller.status
     forward_new_rounds()
     logs = run_logs(run_id, env, cwd, connection=CONNECTION)

@@ -14,6 +14,11 @@ from typing import Any
 
 from fedlora.errors import FedLoraError
 
+# Flower minor versions `fedlora worker` (warm clients) was tested with: `fedlora launch` runs
+# warm by default on these (fedlora.deploy.warm_setting). Here, not in fedlora.deploy, so that
+# building the CLI's parser imports nothing heavy.
+WARM_TESTED_FLOWER = ("1.41", "1.42")
+
 
 def _int_list(text: str, flag: str) -> list[int]:
     try:
@@ -79,7 +84,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     settings = {"nodes": None if gpus is not None else nodes, "gpus": gpus,
                 "tls": True if args.tls or args.certs else None, "auth": args.auth,
                 "certs_dir": args.certs, "data_paths": data_paths, "ranks": ranks,
-                "warm": args.warm}
+                "warm": True if args.warm else False if args.cold else None,
+                "procs_per_node": args.procs_per_node}
     return _run(flat, out, settings, args.port, console, rounds, record=True)
 
 
@@ -98,7 +104,8 @@ def _resume(args: argparse.Namespace, console: Any) -> int:
     chosen = [flag for flag, value in (("--nodes", args.nodes), ("--gpus", args.gpus),
                                        ("--preset", args.preset), ("--config", args.config),
                                        ("-c", args.c), ("--out", args.out),
-                                       ("--ranks", args.ranks), ("--data-path", args.data_path))
+                                       ("--ranks", args.ranks), ("--data-path", args.data_path),
+                                       ("--warm", args.warm), ("--cold", args.cold))
               if value]
     if chosen:
         raise FedLoraError(f"--resume relaunches with the run's own settings; drop {chosen} "
@@ -193,9 +200,21 @@ def add_commands(subparsers: Any) -> None:
                              "(data.path is the server's held-out file for central evaluation)")
     launch.add_argument("--ranks", help="LoRA rank per node, e.g. 4,8 (one rank: all nodes)")
     launch.add_argument("--port", type=int, help="SuperLink port on 127.0.0.1 (default: free)")
-    launch.add_argument("--warm", action="store_true",
-                        help="run each node's rounds in one long-lived `fedlora worker` process "
-                             "(imports and the base model are loaded once, not every round)")
+    temperature = launch.add_mutually_exclusive_group()
+    temperature.add_argument(
+        "--warm", action="store_true",
+        help="run each node's rounds in one long-lived `fedlora worker` process (imports and "
+             "the base model are loaded once, not every round); the default on the Flower "
+             "versions it was tested with ("
+             + ", ".join(f"{v}.x" for v in WARM_TESTED_FLOWER) + ")")
+    temperature.add_argument(
+        "--cold", action="store_true",
+        help="a fresh flwr-clientapp process per message (Flower's default; the fallback on "
+             "untested Flower versions)")
+    launch.add_argument("--procs-per-node", type=int, default=1, metavar="N",
+                        help="train each node's rounds with N torch.distributed processes "
+                             "(gloo on CPU; NCCL, one GPU each, on GPUs); rank 0 talks to "
+                             "Flower")
     launch.add_argument("--resume", metavar="OUT",
                         help="relaunch the interrupted launch in OUT from its last checkpoint")
     launch.set_defaults(func=cmd_launch)

@@ -41,6 +41,7 @@ class ModelSpec:
     num_hidden_layers: int = 0
     device: str = "cpu"
     quantization: str = "none"  # "nf4" / "int8": QLoRA, base weights through bitsandbytes
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ def load_base(spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
     if spec.quantization == "none":
         model = auto.from_pretrained(spec.path, config=config, dtype=_DTYPES[spec.dtype])
         model.to(spec.device)
+        if spec.gradient_checkpointing:
+            _enable_checkpointing(model)
     else:
         model = _load_quantized(auto, spec, config)
     if tokenizer.pad_token_id is None:
@@ -110,6 +113,18 @@ def load_base(spec: ModelSpec) -> tuple[torch.nn.Module, Any]:
         # (SmolLM2 forward: 19 s -> 6 s here). Flushing them to zero changes no result we use.
         torch.set_flush_denormal(True)
     return model, tokenizer
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation (gradient) checkpointing of the transformer blocks (Chen et al. 2016,
+    "Training Deep Nets with Sublinear Memory Cost"): each block keeps only its input and
+    recomputes its activations in the backward pass, ~ one extra forward of compute. The
+    non-reentrant variant, so the frozen embeddings' output needs no ``requires_grad``."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient-checkpointing: {type(model).__name__} does not "
+                          f"support gradient checkpointing; set train.gradient-checkpointing"
+                          f"=off")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # Output heads stay floating point: classification heads are trained in full (modules_to_save),
@@ -123,7 +138,7 @@ def _load_quantized(auto: Any, spec: ModelSpec, config: Any) -> torch.nn.Module:
 
     Quantized weights, float ``spec.dtype`` compute, LoRA factors and heads in float32; peft's
     :func:`~peft.prepare_model_for_kbit_training` casts the remaining float weights (norms) to
-    float32 and turns on gradient checkpointing.
+    float32 and turns on gradient checkpointing when ``spec.gradient_checkpointing``.
     """
     try:
         import bitsandbytes  # noqa: F401
@@ -155,7 +170,7 @@ def _load_quantized(auto: Any, spec: ModelSpec, config: Any) -> torch.nn.Module:
         if getattr(layer, "support_avx512bf16_for_cpu", False):
             layer.support_avx512bf16_for_cpu = False
     return prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=True,
+        model, use_gradient_checkpointing=spec.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
 
 

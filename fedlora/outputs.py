@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,17 +65,74 @@ class RunOutputs:
         return self.dir / "adapter"
 
 
-def rss_mb(peak: bool = False) -> float:
-    """Resident memory of this process in MB, now or (``peak``) its high-water mark since it
-    started (Linux /proc ``VmRSS`` / ``VmHWM``; 0.0 where unavailable)."""
-    field = "VmHWM:" if peak else "VmRSS:"
+_LIFETIME_PEAK_MB = 0.0  # the high-water mark before the last reset (start_peak_window)
+
+
+def _status_mb(field: str) -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    return 0.0
+    return None
+
+
+def rss_mb(peak: bool = False) -> float:
+    """Resident memory of this process in MB, now or (``peak``) its high-water mark since it
+    started (Linux /proc ``VmRSS`` / ``VmHWM``, across :func:`start_peak_window` resets; 0.0
+    where unavailable)."""
+    if not peak:
+        return _status_mb("VmRSS:") or 0.0
+    return max(_LIFETIME_PEAK_MB, _status_mb("VmHWM:") or 0.0)
+
+
+def start_peak_window() -> bool:
+    """Start measuring a new peak (:func:`window_peaks`): reset the kernel's resident-memory
+    high-water mark (``5`` to ``/proc/self/clear_refs``, Linux) and torch's CUDA peak
+    statistics. Returns whether the RSS mark could be reset (not outside Linux, or where
+    /proc is read-only); :func:`rss_mb` keeps the lifetime peak either way."""
+    global _LIFETIME_PEAK_MB
+    _LIFETIME_PEAK_MB = rss_mb(peak=True)
+    torch = sys.modules.get("torch")  # the server never imports torch for this
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def window_peaks(rss_reset: bool) -> dict[str, float]:
+    """Peak memory since :func:`start_peak_window`: ``round-peak-rss-mb`` (when the RSS mark
+    was reset) and ``cuda-peak-mb``, the most bytes torch allocated at once on any GPU of this
+    process (torch's caching allocator reserves somewhat more; where CUDA is in use)."""
+    out: dict[str, float] = {}
+    if rss_reset:
+        out["round-peak-rss-mb"] = _status_mb("VmHWM:") or 0.0
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda-peak-mb"] = max(torch.cuda.max_memory_allocated(i)
+                                  for i in range(torch.cuda.device_count())) / 2**20
+    return out
+
+
+def client_memory(metrics: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The round's per-client peaks for ``metrics.jsonl``: ``client_round_peak_rss_mb`` and
+    ``client_cuda_peak_mb`` map each reporting client's partition id to its peak in MB (its
+    train message, load and training), with the largest as ``..._max``."""
+    out: dict[str, Any] = {}
+    metrics = list(metrics)
+    for key, name in (("round-peak-rss-mb", "client_round_peak_rss_mb"),
+                      ("cuda-peak-mb", "client_cuda_peak_mb")):
+        per = {str(int(m.get("partition-id", -1))): round(float(m[key]), 1)
+               for m in metrics if isinstance(m.get(key), int | float)}
+        if per:
+            out[name] = per
+            out[name + "_max"] = max(per.values())
+    return out
 
 
 def read_metrics(directory: str | Path) -> list[dict[str, Any]]:

@@ -50,7 +50,7 @@ from fedlora.errors import ConfigError, PayloadError
 from fedlora.fastagg import weighted_mean_records
 from fedlora.federation import GlobalAdapter, aggregate_heads, split_arrays
 from fedlora.lora import LORA_A
-from fedlora.outputs import rss_mb
+from fedlora.outputs import client_memory, rss_mb
 from fedlora.secagg.signing import SignatureRejected, UpdateVerifier
 from fedlora.transport import nbytes, pack, pack_correction, unpack
 from server.secure_round import SecureOutcome, SecureRound
@@ -675,6 +675,7 @@ class FederatedLora:
             "client_cpu_s": sum(float(m.get("train-cpu-s", 0.0)) for m in metrics),
             "num_examples": int(sum(m["num-examples"] for m in metrics)),
         })
+        out.update(client_memory(metrics))
         return out
 
     def _account(self, record: dict[str, Any], sampled: int, population: int) -> None:

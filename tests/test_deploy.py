@@ -347,8 +347,8 @@ def test_launch_with_signed_updates_from_key_files(tmp_path):
 @pytest.mark.slow
 def test_sigkilled_launch_resumes_bit_identically(tmp_path):
     """`fedlora launch` killed with SIGKILL after round 1, then `--resume`: the adapter equals
-    that of the same launch left alone, bit for bit (every ClientApp message of the killed
-    launch runs in a fresh process, so nothing but the server's checkpoint carries state).
+    that of the same launch left alone, bit for bit (the killed launch runs ``--cold``: every
+    ClientApp message in a fresh process, so nothing but the server's checkpoint carries state).
 
     The launch left alone runs with ``--warm`` (one long-lived ``fedlora worker`` per node), so
     this also shows that warm clients compute exactly what per-message processes compute."""
@@ -366,8 +366,9 @@ def test_sigkilled_launch_resumes_bit_identically(tmp_path):
     assert our_processes(str(straight)) == []
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fedlora", "launch", "--out", str(out),
-                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "fedlora", "launch", "--cold", "--out",
+                             str(out), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not any(r["round"] >= 1 for r in read_metrics(out)):
         time.sleep(0.2)
