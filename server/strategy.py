@@ -627,7 +627,8 @@ class FederatedLora:
             result = self._aggregate(updates, plan, server_round)
             heads = aggregate_heads([item.heads for item in accepted], weights)
         diagnostics = result.diagnostics(updates)
-        self.glob.apply(result, heads, self.optimizer, rank=node.rank)
+        self.glob.apply(result, heads, self.optimizer, rank=node.rank,
+                        frozen="".join(sorted(set("ab") - set(plan.send))))
         record["aggregate_s"] = time.perf_counter() - aggregating
         record.update(self._client_summary([item.metrics for item in accepted], weights))
         record.update({
@@ -724,10 +725,16 @@ class FederatedLora:
 
     def _aggregate(self, updates: list[ClientUpdate], plan: RoundPlan, server_round: int
                    ) -> AggregationResult:
-        """The round's rule over ``updates`` (its randomness seeded by run seed and round)."""
+        """The round's rule over ``updates`` (its randomness seeded by run seed and round).
+
+        Rules that declare a ``previous`` option get the global adapter before the round
+        (HetLoRA keeps the components nobody trained from it)."""
+        options = dict(plan.options)
+        if "previous" in self.info.options:
+            options["previous"] = self.glob.adapter
         return aggregate(self.cfg.fl.strategy, updates, lora_alpha=self.glob.lora_alpha,
                          rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
-                         seed=self.cfg.fl.seed * 100_003 + server_round, **plan.options)
+                         seed=self.cfg.fl.seed * 100_003 + server_round, **options)
 
     def _adopt_secure(self, outcome: SecureOutcome, sent: Mapping[int, Mapping[str, np.ndarray]],
                       plan: RoundPlan, server_round: int, start: float, bytes_down: int
@@ -768,7 +775,8 @@ class FederatedLora:
         aggregating = time.perf_counter()
         result, heads, update = self._adopt_mean(mean, sent[node.node_id], node,
                                                  sum(weights), plan, server_round)
-        self.glob.apply(result, heads, self.optimizer, rank=node.rank)
+        self.glob.apply(result, heads, self.optimizer, rank=node.rank,
+                        frozen="".join(sorted(set("ab") - set(plan.send))))
         record["aggregate_s"] = time.perf_counter() - aggregating
         record.update(self._client_summary([m for _, m in contributors], weights))
         record.update({

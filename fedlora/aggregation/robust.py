@@ -91,5 +91,5 @@ def robust(updates: Sequence[ClientUpdate], context: RoundContext, *,
         rslora=context.rslora,
         client_view=PrefixView(factors=global_factors, lora_alpha=context.lora_alpha,
                                rslora=context.rslora, split="balanced", fixed_rank=False,
-                               strategy="robust"),
+                               strategy="robust", seed=context.seed),
     )
