@@ -728,10 +728,14 @@ class FederatedLora:
         """The round's rule over ``updates`` (its randomness seeded by run seed and round).
 
         Rules that declare a ``previous`` option get the global adapter before the round
-        (HetLoRA keeps the components nobody trained from it)."""
+        (HetLoRA keeps the components nobody trained from it), and a ``received`` option
+        what each update's client was sent (robust clips the round's change)."""
         options = dict(plan.options)
         if "previous" in self.info.options:
             options["previous"] = self.glob.adapter
+        if "received" in self.info.options:  # what each client was sent (the global before)
+            options["received"] = [self.glob.view(next(iter(u.factors.values())).rank)
+                                   for u in updates]
         return aggregate(self.cfg.fl.strategy, updates, lora_alpha=self.glob.lora_alpha,
                          rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
                          seed=self.cfg.fl.seed * 100_003 + server_round, **options)
