@@ -77,6 +77,8 @@ class FederationConfig:
                                 "('' = lora.r for all; deployment nodes set lora-rank)")
     max_rank: int = _f(64, "largest LoRA rank the server accepts from a client")
     hetlora_weight_by_examples: bool = _f(False, "hetlora: multiply norm weights by examples")
+    flexlora_split: str = _f("balanced", "flexlora: how Σ is split between the factors: "
+                             "'balanced' (Σ^½ each) or 'init-a' (A rows at PEFT-init norm)")
     rolora_first_phase: str = _f("b", "rolora: factor trained in round 1 ('b' or 'a')")
     robust_reducer: str = _f("median", "robust: coordinate-wise median, trimmed-mean or mean "
                              "of the clients' ΔW")
@@ -155,6 +157,7 @@ class FederationConfig:
         _positive("checkpoint-keep", self.checkpoint_keep)
         _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _choice("rolora-first-phase", self.rolora_first_phase, ("a", "b"))
+        _choice("flexlora-split", self.flexlora_split, ("balanced", "init-a"))
         _choice("robust-reducer", self.robust_reducer, ("median", "trimmed-mean", "mean"))
         if not 0 <= self.robust_trim < 0.5:
             raise ConfigError(f"robust-trim must be in [0, 0.5); got {self.robust_trim}")

@@ -44,6 +44,7 @@ from fedlora.aggregation import (
     validate_update,
 )
 from fedlora.aggregation.clipping import AdaptiveClip
+from fedlora.aggregation.diagnostics import tier_diagnostics
 from fedlora.client import select_outgoing
 from fedlora.config import RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
@@ -112,6 +113,8 @@ def round_plan(cfg: RunConfig, server_round: int) -> RoundPlan:
         return RoundPlan(trainable=phase, send=phase, options={"phase": phase})
     if name == "hetlora":
         return RoundPlan(options={"weight_by_examples": cfg.fl.hetlora_weight_by_examples})
+    if name == "flexlora":
+        return RoundPlan(options={"split": cfg.fl.flexlora_split})
     if name == "robust":
         return RoundPlan(options={"reducer": cfg.fl.robust_reducer, "trim": cfg.fl.robust_trim,
                                   "clip_multiplier": cfg.fl.robust_clip_multiplier})
@@ -804,6 +807,8 @@ class FederatedLora:
         line = {"round": server_round, "strategy": self.cfg.fl.strategy}
         line.update({k.replace("-", "_"): v for k, v in metrics.items()})
         line.update(record)
+        # what each rank tier receives next round: capacity kept or lost under sampling
+        line.update(tier_diagnostics(self.glob.view, {n.rank for n in nodes}))
         line["eval_s"] = time.perf_counter() - start
         line["server_rss_mb"] = round(rss_mb(), 1)
         line["time"] = time.time()  # Unix time the round ended: wall time between rounds

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedlora.aggregation import ClientUpdate, LoraFactors, aggregate, mixed_rank_strategies
+from fedlora.aggregation.diagnostics import tier_diagnostics
 from fedlora.aggregation.views import init_rows
 
 MODULE = "layer.0.query"
@@ -147,3 +148,36 @@ def test_for_client_never_returns_a_dead_component(data, ranks, zero_b):
             got = result.for_client(r)["w"]
             assert got.rank == r
             assert not dead(got).any(), f"{name}: r={r} got dead components {dead(got)}"
+
+
+def test_tier_diagnostics_counts_dead_components_and_effective_rank():
+    a = np.eye(3, 5)
+    b = np.zeros((4, 3))
+    b[0, 0], b[1, 1] = 2.0, 1.0  # component 2: A row nonzero, B column zero → live
+    dead_a = a.copy()
+    dead_a[2] = 0.0  # component 2 dead
+    views = {3: {"m": LoraFactors(a, b, 0.5)}, 2: {"m": LoraFactors(dead_a[:2], b[:, :2], 1.0)},
+             4: {"m": LoraFactors(np.vstack([dead_a, np.zeros((1, 5))]),
+                                  np.hstack([b, np.zeros((4, 1))]), 1.0)}}
+    out = tier_diagnostics(views.__getitem__, [3, 4, 3, 2])
+    assert out["tier_dead_components"] == {"2": 0.0, "3": 0.0, "4": 2.0}
+    q = np.array([2.0, 1.0]) / 3.0
+    assert out["tier_effective_rank"]["3"] == pytest.approx(np.exp(-(q * np.log(q)).sum()))
+
+
+def test_strategy_keeps_the_top_tier_alive_and_logs_what_each_tier_receives():
+    """The real strategy and clients, in process: 6 nodes of ranks 4/8/16, 2 sampled per round.
+    Round 2 samples no rank-16 node; the rank-16 tier keeps all 16 live components."""
+    from fl_harness import run_rounds, tiny_config
+
+    records, _, glob, _ = run_rounds(tiny_config(
+        strategy="hetlora", rank_by_partition="4,8,16,4,8,16", num_train_nodes=2,
+        num_server_rounds=3), num_nodes=6)
+    tiers = [[(4, 8, 16)[c % 3] for c in r["clients"]] for r in records[1:]]
+    assert 16 not in tiers[1] and 16 in tiers[0]  # the scenario: a round without the top tier
+    for record in records[1:]:
+        assert set(record["tier_effective_rank"]) == {"4", "8", "16"}
+        assert record["tier_dead_components"] == {"4": 0.0, "8": 0.0, "16": 0.0}
+    after_gap = records[2]["tier_effective_rank"]
+    assert after_gap["16"] > after_gap["8"]  # the upper components were kept, not zeroed
+    assert {f.rank for f in glob.adapter.values()} == {16}

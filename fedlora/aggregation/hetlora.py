@@ -22,8 +22,10 @@ self-pruning is a training-time feature, not part of aggregation.
 Components no participant trained this round (index ``j >= max{r_k : w_k > 0}``,
 e.g. a round without a top-rank client) are **kept from the previous global**
 when the server passes it (``previous``, its global adapter before the round):
-``A_j``, ``B_j`` (refolded to the new global scale) are carried over, the
-global keeps rank ``max(r_max, previous rank)``, and its scale is that rank's.
+``A_j``, ``B_j`` (refolded to the new global scale) are carried over up to the
+previous global's last component with a non-zero ``B`` column (those past it
+were never trained: ``B_j = 0`` gives ``A_j`` zero gradient), the global's rank
+is ``max(r_max, that rank)``, and its scale is that rank's.
 Without ``previous`` (pure API) the global has rank ``r_max`` and a client of
 a larger rank receives those components re-initialised as PEFT does (``A``
 from the round's seed, ``B = 0``; see :class:`~fedlora.aggregation.views.PrefixView`).
@@ -72,7 +74,9 @@ def hetlora(
         factors = context.factors_of(updates, module)
         out_features, in_features = context.shapes[module]
         prev = previous.get(module) if previous is not None else None
-        r_max = max([f.rank for f in factors] + ([prev.rank] if prev is not None else []))
+        trained = np.flatnonzero(prev.b.any(axis=0)) if prev is not None else np.array([])
+        kept_rank = int(trained[-1]) + 1 if trained.size else 0  # beyond: B = 0, never trained
+        r_max = max([f.rank for f in factors] + [kept_rank])
         scale = context.scale(r_max)
         norms = np.array(
             [
@@ -88,9 +92,9 @@ def hetlora(
             a[: f.rank] += w * f.a.astype(np.float64)
             b[:, : f.rank] += (w * f.scale / scale) * f.b.astype(np.float64)
         covered = max(f.rank for w, f in zip(weights, factors, strict=True) if w > 0)
-        if prev is not None and prev.rank > covered:  # untrained this round: keep them
-            a[covered : prev.rank] = prev.a[covered:].astype(np.float64)
-            b[:, covered : prev.rank] = (prev.scale / scale) * prev.b[:, covered:].astype(
+        if prev is not None and kept_rank > covered:  # untrained this round: keep them
+            a[covered:kept_rank] = prev.a[covered:kept_rank].astype(np.float64)
+            b[:, covered:kept_rank] = (prev.scale / scale) * prev.b[:, covered:kept_rank].astype(
                 np.float64
             )
         global_factors[module] = LoraFactors(a=a, b=b, scale=scale).astype(context.dtype)
