@@ -77,6 +77,10 @@ class FederationConfig:
                                 "('' = lora.r for all; deployment nodes set lora-rank)")
     max_rank: int = _f(64, "largest LoRA rank the server accepts from a client")
     hetlora_weight_by_examples: bool = _f(False, "hetlora: multiply norm weights by examples")
+    personal_adapter_dir: str = _f("", "fedsa: each node saves its personal adapter (global "
+                                   "A + its own B, PEFT format) at the end of the run in "
+                                   "<dir>/<partition-id>/; a node config personal-adapter-dir "
+                                   "overrides it ('' = off; `fedlora run` sets OUT/personal)")
     flexlora_split: str = _f("balanced", "flexlora: how Σ is split between the factors: "
                              "'balanced' (Σ^½ each) or 'init-a' (A rows at PEFT-init norm)")
     rolora_first_phase: str = _f("b", "rolora: factor trained in round 1 ('b' or 'a')")

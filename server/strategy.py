@@ -166,6 +166,7 @@ class FederatedLora:
         self.log_round = log_round
         self.optimizer = build_optimizer(cfg)
         self.info = strategy_info(cfg.fl.strategy)
+        self.personal_saved: int | None = None  # FedSA: nodes that saved a personal adapter
         self.base_version: dict[int, int] = {}  # partition -> corrections applied
         self.secure = SecureRound(cfg) if cfg.fl.secure_aggregation else None
         self.adaptive_clip = (AdaptiveClip(cfg.fl.clip_update_norm or 1.0, cfg.fl.clip_quantile,
@@ -427,7 +428,26 @@ class FederatedLora:
                     f"{failures} round(s) in a row without enough accepted updates "
                     f"(max-failed-rounds {self.cfg.fl.max_failed_rounds}); rejections "
                     f"{record['rejected']}; first client error: {record.get('errors', ['-'])[0]}")
+        if round_plan(self.cfg, max(last, 1)).personal:
+            self.personal_saved = self.export_personal(grid, nodes, last)
         return self.glob
+
+    def export_personal(self, grid: Grid, nodes: list[NodeInfo], server_round: int) -> int:
+        """Personal factors (FedSA's B) never reach the server: the run's end is announced to
+        every node (``query.personal_export`` with the final global adapter), and a node that
+        has a ``personal-adapter-dir`` saves the final global A with its own B there in PEFT
+        format. Returns how many nodes saved one."""
+        plan = round_plan(self.cfg, max(server_round, 1))
+        encoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
+        msgs = [self._message(n, server_round, plan, "query.personal_export", encoded)[0]
+                for n in nodes]
+        replies = [r for r in grid.send_and_receive(msgs, timeout=self.cfg.fl.round_timeout)
+                   if not r.has_error()]
+        saved = sum(int(r.content["metrics"].get("personal-saved", 0)) for r in replies)
+        log(INFO if saved else WARNING, "fedlora: %d of %d nodes saved their personal adapter "
+            "(global A + own B)%s", saved, len(nodes),
+            "" if saved else "; set personal-adapter-dir (run or node config) to keep them")
+        return saved
 
     # ------------------------------------------------------------------ checkpoints
 
