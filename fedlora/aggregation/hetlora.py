@@ -17,7 +17,8 @@ zero (e.g. all B still at their zero init) the weights fall back to uniform
 (or ``p_k`` with ``weight_by_examples``). A client of rank ``r`` receives
 ``Ā[:r]`` and ``B̄[:, :r] · s_g / s_r`` with its own scale ``s_r`` (the paper's
 truncation). Mixed ranks allowed; not exact. The paper's client-side rank
-self-pruning is a training-time feature, not part of aggregation.
+self-pruning (a training-time feature, not part of aggregation) is not
+implemented: every client trains its full rank every round.
 
 Components no participant trained this round (index ``j >= max{r_k : w_k > 0}``,
 e.g. a round without a top-rank client) are **kept from the previous global**
