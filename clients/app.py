@@ -23,7 +23,9 @@ the server only ever sees the masked sum (``fedlora/secure_wire.py`` lists every
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -208,6 +210,28 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
     """Secure round, stage 3: the shares that remove the remaining masks from the sum."""
     settings = secagg_config(config.from_flat(context.run_config))
     return Message(secure_client.unmask(context, settings, msg.content), reply_to=msg)
+
+
+@app.query("personal_export")
+def personal_export(msg: Message, context: Context) -> Message:
+    """The run has ended (FedSA): save the final global A with this node's own B as a PEFT
+    adapter in ``<personal-adapter-dir>/<partition-id>/`` (node config, else run config).
+    ``personal-saved`` is 0 when no directory is configured."""
+    cfg, node, model, _, _, _, arrays = _prepare(msg, context)
+    root = str(context.node_config.get("personal-adapter-dir", "") or
+               cfg.fl.personal_adapter_dir)
+    metrics = {"partition-id": node.partition_id, "personal-saved": 0}
+    if root:
+        directory = Path(root).expanduser() / str(node.partition_id)
+        lora.load_adapter_arrays(model, arrays)
+        lora.save_adapter(model, directory)
+        (directory / "fedlora.json").write_text(json.dumps({
+            "strategy": cfg.fl.strategy, "partition_id": node.partition_id, "rank": node.rank,
+            "server_round": int(msg.content["config"]["server-round"]),
+            # a node that never trained has no B of its own: it holds the server's B
+            "own_b": PERSONAL in context.state, "base_model": cfg.model.name}, indent=2))
+        metrics["personal-saved"] = 1
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()

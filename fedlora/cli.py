@@ -106,6 +106,8 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     out = Path(args.out or flat.get("output-dir") or
                Path("runs") / time.strftime("%Y%m%d-%H%M%S")).expanduser().resolve()
     flat["output-dir"] = str(out)
+    if flat.get("strategy") == "fedsa" and not flat.get("personal-adapter-dir"):
+        flat["personal-adapter-dir"] = str(out / "personal")  # B never reaches the server
     return finalize(flat, clients), clients
 
 

@@ -80,14 +80,21 @@ class FederationConfig:
                                 "('' = lora.r for all; deployment nodes set lora-rank)")
     max_rank: int = _f(64, "largest LoRA rank the server accepts from a client")
     hetlora_weight_by_examples: bool = _f(False, "hetlora: multiply norm weights by examples")
+    personal_adapter_dir: str = _f("", "fedsa: each node saves its personal adapter (global "
+                                   "A + its own B, PEFT format) at the end of the run in "
+                                   "<dir>/<partition-id>/; a node config personal-adapter-dir "
+                                   "overrides it ('' = off; `fedlora run` sets OUT/personal)")
+    flexlora_split: str = _f("balanced", "flexlora: how Σ is split between the factors: "
+                             "'balanced' (Σ^½ each) or 'init-a' (A rows at PEFT-init norm)")
     rolora_first_phase: str = _f("b", "rolora: factor trained in round 1 ('b' or 'a')")
     lora_fair_lambda: float = _f(0.01, "lora-fair: weight of the penalty on the server's "
                                  "correction of B (0 = the least-squares correction)")
     robust_reducer: str = _f("median", "robust: coordinate-wise median, trimmed-mean or mean "
                              "of the clients' ΔW")
-    robust_trim: float = _f(0.1, "robust: fraction trimmed at each end by trimmed-mean")
-    robust_clip_multiplier: float = _f(0.0, "robust: clip each ΔW to this × the median norm "
-                                       "(0 = no clipping)")
+    robust_trim: float = _f(0.1, "robust: fraction trimmed at each end by trimmed-mean "
+                            "(at least one per end when > 0; needs min-accepted >= 3)")
+    robust_clip_multiplier: float = _f(0.0, "robust: clip each client's change this round "
+                                       "to this × the median change norm (0 = no clipping)")
     min_accepted: int = _f(1, "accepted replies a round needs; with fewer the round is "
                            "abandoned and the previous global adapter kept")
     min_accepted_fraction: float = _f(0.0, "the same as a fraction of the sampled nodes")
@@ -160,10 +167,18 @@ class FederationConfig:
         _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _choice("rolora-first-phase", self.rolora_first_phase, ("a", "b"))
         _positive("lora-fair-lambda", self.lora_fair_lambda, zero_ok=True)
+        _choice("flexlora-split", self.flexlora_split, ("balanced", "init-a"))
         _choice("robust-reducer", self.robust_reducer, ("median", "trimmed-mean", "mean"))
         if not 0 <= self.robust_trim < 0.5:
             raise ConfigError(f"robust-trim must be in [0, 0.5); got {self.robust_trim}")
         _positive("robust-clip-multiplier", self.robust_clip_multiplier, zero_ok=True)
+        if (self.strategy == "robust" and self.robust_reducer == "trimmed-mean"
+                and self.robust_trim > 0 and self.min_accepted < 3):
+            raise ConfigError(f"robust-reducer 'trimmed-mean' with robust-trim "
+                              f"{self.robust_trim} drops at least one update per side and "
+                              f"needs 3 of them; set min-accepted = 3 (it is "
+                              f"{self.min_accepted}), robust-trim = 0 (the mean) or "
+                              "robust-reducer = 'median'")
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train must be in (0, 1]; got {self.fraction_train}")
         _positive("num-train-nodes", self.num_train_nodes, zero_ok=True)

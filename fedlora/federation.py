@@ -141,8 +141,13 @@ class GlobalAdapter:
         return {m: stack([c[m] for c in pending if m in c]) for m in modules}
 
     def apply(self, result: AggregationResult, heads: Mapping[str, np.ndarray],
-              optimizer: ServerOptimizer | None = None, rank: int | None = None) -> None:
-        """Adopt a round's aggregate (optionally through a server optimizer)."""
+              optimizer: ServerOptimizer | None = None, rank: int | None = None,
+              frozen: str = "") -> None:
+        """Adopt a round's aggregate (optionally through a server optimizer).
+
+        The server optimizer never changes a frozen factor: those the rule froze
+        (``result.frozen``) and those named in ``frozen`` (``"a"``/``"b"``: factors the
+        clients did not send back this round, e.g. FedSA's B)."""
         info = strategy_info(result.strategy)
         if optimizer is not None and (rank is None or not info.linear or info.refactors):
             raise ValueError(f"server optimizers need a linear, equal-rank rule; "
@@ -153,7 +158,11 @@ class GlobalAdapter:
         view: View = result.client_view
         if optimizer is not None:
             previous = self.arrays_for(rank)
-            new = optimizer.step(previous, join_arrays(result.for_client(rank), heads))
+            aggregated = join_arrays(result.for_client(rank), heads)
+            suffixes = tuple({"a": LORA_A, "b": LORA_B}[f]
+                             for f in sorted(result.frozen | set(frozen)))
+            frozen_keys = [k for k in aggregated if suffixes and k.endswith(suffixes)]
+            new = optimizer.step(previous, aggregated, frozen=frozen_keys)
             adapter, heads = split_arrays(new, scale_for_rank(rank, self.lora_alpha, self.rslora))
             view = _fixed_view(adapter)
         self.result = result
@@ -194,6 +203,7 @@ class GlobalAdapter:
                 state["view"] = {"type": "prefix", "lora_alpha": view.lora_alpha,
                                  "rslora": view.rslora, "split": view.split,
                                  "fixed_rank": view.fixed_rank, "strategy": view.strategy,
+                                 "seed": view.seed,
                                  "factors": _put_factors(arrays, "view", view.factors)}
             elif isinstance(view, FreshInitView):
                 state["view"] = {"type": "fresh", "shapes": {m: list(s) for m, s in
@@ -221,7 +231,7 @@ class GlobalAdapter:
             if v["type"] == "prefix":
                 glob.view = PrefixView(_get_factors(arrays, "view", v["factors"]),
                                        v["lora_alpha"], v["rslora"], v["split"],
-                                       v["fixed_rank"], v["strategy"])
+                                       v["fixed_rank"], v["strategy"], int(v.get("seed", 0)))
             else:
                 glob.view = FreshInitView({m: tuple(s) for m, s in v["shapes"].items()},
                                           v["lora_alpha"], v["rslora"], v["seed"],

@@ -19,6 +19,11 @@ from server.strategy import FederatedLora, build_optimizer
 
 app = ServerApp()
 
+FEDSA_NOTE = ("fedsa keeps B on the nodes: the central adapter carries the global A and the B "
+              "the server sent (its initial B = 0), so its ΔW is 0 and it is no model of the "
+              "federation. The models are the nodes' personal adapters (global A + own B), "
+              "saved by each node under personal-adapter-dir/<partition-id>/.")
+
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
@@ -50,8 +55,13 @@ def main(grid: Grid, context: Context) -> None:
                                     "resumed_after": resumed.round if resumed else None,
                                     "wall_s": time.perf_counter() - started,
                                     "started_at": started_at, **timings,
-                                    "adapter": str(out.adapter_dir)})
+                                    "adapter": str(out.adapter_dir),
+                                    **({"adapter_note": FEDSA_NOTE,
+                                        "personal_adapter_dir": cfg.fl.personal_adapter_dir}
+                                       if cfg.fl.strategy == "fedsa" else {})})
     log(INFO, "fedlora: adapter saved to %s", out.adapter_dir)
+    if cfg.fl.strategy == "fedsa":
+        log(WARNING, "fedlora: %s", FEDSA_NOTE)
 
 
 def _run(grid: Grid, cfg: config.RunConfig, out: outputs.RunOutputs,

@@ -44,6 +44,7 @@ from fedlora.aggregation import (
     validate_update,
 )
 from fedlora.aggregation.clipping import AdaptiveClip
+from fedlora.aggregation.diagnostics import tier_diagnostics
 from fedlora.client import select_outgoing
 from fedlora.config import RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
@@ -114,6 +115,8 @@ def round_plan(cfg: RunConfig, server_round: int) -> RoundPlan:
         return RoundPlan(options={"weight_by_examples": cfg.fl.hetlora_weight_by_examples})
     if name == "lora-fair":
         return RoundPlan(options={"lambda_": cfg.fl.lora_fair_lambda})
+    if name == "flexlora":
+        return RoundPlan(options={"split": cfg.fl.flexlora_split})
     if name == "robust":
         return RoundPlan(options={"reducer": cfg.fl.robust_reducer, "trim": cfg.fl.robust_trim,
                                   "clip_multiplier": cfg.fl.robust_clip_multiplier})
@@ -167,6 +170,7 @@ class FederatedLora:
         self.log_round = log_round
         self.optimizer = build_optimizer(cfg)
         self.info = strategy_info(cfg.fl.strategy)
+        self.personal_saved: int | None = None  # FedSA: nodes that saved a personal adapter
         self.base_version: dict[int, int] = {}  # partition -> corrections applied
         self.secure = SecureRound(cfg) if cfg.fl.secure_aggregation else None
         self.adaptive_clip = (AdaptiveClip(cfg.fl.clip_update_norm or 1.0, cfg.fl.clip_quantile,
@@ -428,7 +432,26 @@ class FederatedLora:
                     f"{failures} round(s) in a row without enough accepted updates "
                     f"(max-failed-rounds {self.cfg.fl.max_failed_rounds}); rejections "
                     f"{record['rejected']}; first client error: {record.get('errors', ['-'])[0]}")
+        if round_plan(self.cfg, max(last, 1)).personal:
+            self.personal_saved = self.export_personal(grid, nodes, last)
         return self.glob
+
+    def export_personal(self, grid: Grid, nodes: list[NodeInfo], server_round: int) -> int:
+        """Personal factors (FedSA's B) never reach the server: the run's end is announced to
+        every node (``query.personal_export`` with the final global adapter), and a node that
+        has a ``personal-adapter-dir`` saves the final global A with its own B there in PEFT
+        format. Returns how many nodes saved one."""
+        plan = round_plan(self.cfg, max(server_round, 1))
+        encoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
+        msgs = [self._message(n, server_round, plan, "query.personal_export", encoded)[0]
+                for n in nodes]
+        replies = [r for r in grid.send_and_receive(msgs, timeout=self.cfg.fl.round_timeout)
+                   if not r.has_error()]
+        saved = sum(int(r.content["metrics"].get("personal-saved", 0)) for r in replies)
+        log(INFO if saved else WARNING, "fedlora: %d of %d nodes saved their personal adapter "
+            "(global A + own B)%s", saved, len(nodes),
+            "" if saved else "; set personal-adapter-dir (run or node config) to keep them")
+        return saved
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -631,7 +654,8 @@ class FederatedLora:
             result = self._aggregate(updates, plan, server_round)
             heads = aggregate_heads([item.heads for item in accepted], weights)
         diagnostics = result.diagnostics(updates)
-        self.glob.apply(result, heads, self.optimizer, rank=node.rank)
+        self.glob.apply(result, heads, self.optimizer, rank=node.rank,
+                        frozen="".join(sorted(set("ab") - set(plan.send))))
         record["aggregate_s"] = time.perf_counter() - aggregating
         record.update(self._client_summary([item.metrics for item in accepted], weights))
         record.update({
@@ -729,10 +753,20 @@ class FederatedLora:
 
     def _aggregate(self, updates: list[ClientUpdate], plan: RoundPlan, server_round: int
                    ) -> AggregationResult:
-        """The round's rule over ``updates`` (its randomness seeded by run seed and round)."""
+        """The round's rule over ``updates`` (its randomness seeded by run seed and round).
+
+        Rules that declare a ``previous`` option get the global adapter before the round
+        (HetLoRA keeps the components nobody trained from it), and a ``received`` option
+        what each update's client was sent (robust clips the round's change)."""
+        options = dict(plan.options)
+        if "previous" in self.info.options:
+            options["previous"] = self.glob.adapter
+        if "received" in self.info.options:  # what each client was sent (the global before)
+            options["received"] = [self.glob.view(next(iter(u.factors.values())).rank)
+                                   for u in updates]
         return aggregate(self.cfg.fl.strategy, updates, lora_alpha=self.glob.lora_alpha,
                          rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
-                         seed=self.cfg.fl.seed * 100_003 + server_round, **plan.options)
+                         seed=self.cfg.fl.seed * 100_003 + server_round, **options)
 
     def _adopt_secure(self, outcome: SecureOutcome, sent: Mapping[int, Mapping[str, np.ndarray]],
                       plan: RoundPlan, server_round: int, start: float, bytes_down: int
@@ -773,7 +807,8 @@ class FederatedLora:
         aggregating = time.perf_counter()
         result, heads, update = self._adopt_mean(mean, sent[node.node_id], node,
                                                  sum(weights), plan, server_round)
-        self.glob.apply(result, heads, self.optimizer, rank=node.rank)
+        self.glob.apply(result, heads, self.optimizer, rank=node.rank,
+                        frozen="".join(sorted(set("ab") - set(plan.send))))
         record["aggregate_s"] = time.perf_counter() - aggregating
         record.update(self._client_summary([m for _, m in contributors], weights))
         record.update({
@@ -797,6 +832,8 @@ class FederatedLora:
         line = {"round": server_round, "strategy": self.cfg.fl.strategy}
         line.update({k.replace("-", "_"): v for k, v in metrics.items()})
         line.update(record)
+        # what each rank tier receives next round: capacity kept or lost under sampling
+        line.update(tier_diagnostics(self.glob.view, {n.rank for n in nodes}))
         line["eval_s"] = time.perf_counter() - start
         line["server_rss_mb"] = round(rss_mb(), 1)
         line["time"] = time.time()  # Unix time the round ended: wall time between rounds

@@ -13,12 +13,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedlora.aggregation.factors import ClientUpdate
+from fedlora.aggregation.factors import ClientUpdate, LoraFactors
 from fedlora.aggregation.linalg import (
     factored_frobenius_norm,
     factored_singular_values,
@@ -83,6 +83,39 @@ def effective_rank(b: np.ndarray, a: np.ndarray) -> float:
         return 0.0
     q = sigma[sigma > 0] / total
     return float(np.exp(-np.sum(q * np.log(q))))
+
+
+def tier_diagnostics(
+    view: Callable[[int], Mapping[str, LoraFactors]], ranks: Iterable[int]
+) -> dict[str, dict[str, float]]:
+    """What each rank tier receives from the global adapter next round.
+
+    Parameters
+    ----------
+    view
+        Maps a client's rank to the factors it loads (``AggregationResult.for_client`` or
+        the server's current view).
+    ranks
+        The tiers (the clients' ranks).
+
+    Returns
+    -------
+    dict[str, dict[str, float]]
+        ``{"tier_effective_rank": {str(r): mean over modules of the effective rank of
+        s · B @ A}, "tier_dead_components": {str(r): components, summed over modules, whose
+        A row and B column are both zero}}``. A dead component has exactly zero gradients,
+        so it is capacity the tier can never train.
+    """
+    effective: dict[str, float] = {}
+    dead: dict[str, float] = {}
+    for rank in sorted(set(ranks)):
+        factors = view(rank)
+        effective[str(rank)] = float(np.mean([
+            effective_rank(f.scale * f.b.astype(np.float64), f.a) for f in factors.values()
+        ]))
+        dead[str(rank)] = float(sum(int((~(f.a.any(axis=1) | f.b.any(axis=0))).sum())
+                                    for f in factors.values()))
+    return {"tier_effective_rank": effective, "tier_dead_components": dead}
 
 
 def round_diagnostics(updates: Sequence[ClientUpdate], result: AggregationResult) -> dict[str, Any]:

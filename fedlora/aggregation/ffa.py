@@ -46,4 +46,4 @@ def ffa(
         fold = folded_weights(factors, context.weights, scale)
         b = weighted_sum([f.b for f in factors], fold)  # (m, r)
         global_factors[module] = LoraFactors(a=factors[0].a, b=b, scale=scale).astype(context.dtype)
-    return same_rank_result("ffa", global_factors, context)
+    return same_rank_result("ffa", global_factors, context, frozen=frozenset("a"))

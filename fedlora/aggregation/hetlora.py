@@ -17,12 +17,27 @@ zero (e.g. all B still at their zero init) the weights fall back to uniform
 (or ``p_k`` with ``weight_by_examples``). A client of rank ``r`` receives
 ``Ā[:r]`` and ``B̄[:, :r] · s_g / s_r`` with its own scale ``s_r`` (the paper's
 truncation). Mixed ranks allowed; not exact. The paper's client-side rank
-self-pruning is a training-time feature, not part of aggregation.
+self-pruning (a training-time feature, not part of aggregation) is not
+implemented: every client trains its full rank every round.
+
+Components no participant trained this round (index ``j >= max{r_k : w_k > 0}``,
+e.g. a round without a top-rank client) are **kept from the previous global**
+when the server passes it (``previous``, its global adapter before the round):
+``A_j``, ``B_j`` (refolded to the new global scale) are carried over up to the
+previous global's last component with a non-zero ``B`` column (those past it
+were never trained: ``B_j = 0`` gives ``A_j`` zero gradient), the global's rank
+is ``max(r_max, that rank)``, and its scale is that rank's.
+Without ``previous`` (pure API) the global has rank ``r_max`` and a client of
+a larger rank receives those components re-initialised as PEFT does (``A``
+from the round's seed, ``B = 0``; see :class:`~fedlora.aggregation.views.PrefixView`).
+Deviation from the paper: the paper's zero-padded average leaves such
+components at ``A = B = 0``, where LoRA's gradients are exactly zero, so a
+rank-``r`` tier loses them for good after one round without it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +54,7 @@ def hetlora(
     context: RoundContext,
     *,
     weight_by_examples: bool = False,
+    previous: Mapping[str, LoraFactors] | None = None,
 ) -> AggregationResult:
     """Zero-pad to the largest rank and average with norm weights (see module docstring).
 
@@ -46,15 +62,22 @@ def hetlora(
     ----------
     weight_by_examples
         Multiply each client's norm weight by its ``n_k`` before normalising.
+    previous
+        The global adapter before this round (``module -> factors`` at the global scale), or
+        ``None``. Components that no client with a positive weight holds are taken from it.
     """
     if not isinstance(weight_by_examples, bool):
         raise TypeError(f"weight_by_examples must be a bool, got {weight_by_examples!r}")
+    check_previous(previous, context, "hetlora")
     prior = context.weights if weight_by_examples else np.full(len(updates), 1.0 / len(updates))
     global_factors = {}
     for module in context.modules:
         factors = context.factors_of(updates, module)
         out_features, in_features = context.shapes[module]
-        r_max = max(f.rank for f in factors)
+        prev = previous.get(module) if previous is not None else None
+        trained = np.flatnonzero(prev.b.any(axis=0)) if prev is not None else np.array([])
+        kept_rank = int(trained[-1]) + 1 if trained.size else 0  # beyond: B = 0, never trained
+        r_max = max([f.rank for f in factors] + [kept_rank])
         scale = context.scale(r_max)
         norms = np.array(
             [
@@ -69,5 +92,33 @@ def hetlora(
         for w, f in zip(weights, factors, strict=True):
             a[: f.rank] += w * f.a.astype(np.float64)
             b[:, : f.rank] += (w * f.scale / scale) * f.b.astype(np.float64)
+        covered = max(f.rank for w, f in zip(weights, factors, strict=True) if w > 0)
+        if prev is not None and kept_rank > covered:  # untrained this round: keep them
+            a[covered:kept_rank] = prev.a[covered:kept_rank].astype(np.float64)
+            b[:, covered:kept_rank] = (prev.scale / scale) * prev.b[:, covered:kept_rank].astype(
+                np.float64
+            )
         global_factors[module] = LoraFactors(a=a, b=b, scale=scale).astype(context.dtype)
     return prefix_result("hetlora", global_factors, context, split="b", fixed_rank=False)
+
+
+def check_previous(
+    previous: Mapping[str, LoraFactors] | None, context: RoundContext, strategy: str
+) -> None:
+    """Reject a ``previous`` global adapter that does not match the round's modules and shapes."""
+    if previous is None:
+        return
+    if not isinstance(previous, Mapping):
+        raise TypeError(f"{strategy}: previous must map module -> LoraFactors or be None, "
+                        f"got {type(previous).__name__}")
+    if sorted(previous) != list(context.modules):
+        raise ValueError(f"{strategy}: previous global has modules {sorted(previous)[:3]}…, the "
+                         f"round's updates have {list(context.modules)[:3]}…; pass the global "
+                         "adapter of the same model")
+    for module, (out_features, in_features) in context.shapes.items():
+        f = previous[module]
+        if (f.a.ndim != 2 or f.b.ndim != 2 or f.a.shape[1] != in_features
+                or f.b.shape != (out_features, f.a.shape[0])):
+            raise ValueError(f"{strategy}: previous global {module!r} has A {f.a.shape}, B "
+                             f"{f.b.shape}; the module is ({out_features}, {in_features}), "
+                             "so A must be (r, in_features) and B (out_features, r)")

@@ -41,6 +41,9 @@ class AggregationResult:
         Whether scales follow rsLoRA.
     client_view
         What a client of a given rank receives; see :mod:`fedlora.aggregation.views`.
+    frozen
+        Factors (``"a"``, ``"b"``) the rule froze this round: every client left them as
+        received (RoLoRA's untrained factor, FFA-LoRA's A). Server optimizers leave them alone.
     """
 
     strategy: str
@@ -49,8 +52,11 @@ class AggregationResult:
     lora_alpha: float
     rslora: bool
     client_view: ClientView = field(repr=False)
+    frozen: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.frozen, frozenset) or not self.frozen <= {"a", "b"}:
+            raise ValueError(f"frozen must be a frozenset of 'a' and/or 'b', got {self.frozen!r}")
         object.__setattr__(self, "global_factors", MappingProxyType(dict(self.global_factors)))
         object.__setattr__(self, "base_correction", MappingProxyType(dict(self.base_correction)))
         if unknown := sorted(set(self.base_correction) - set(self.global_factors)):
@@ -103,6 +109,9 @@ class AggregationResult:
         The returned scale is the client's own (``scale_for_rank(rank,
         lora_alpha, rslora)``) and the factors are refolded so that
         ``scale · B @ A`` is what the rule intends that client to apply.
+        Mixed-rank rules never return a component whose ``A`` row and ``B``
+        column are both zero (its gradients would be exactly zero): see
+        :mod:`fedlora.aggregation.views` for how such components are filled.
         """
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
@@ -124,6 +133,7 @@ def prefix_result(
     split: str = "b",
     fixed_rank: bool = True,
     base_correction: Mapping[str, LoraFactors] | None = None,
+    frozen: frozenset[str] = frozenset(),
 ) -> AggregationResult:
     """Result whose clients receive (a rank-r prefix of) the global factors.
 
@@ -140,6 +150,8 @@ def prefix_result(
         client's factors, and whether it refuses any rank other than the global one.
     base_correction
         Optional factors to merge into the frozen base.
+    frozen
+        Factors the rule froze this round (see :class:`AggregationResult`).
     """
     return AggregationResult(
         strategy=strategy,
@@ -154,7 +166,9 @@ def prefix_result(
             split=split,
             fixed_rank=fixed_rank,
             strategy=strategy,
+            seed=context.seed,
         ),
+        frozen=frozen,
     )
 
 
@@ -163,7 +177,9 @@ def same_rank_result(
     global_factors: Mapping[str, LoraFactors],
     context: RoundContext,
     base_correction: Mapping[str, LoraFactors] | None = None,
+    frozen: frozenset[str] = frozenset(),
 ) -> AggregationResult:
     """Result of an equal-rank rule: every client receives the global factors as they are
     (:func:`prefix_result` with a view that refuses any rank other than the global one)."""
-    return prefix_result(strategy, global_factors, context, base_correction=base_correction)
+    return prefix_result(strategy, global_factors, context, base_correction=base_correction,
+                         frozen=frozen)

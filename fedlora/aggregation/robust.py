@@ -4,29 +4,39 @@ A poisoned or broken client can pass every validation check with a finite but la
 simply wrong, adapter. Averaging factors lets it move the global model arbitrarily; robust
 statistics on what the clients' adapters *do* bound its influence:
 
-1. **Norm clipping** (``clip_multiplier > 0``): each ``ΔW_k`` is scaled down to at most
-   ``clip_multiplier × median_k ‖ΔW_k‖_F`` (norms computed from the factors, never densely).
+1. **Norm clipping** (``clip_multiplier > 0``) of each client's *change this round*,
+   ``D_k = s_k B_k A_k − R_k`` with ``R_k`` the adapter it received (``received``): the
+   change is scaled down to at most ``clip_multiplier × median_k ‖D_k‖_F`` and the client's
+   adapter becomes ``R_k + c_k D_k`` (on the dense ``ΔW_k`` the reducer needs anyway). This is the
+   update clipping of Andrew et al. 2021 (arXiv 1905.03871) and of norm-bounding defences
+   (Sun et al. 2019, arXiv 1911.07963), with the median as the bound's reference. Clipping
+   whole adapters instead would let an attacker's large change pass under the bound once
+   the shared global dominates every adapter.
 2. **Reducer**, coordinate-wise over clients, unweighted (robust statistics ignore the
-   example counts a client claims): ``median``, ``trimmed-mean`` (drop the ``trim`` fraction
-   of largest and smallest values per coordinate, then average) or ``mean``.
+   example counts a client claims): ``median``, ``trimmed-mean`` (drop the
+   ``max(1, ⌊trim · K⌋)`` largest and smallest values per coordinate, then average; it needs
+   ``K ≥ 3`` when ``trim > 0``, ``trim = 0`` is the plain mean) or ``mean``. Deviation
+   from the textbook ``β``-trimmed mean (Yin et al. 2018, arXiv 1803.01498), which drops
+   ``⌊βK⌋`` per side: that is zero below ``K = 1/β`` clients (9 at the default 0.1), so a
+   ×100 outlier would stay in every cross-silo round.
 3. The robust ``ΔW`` is factored by SVD (singular values descending) and each client gets its
    best rank-``r`` approximation, as in FlexLoRA.
 
 The reducer needs the dense ``ΔW_k`` of every client for one module at a time
 (``K × m × n`` floats: 8 clients × 4096² × 8 bytes ≈ 1 GB for a 7B model's projection), so it
 suits cross-silo rounds with few clients per round. Rule options: ``reducer``, ``trim``,
-``clip_multiplier``.
+``clip_multiplier``, ``received`` (required with clipping: one ``module -> factors`` per
+update, in the updates' order — what each client was sent).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from fedlora.aggregation.context import RoundContext
 from fedlora.aggregation.factors import ClientUpdate, LoraFactors
-from fedlora.aggregation.linalg import factored_frobenius_norm
 from fedlora.aggregation.registry import register
 from fedlora.aggregation.result import AggregationResult
 from fedlora.aggregation.views import PrefixView
@@ -51,7 +61,13 @@ def reduce(stack: np.ndarray, reducer: str, trim: float) -> np.ndarray:
     if reducer == "mean":
         return stack.mean(axis=0)
     k = stack.shape[0]
-    cut = int(np.floor(trim * k))
+    if trim == 0:
+        return stack.mean(axis=0)
+    if k < 3:
+        raise ValueError(f"trimmed-mean with trim={trim} drops at least one value per side and "
+                         f"needs at least 3 clients, got {k}; require 3 accepted updates "
+                         "(min-accepted = 3), use trim = 0 (the mean) or the median")
+    cut = max(1, int(np.floor(trim * k)))
     if 2 * cut >= k:
         raise ValueError(f"trim={trim} removes every one of the {k} clients; use a trim below "
                          f"{0.5:.1f} with enough clients, or the median")
@@ -62,20 +78,38 @@ def reduce(stack: np.ndarray, reducer: str, trim: float) -> np.ndarray:
 @register("robust", equal_ranks=False, exact=False, linear=False, modifies_base=False)
 def robust(updates: Sequence[ClientUpdate], context: RoundContext, *,
            reducer: str = "median", trim: float = 0.1,
-           clip_multiplier: float = 0.0) -> AggregationResult:
-    """Clip, reduce coordinate-wise and re-project ΔW (see module docstring)."""
+           clip_multiplier: float = 0.0,
+           received: Sequence[Mapping[str, LoraFactors]] | None = None) -> AggregationResult:
+    """Clip the round's changes, reduce coordinate-wise and re-project ΔW (see module
+    docstring). ``received[k]`` is what client ``k`` was sent (required when clipping)."""
     if reducer not in REDUCERS:
         raise ValueError(f"reducer must be one of {', '.join(REDUCERS)}; got {reducer!r}")
     if not 0 <= trim < 0.5:
         raise ValueError(f"trim must be in [0, 0.5); got {trim}")
+    if clip_multiplier > 0:
+        if received is None or len(received) != len(updates):
+            raise ValueError(
+                f"robust clipping acts on each client's change this round and needs "
+                f"received= (one module -> factors per update, what it was sent); got "
+                f"{'none' if received is None else len(received)} for {len(updates)} updates")
+        for k, sent in enumerate(received):
+            if set(sent) != set(context.modules):
+                raise ValueError(f"received[{k}] has modules {sorted(sent)[:3]}…, the updates "
+                                 f"{list(context.modules)[:3]}…; pass what that client was sent")
     global_factors = {}
     for module in context.modules:
         parts = context.factors_of(updates, module)
-        norms = np.array([factored_frobenius_norm(f.scale * f.b.astype(np.float64),
-                                                  f.a.astype(np.float64)) for f in parts])
-        keep = clip_norms(norms, clip_multiplier)
-        stack = np.stack([c * f.scale * (f.b.astype(np.float64) @ f.a.astype(np.float64))
-                          for c, f in zip(keep, parts, strict=True)])
+        dense = [f.scale * (f.b.astype(np.float64) @ f.a.astype(np.float64)) for f in parts]
+        if clip_multiplier > 0:
+            assert received is not None
+            base = [r[module].scale * (r[module].b.astype(np.float64)
+                                       @ r[module].a.astype(np.float64)) for r in received]
+            if any(x.shape != y.shape for x, y in zip(base, dense, strict=True)):
+                raise ValueError(f"received factors of {module!r} do not match the update shapes")
+            changes = [d - r for d, r in zip(dense, base, strict=True)]
+            keep = clip_norms(np.array([np.linalg.norm(c) for c in changes]), clip_multiplier)
+            dense = [r + c * d for r, c, d in zip(base, keep, changes, strict=True)]
+        stack = np.stack(dense)
         delta = reduce(stack, reducer, trim)
         u, sigma, vt = np.linalg.svd(delta, full_matrices=False)
         rank = max(1, int((sigma > 1e-12 * (sigma[0] if sigma.size else 0)).sum()))
@@ -91,5 +125,5 @@ def robust(updates: Sequence[ClientUpdate], context: RoundContext, *,
         rslora=context.rslora,
         client_view=PrefixView(factors=global_factors, lora_alpha=context.lora_alpha,
                                rslora=context.rslora, split="balanced", fixed_rank=False,
-                               strategy="robust"),
+                               strategy="robust", seed=context.seed),
     )

@@ -66,4 +66,4 @@ def rolora(
                 a=weighted_sum([f.a for f in factors], fold), b=factors[0].b, scale=scale
             )
         global_factors[module] = mean.astype(context.dtype)
-    return same_rank_result("rolora", global_factors, context)
+    return same_rank_result("rolora", global_factors, context, frozen=frozenset(frozen))

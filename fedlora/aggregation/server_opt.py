@@ -23,12 +23,21 @@ equal to ``x + η u`` but bit-identical to the aggregate when ``η = 1, μ = 0``
 Only meaningful for rules whose global factors live in a fixed
 parametrisation across rounds (``strategy_info(name).linear``); heads kept
 out of LoRA can be optimised the same way. State is float64.
+
+Frozen arrays: :meth:`ServerOptimizer.step` takes the names the rule froze
+this round (RoLoRA's untrained factor, FFA-LoRA's A, FedSA's B that the server
+never sees). They come back exactly as aggregated (``= previous``) and their
+moment buffers are left as they are — neither decayed nor fed a zero
+pseudo-gradient — so stale momentum never moves a frozen factor, and a factor
+that thaws (RoLoRA's next phase) resumes from its own last moments. Deviation:
+the paper's algorithm has no frozen parameters; this is the natural
+restriction of its per-coordinate update to the coordinates that were trained.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 
@@ -100,7 +109,10 @@ class ServerOptimizer:
         }
 
     def step(
-        self, previous: Mapping[str, np.ndarray], aggregated: Mapping[str, np.ndarray]
+        self,
+        previous: Mapping[str, np.ndarray],
+        aggregated: Mapping[str, np.ndarray],
+        frozen: Collection[str] = (),
     ) -> dict[str, np.ndarray]:
         """Apply one server update.
 
@@ -110,6 +122,9 @@ class ServerOptimizer:
             Global parameters the round started from.
         aggregated
             The aggregation rule's output for the same names and shapes.
+        frozen
+            Names the rule froze this round: returned as ``aggregated`` has them, their
+            buffers untouched.
 
         Returns
         -------
@@ -117,8 +132,14 @@ class ServerOptimizer:
             New global parameters, in ``aggregated``'s dtypes. Inputs are not mutated.
         """
         self._check_inputs(previous, aggregated)
+        if unknown := sorted(set(frozen) - set(aggregated)):
+            raise ValueError(f"frozen names {unknown[:3]} are not among the aggregated arrays; "
+                             "pass names of the arrays given to step()")
         new: dict[str, np.ndarray] = {}
         for key in sorted(aggregated):
+            if key in frozen:
+                new[key] = np.array(aggregated[key], copy=True)
+                continue
             x = np.asarray(previous[key], dtype=np.float64)
             y = np.asarray(aggregated[key], dtype=np.float64)
             delta = y - x
@@ -224,7 +245,8 @@ class ServerOptimizer:
         for buffers in self._buffers.values():
             if not buffers:
                 continue
-            if set(buffers) != set(aggregated) or any(
+            # a buffer may be missing: its array has been frozen in every step so far
+            if set(buffers) - set(aggregated) or any(
                 buffers[k].shape != np.shape(aggregated[k]) for k in buffers
             ):
                 raise ValueError(

@@ -3,12 +3,16 @@
 A rule picks one view when it builds its
 :class:`~fedlora.aggregation.result.AggregationResult`:
 
-* :class:`PrefixView` — slice (or zero-pad) the global factors to the
-  client's rank and refold the scale. Equal-rank rules use it with
-  ``fixed_rank=True``; HetLoRA slices ``A[:r]``, ``B[:, :r]`` and folds the
-  scale change into B; FlexLoRA's global factors are ordered by singular
-  value, so the slice is the best rank-``r`` approximation, and the scale is
-  split evenly between A and B.
+* :class:`PrefixView` — slice the global factors to the client's rank and
+  refold the scale. Equal-rank rules use it with ``fixed_rank=True``; HetLoRA
+  slices ``A[:r]``, ``B[:, :r]`` and folds the scale change into B;
+  FlexLoRA's global factors are ordered by singular value, so the slice is
+  the best rank-``r`` approximation. Components the global does not carry
+  (``r`` above its rank) or carries dead (``A`` row and ``B`` column both
+  zero) are handed out re-initialised as PEFT does: ``A`` row drawn from
+  :func:`init_rows` with the view's seed, ``B`` column zero. So no client
+  ever receives a component whose gradients are exactly zero
+  (``∂L/∂B_j ∝ A_j``, ``∂L/∂A_j ∝ B_j``), and ``s · B @ A`` is unchanged.
 * :class:`FreshInitView` — a fresh PEFT-style adapter (FLoRA, after the
   aggregate was merged into the base).
 """
@@ -41,11 +45,19 @@ class PrefixView:
 
     For a client of rank ``r`` with scale ``s_r`` and global factors
     ``(A_g, B_g, s_g)``, the client receives ``A = A_g[:r]``,
-    ``B = B_g[:, :r]`` (zero-padded when ``r`` exceeds the global rank —
-    such extra components start at zero in both factors and stay inactive
-    until the next aggregation) with ``s_r · B @ A = s_g · B_g[:, :r] @ A_g[:r]``:
-    the ratio ``c = s_g / s_r`` multiplies B (``split="b"``) or ``sqrt(c)``
-    multiplies both (``split="balanced"``).
+    ``B = B_g[:, :r]`` with ``s_r · B @ A = s_g · B_g[:, :r] @ A_g[:r]``:
+    the ratio ``c = s_g / s_r`` multiplies B (``split="b"``), ``sqrt(c)``
+    multiplies both (``split="balanced"``), or A is set to ``INIT_ROW_NORM ·
+    A_g[:r]`` and B takes the rest, ``c / INIT_ROW_NORM`` (``split="init-a"``,
+    for global A with orthonormal rows: every received A row then has the
+    norm of a PEFT-initialised row).
+
+    Components past the global rank, and components whose global A row and
+    B column are both exactly zero, are not zero-padded: the client gets a
+    fresh ``A`` row (row ``j`` of :func:`init_rows` at ``seed``) and a zero
+    ``B`` column, so the component trains (its product is still zero). Rules
+    that can keep such components from the previous global do so before the
+    view sees them (HetLoRA); the view's re-initialisation is the fallback.
 
     Parameters
     ----------
@@ -61,14 +73,17 @@ class PrefixView:
         Refuse any rank other than the global one (equal-rank rules).
     strategy
         Rule name, for error messages.
+    seed
+        Seed of the re-initialised rows (the round's aggregation seed).
     """
 
     factors: Mapping[str, LoraFactors]
     lora_alpha: float
     rslora: bool
-    split: Literal["b", "balanced"]
+    split: Literal["b", "balanced", "init-a"]
     fixed_rank: bool
     strategy: str
+    seed: int = 0
 
     def __call__(self, rank: int) -> dict[str, LoraFactors]:
         """Return ``module -> factors`` for a client of rank ``rank``."""
@@ -87,9 +102,14 @@ class PrefixView:
             b = _fit(g.b, rank, axis=1)  # (m, rank)
             if self.split == "b":
                 b = b * ratio
+            elif self.split == "init-a":
+                a, b = a * INIT_ROW_NORM, b * (ratio / INIT_ROW_NORM)
             else:
                 root = math.sqrt(ratio)
                 a, b = a * root, b * root
+            dead = ~(a.any(axis=1) | b.any(axis=0))  # (rank,): padded or zero in both factors
+            if dead.any():
+                a[dead] = init_rows(module, rank, a.shape[1], self.seed)[dead]
             out[module] = LoraFactors(a=a.astype(g.a.dtype), b=b.astype(g.b.dtype), scale=scale)
         return out
 
@@ -130,12 +150,26 @@ class FreshInitView:
         out: dict[str, LoraFactors] = {}
         for module in sorted(self.shapes):
             out_features, in_features = self.shapes[module]
-            rng = np.random.default_rng([self.seed, zlib.crc32(module.encode("utf-8"))])
-            bound = 1.0 / math.sqrt(in_features)
-            a = rng.uniform(-bound, bound, size=(rank, in_features))  # (r, n)
+            a = init_rows(module, rank, in_features, self.seed)  # (r, n)
             b = np.zeros((out_features, rank))  # (m, r)
             out[module] = LoraFactors(a=a.astype(self.dtype), b=b.astype(self.dtype), scale=scale)
         return out
+
+
+INIT_ROW_NORM = 1.0 / math.sqrt(3.0)
+"""Expected norm of a PEFT-initialised A row: ``n`` entries of ``U(-1/sqrt(n), 1/sqrt(n))``
+have ``E‖a‖² = n · 1/(3n) = 1/3``, whatever ``n``."""
+
+
+def init_rows(module: str, rank: int, in_features: int, seed: int) -> np.ndarray:
+    """PEFT-style ``A`` rows ``U(-1/sqrt(n), 1/sqrt(n))``, shape ``(rank, n)``, float64.
+
+    Drawn from ``np.random.default_rng([seed, crc32(module)])`` row by row, so rank ``r``
+    is the prefix of any larger draw.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(module.encode("utf-8"))])
+    bound = 1.0 / math.sqrt(in_features)
+    return rng.uniform(-bound, bound, size=(rank, in_features))
 
 
 def _fit(x: np.ndarray, rank: int, *, axis: int) -> np.ndarray:

@@ -33,7 +33,9 @@ def test_trimmed_mean_drops_the_extremes_per_coordinate():
     np.testing.assert_allclose(reduce(stack, "median", 0.0), [2.5, 0.5])
     np.testing.assert_allclose(reduce(stack, "mean", 0.0), [26.5, -0.5])
     with pytest.raises(ValueError, match="removes every one"):
-        reduce(stack[:2], "trimmed-mean", 0.5)
+        reduce(stack, "trimmed-mean", 0.5)
+    with pytest.raises(ValueError, match="needs at least 3 clients"):
+        reduce(stack[:2], "trimmed-mean", 0.25)
 
 
 def test_clipping_bounds_each_update_by_a_multiple_of_the_median_norm():
@@ -41,8 +43,9 @@ def test_clipping_bounds_each_update_by_a_multiple_of_the_median_norm():
     np.testing.assert_allclose(factors, [1.0, 1.0, 2.4 / 1000.0])
     assert np.all(clip_norms(np.array([1.0, 5.0]), 0.0) == 1.0)
     updates = [rank_one(1.0), rank_one(1.2), rank_one(1000.0)]
+    nothing = {"m": LoraFactors(a=np.zeros((1, 2)), b=np.zeros((2, 1)), scale=1.0)}
     clipped_mean = aggregate("robust", updates, lora_alpha=1.0, reducer="mean",
-                             clip_multiplier=2.0).effective_delta("m")
+                             clip_multiplier=2.0, received=[nothing] * 3).effective_delta("m")
     assert clipped_mean[0, 0] == pytest.approx((1.0 + 1.2 + 2.4) / 3)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedlora.aggregation import LoraFactors
-from fedlora.aggregation.views import FreshInitView, PrefixView
+from fedlora.aggregation.views import FreshInitView, PrefixView, init_rows
 
 
 def global_factors(rng: np.random.Generator) -> dict[str, LoraFactors]:
@@ -31,15 +31,33 @@ def test_prefix_view_refolds_to_the_client_scale(rng: np.random.Generator, split
         np.testing.assert_allclose(sent.a, g["q"].a[:4] * math.sqrt(0.5), rtol=1e-12)
 
 
-def test_prefix_view_pads_with_zeros_above_the_global_rank(rng: np.random.Generator) -> None:
+def test_prefix_view_reinitialises_a_above_the_global_rank(rng: np.random.Generator) -> None:
     g = global_factors(rng)
-    view = PrefixView(g, lora_alpha=16.0, rslora=False, split="b", fixed_rank=False, strategy="x")
+    view = PrefixView(g, lora_alpha=16.0, rslora=False, split="b", fixed_rank=False,
+                      strategy="x", seed=3)
 
     sent = view(12)["q"]
 
     assert sent.a.shape == (12, 5) and sent.b.shape == (6, 12)
-    assert not sent.a[8:].any() and not sent.b[:, 8:].any()
+    np.testing.assert_array_equal(sent.a[8:], init_rows("q", 12, 5, 3)[8:])  # PEFT-like A
+    assert not sent.b[:, 8:].any()  # B = 0: the product is unchanged
     np.testing.assert_allclose(sent.delta(), g["q"].delta(), rtol=1e-12)
+
+
+def test_prefix_view_reinitialises_components_dead_in_the_global(
+    rng: np.random.Generator,
+) -> None:
+    g = global_factors(rng)
+    a, b = g["q"].a.copy(), g["q"].b.copy()
+    a[2], b[:, 2] = 0.0, 0.0
+    view = PrefixView({"q": LoraFactors(a=a, b=b, scale=g["q"].scale)}, lora_alpha=16.0,
+                      rslora=False, split="balanced", fixed_rank=False, strategy="x", seed=4)
+
+    sent = view(4)["q"]
+
+    np.testing.assert_array_equal(sent.a[2], init_rows("q", 4, 5, 4)[2])
+    np.testing.assert_array_equal(sent.a[[0, 1, 3]], a[[0, 1, 3]] * math.sqrt(0.5))
+    assert not sent.b[:, 2].any()
 
 
 def test_fixed_rank_view_returns_the_global_factors_unchanged(rng: np.random.Generator) -> None:
