@@ -8,7 +8,6 @@ import datetime as dt
 import ipaddress
 import json
 import os
-import re
 import signal
 import socket
 import stat
@@ -347,22 +346,17 @@ def test_launch_with_signed_updates_from_key_files(tmp_path):
 @pytest.mark.slow
 def test_sigkilled_launch_resumes_bit_identically(tmp_path):
     """`fedlora launch` killed with SIGKILL after round 1, then `--resume`: the adapter equals
-    that of the same launch left alone, bit for bit (the killed launch runs ``--cold``: every
-    ClientApp message in a fresh process, so nothing but the server's checkpoint carries state).
-
-    The launch left alone runs with ``--warm`` (one long-lived ``fedlora worker`` per node), so
-    this also shows that warm clients compute exactly what per-message processes compute."""
+    that of the same launch left alone, bit for bit. Both launches run ``--cold`` (every
+    ClientApp message in a fresh process), so nothing but the server's checkpoint carries
+    state; that warm workers compute what cold processes compute is its own test
+    (``test_warm_default.test_warm_and_cold_launches_end_bit_identical``)."""
     from safetensors.numpy import load_file
 
     args = ["--nodes", "2", "--rounds", "2", "-c", TINY + " strategy=fedit "
             "server-optimizer=fedadam"]
     straight = tmp_path / "straight"
-    res = fedlora_cli("launch", "--warm", "--out", str(straight), *args)
+    res = fedlora_cli("launch", "--cold", "--out", str(straight), *args)
     assert res.returncode == 0, res.stderr[-2000:]
-    for i in range(2):  # capabilities, then train × 2 rounds, each node's in one process
-        worker_log = (straight / "logs" / f"worker-{i}.log").read_text()
-        assert len(re.findall(r"task \d+ \(completed\)", worker_log)) == 3, worker_log[-2000:]
-        assert "(failed)" not in worker_log
     assert our_processes(str(straight)) == []
 
     out = tmp_path / "killed"
