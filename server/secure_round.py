@@ -75,6 +75,9 @@ class SecureOutcome:
         Nodes lost at each stage, by stage label (``advertise-keys`` includes failed training).
     aborted
         The :class:`~fedlora.secagg.SecAggAborted` message, or ``""``.
+    abort_reason
+        Its reason code (``BELOW_THRESHOLD``, ``CORRUPT_SHARES``, ``OUT_OF_RANGE``,
+        ``WEIGHT_MISMATCH``, ``DP_TOO_FEW``), or ``""``.
     """
 
     trained: list[NodeInfo] = field(default_factory=list)
@@ -88,6 +91,7 @@ class SecureOutcome:
     bytes_down: int = 0
     seconds: float = 0.0
     aborted: str = ""
+    abort_reason: str = ""
 
 
 class SecureRound:
@@ -105,6 +109,7 @@ class SecureRound:
         self.timeout = cfg.fl.round_timeout
         # with DP every update is encoded with weight 1; num-examples is then only reported
         self.max_weight = cfg.fl.secagg_max_weight if cfg.fl.dp_mode == "off" else float("inf")
+        self._assessed: set[int] = set()  # group sizes whose k, t and bounds were logged
 
     def run(self, grid: Grid, server_round: int, sampled: list[NodeInfo],
             messages: list[Message], template: Mapping[str, np.ndarray],
@@ -156,6 +161,9 @@ class SecureRound:
         try:
             directory = server.collect_keys(adverts)
             seen = self._count(server, out, before=seen)
+            if (n := len(directory.public_keys)) not in self._assessed:
+                self._assessed.add(n)
+                log(INFO, "Round %d: %s", server_round, self.settings.assess(n).describe())
             bundles = self._exchange(grid, server_round, SHARE_KEYS, {
                 node: directory_record(directory) for node in directory.public_keys
             }, read_bundle, out)
@@ -178,18 +186,18 @@ class SecureRound:
             responses = self._exchange(grid, server_round, UNMASK, {
                 node: unmask_request_record(request) for node, request in requests.items()
             }, read_unmask, out)
-            total = server.collect_unmask_responses(responses)
+            weights = {node: float(1 if self.max_weight == float("inf") else
+                                   int(metrics[node]["num-examples"]))
+                       for node in requests}
+            total = server.collect_unmask_responses(responses, declared_weights=weights)
             self._count(server, out, before=seen)
         except SecAggAborted as exc:
             self._count(server, out, before=seen)
-            out.aborted = str(exc)
+            out.aborted, out.abort_reason = str(exc), exc.reason
             log(WARNING, "Round %d: %s", server_round, exc)
         else:
-            if not total.total_weight > 0:  # only a client that encoded a bogus weight does this
-                out.aborted = (f"the securely summed weight of round {server_round} is "
-                               f"{total.total_weight}; no mean exists")
-                return self._finish(out, server, server_round, started)
-            out.mean = layout.unflatten(total.mean())
+            mean = total.mean()  # finite, |mean_i| ≤ clip range: SecAggServer checked both
+            out.mean = layout.unflatten(mean)
             out.error_bound = total.error_bound / total.total_weight
             out.contributors = sorted(((by_id[n], metrics[n]) for n in total.contributors),
                                       key=lambda item: item[0].partition_id)

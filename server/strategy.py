@@ -758,8 +758,8 @@ class FederatedLora:
                 "min-accepted-fraction / secure aggregation threshold): round abandoned, the "
                 "global adapter is unchanged", server_round, len(contributors), needed)
             record["abandoned"] = True
-            if outcome.aborted:
-                record["abandon_reason"] = "SECAGG_ABORTED"
+            if outcome.aborted:  # SECAGG_<reason>: BELOW_THRESHOLD, OUT_OF_RANGE, ...
+                record["abandon_reason"] = f"SECAGG_{outcome.abort_reason or 'ABORTED'}"
             record["duration_s"] = time.perf_counter() - start
             return record
 

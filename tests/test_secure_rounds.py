@@ -226,8 +226,9 @@ def test_below_the_threshold_the_round_is_abandoned_and_the_global_kept():
     flat = flat_config(True)
     records, glob, _, error = run(flat, fail=fails_at(2, 0, OFF))
     record = records[1]
-    assert record["abandoned"] and record["abandon_reason"] == "SECAGG_ABORTED"
-    assert record["secagg_dropped"]["masked-input"] == 2
+    assert record["abandoned"] and record["abandon_reason"] == "SECAGG_BELOW_THRESHOLD"
+    # the two that failed, and the survivor whose self-mask no one else can now rebuild
+    assert record["secagg_dropped"]["masked-input"] == 3
     assert "aborted at stage 'masked-input'" in record["errors"][0]
     assert "without enough accepted updates" in str(error)
     initial = ServerModel(config.from_flat(flat), 64).initial_global().arrays_for(8)
