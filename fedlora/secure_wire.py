@@ -118,13 +118,21 @@ def check_secure_aggregation(cfg: RunConfig, num_clients: int | None = None) -> 
 # ----------------------------------------------------------------------------- server → client
 
 
-def directory_record(directory: KeyDirectory) -> ConfigRecord:
+def directory_record(directory: KeyDirectory,
+                     vouched: Mapping[int, tuple[bytes, bytes, bytes]] | None = None
+                     ) -> ConfigRecord:
+    """The key directory; with ``vouched`` (``node → (Ed25519 key, nonce, signature)``,
+    ``sign-updates``) also each node's signature over its keys, for its neighbours to check."""
     ids = sorted(directory.public_keys)
-    return ConfigRecord({
+    record = ConfigRecord({
         "server-round": directory.server_round, "graph-seed": directory.graph_seed,
         "vector-size": directory.vector_size, "node-ids": ids,
         "mask-keys": [directory.public_keys[n].mask for n in ids],
         "encryption-keys": [directory.public_keys[n].encryption for n in ids]})
+    if vouched is not None:
+        for column, field in enumerate(("signing-keys", "keys-nonces", "keys-signatures")):
+            record[field] = [vouched[n][column] for n in ids]
+    return record
 
 
 def read_directory(record: Any) -> KeyDirectory:
