@@ -155,6 +155,10 @@ def train(msg: Message, context: Context) -> Message:
         weight = 1 if dp.enabled else int(metrics["num-examples"])  # DP: an unweighted mean
         keys = secure_client.begin(context, secagg_config(cfg), int(instructions["server-round"]),
                                    outgoing, weight)
+        if cfg.fl.sign_updates:  # vouch for this round's keys, for the neighbours to check
+            keys.update(signed_wire.sign_keys(
+                signed_wire.node_key(context), context.run_id, context.node_id,
+                int(instructions["server-round"]), keys["mask-key"], keys["encryption-key"]))
         return Message(RecordDict({SECAGG: keys, "metrics": MetricRecord(metrics)}),
                        reply_to=msg)
     reply = RecordDict({"arrays": pack(outgoing, cfg.fl.wire_dtype),
@@ -188,9 +192,21 @@ def _dp_contributors(cfg: config.RunConfig, dp: privacy.DPSpec, instructions: Co
 
 @app.query("secagg_share_keys")
 def secagg_share_keys(msg: Message, context: Context) -> Message:
-    """Secure round, stage 1: encrypted shares of this round's secrets for the neighbours."""
-    settings = secagg_config(config.from_flat(context.run_config))
-    return Message(secure_client.share_keys(context, settings, msg.content), reply_to=msg)
+    """Secure round, stage 1: encrypted shares of this round's secrets for the neighbours
+    (with ``sign-updates`` only after every key in the directory proved to be signed by its
+    node's Ed25519 key)."""
+    cfg = config.from_flat(context.run_config)
+    verify = None
+    if cfg.fl.sign_updates:
+        def verify(record) -> None:
+            ids = list(record["node-ids"])
+            signed_wire.verify_directory(
+                context.run_id, int(record["server-round"]), context.node_id,
+                signed_wire.node_key(context).public_key().public_bytes_raw(), ids,
+                list(record["mask-keys"]), list(record["encryption-keys"]), record,
+                signed_wire.peer_registry(context.node_config, cfg.fl.signing_keys))
+    return Message(secure_client.share_keys(context, secagg_config(cfg), msg.content, verify),
+                   reply_to=msg)
 
 
 @app.query("secagg_masked_input")
@@ -207,9 +223,14 @@ def secagg_masked_input(msg: Message, context: Context) -> Message:
 
 @app.query("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    """Secure round, stage 3: the shares that remove the remaining masks from the sum."""
-    settings = secagg_config(config.from_flat(context.run_config))
-    return Message(secure_client.unmask(context, settings, msg.content), reply_to=msg)
+    """Secure round, stage 3: the shares that remove the remaining masks from the sum (signed
+    with ``sign-updates``: a share altered in transit would corrupt the unmasked sum)."""
+    cfg = config.from_flat(context.run_config)
+    reply = secure_client.unmask(context, secagg_config(cfg), msg.content)
+    if cfg.fl.sign_updates:
+        signed_wire.sign_reply(reply, signed_wire.node_key(context), context.run_id,
+                               context.node_id, int(reply[SECAGG]["server-round"]))
+    return Message(reply, reply_to=msg)
 
 
 @app.query("personal_export")

@@ -118,7 +118,15 @@ class FederationConfig:
                                "secrets (0 = a strict majority of its share group, which "
                                "tolerates the most dropouts)")
     secagg_neighbours: int = _f(0, "secure aggregation: neighbours each client masks with "
-                                "(0 = ceil(3 log2 n); >= n-1 = every other client)")
+                                "(0 = the smallest k, and threshold, that Bell et al. 2020's "
+                                "bounds give for secagg-gamma and secagg-delta; >= n-1 = every "
+                                "other client)")
+    secagg_gamma: float = _f(1 / 3, "secure aggregation: fraction of clients assumed to collude "
+                             "with the server, in [0, 1); sizes neighbours and threshold so "
+                             "that P(an honest client is exposed) <= 2^-40 (logged at start-up)")
+    secagg_delta: float = _f(0.1, "secure aggregation: fraction of clients assumed to drop out "
+                             "in a round, in [0, 1); sizes neighbours and threshold so that "
+                             "P(the round fails) <= 2^-30 (logged at start-up)")
     secagg_clip_range: float = _f(8.0, "secure aggregation: every uploaded coordinate (factor "
                                   "or head value, before its weight is applied) is clipped to "
                                   "[-c, c]; the fixed-point step is c * secagg-max-weight / "
@@ -200,6 +208,12 @@ class FederationConfig:
             raise ConfigError(f"secagg-threshold must be 0 (a strict majority of each share "
                               f"group) or an int >= 2; got {self.secagg_threshold}")
         _positive("secagg-neighbours", self.secagg_neighbours, zero_ok=True)
+        for key, value in (("secagg-gamma", self.secagg_gamma),
+                           ("secagg-delta", self.secagg_delta)):
+            if not 0 <= value < 1:
+                raise ConfigError(f"{key} must be a fraction in [0, 1) (of the clients assumed "
+                                  f"to {'collude' if key == 'secagg-gamma' else 'drop out'}); "
+                                  f"got {value}")
         if not 0 < self.secagg_clip_range < float("inf"):
             raise ConfigError(f"secagg-clip-range must be a finite number > 0 (the largest "
                               f"magnitude of an uploaded coordinate); got "

@@ -10,7 +10,7 @@ whole round (fail closed: later messages of the round find no state and are refu
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
@@ -69,9 +69,17 @@ def begin(context: Context, settings: SecAggConfig, server_round: int,
     return advert_record(advert)
 
 
-def share_keys(context: Context, settings: SecAggConfig, content: RecordDict) -> RecordDict:
-    """Stage 1: secret-share this round's secrets with the neighbours in the key directory."""
+def share_keys(context: Context, settings: SecAggConfig, content: RecordDict,
+               verify: Callable[[Any], None] | None = None) -> RecordDict:
+    """Stage 1: secret-share this round's secrets with the neighbours in the key directory.
+
+    ``verify(record)`` checks the directory's key signatures first (``sign-updates``, see
+    :func:`fedlora.signed_wire.verify_directory`); if it raises, nothing is shared and the
+    node leaves the round.
+    """
     def step(client: SecAggClient, weight: int) -> RecordDict:
+        if verify is not None:
+            verify(content.get(SECAGG))
         bundle = client.share_keys(read_directory(content.get(SECAGG)))
         _save(context, client, weight)
         return RecordDict({SECAGG: bundle_record(bundle)})

@@ -7,12 +7,15 @@ A secure training round is four message rounds of one strategy round (the protoc
     0      train        arrays, config          "secagg": mask/encryption public keys,
                         with secagg-stage=train "metrics": num-examples, train-loss, ...
     1      query.secagg_share_keys              "secagg": one encrypted share pair per
-           "secagg": key directory, graph seed  neighbour (receivers, ciphertexts)
-    2      query.secagg_masked_input            "secagg": server-round,
+           "secagg": key directory, graph seed  neighbour (receivers, ciphertexts), the
+                                                commitment to the self-mask seed
+    2      query.secagg_masked_input            "secagg": server-round, no-shares-of and
+                                                their pairwise seeds,
            "secagg": ciphertexts addressed      "masked": ArrayRecord {"masked-input":
            to this client (senders)             uint32 (d + 1,)} — the masked encoding
     3      query.secagg_unmask                  "secagg": self-mask shares of survivors,
-           "secagg": survivors, dropped peers   mask-key shares of dropped peers
+           "secagg": survivors, dropped peers   mask-key shares and pairwise seeds of
+                                                dropped peers
 
 In stage 0 the client trains as usual but keeps its factors in ``context.state``; in stage 2
 it uploads ``encode(w·clip(x))`` masked, where ``x`` is the concatenation (sorted by name) of
@@ -25,10 +28,12 @@ Parsing never trusts a field: a missing or ill-typed one raises
 from __future__ import annotations
 
 from collections.abc import Mapping
+from logging import INFO
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common import log
 
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, PayloadError
@@ -64,7 +69,8 @@ def secagg_config(cfg: RunConfig) -> SecAggConfig:
     max_weight = 1.0 if fl.dp_mode != "off" else float(fl.secagg_max_weight)
     return SecAggConfig(threshold=fl.secagg_threshold or None,
                         neighbours=fl.secagg_neighbours or None,
-                        clip_range=fl.secagg_clip_range, max_weight=max_weight)
+                        clip_range=fl.secagg_clip_range, max_weight=max_weight,
+                        gamma=fl.secagg_gamma, delta=fl.secagg_delta)
 
 
 def check_secure_aggregation(cfg: RunConfig, num_clients: int | None = None) -> None:
@@ -99,7 +105,7 @@ def check_secure_aggregation(cfg: RunConfig, num_clients: int | None = None) -> 
         return
     sampled = cfg.fl.clients_per_round(num_clients)
     try:
-        settings.resolve(sampled)
+        log(INFO, "fedlora: %s", settings.assess(sampled).describe())
     except ConfigError:
         raise
     except ValueError as exc:
@@ -112,13 +118,21 @@ def check_secure_aggregation(cfg: RunConfig, num_clients: int | None = None) -> 
 # ----------------------------------------------------------------------------- server → client
 
 
-def directory_record(directory: KeyDirectory) -> ConfigRecord:
+def directory_record(directory: KeyDirectory,
+                     vouched: Mapping[int, tuple[bytes, bytes, bytes]] | None = None
+                     ) -> ConfigRecord:
+    """The key directory; with ``vouched`` (``node → (Ed25519 key, nonce, signature)``,
+    ``sign-updates``) also each node's signature over its keys, for its neighbours to check."""
     ids = sorted(directory.public_keys)
-    return ConfigRecord({
+    record = ConfigRecord({
         "server-round": directory.server_round, "graph-seed": directory.graph_seed,
         "vector-size": directory.vector_size, "node-ids": ids,
         "mask-keys": [directory.public_keys[n].mask for n in ids],
         "encryption-keys": [directory.public_keys[n].encryption for n in ids]})
+    if vouched is not None:
+        for column, field in enumerate(("signing-keys", "keys-nonces", "keys-signatures")):
+            record[field] = [vouched[n][column] for n in ids]
+    return record
 
 
 def read_directory(record: Any) -> KeyDirectory:
@@ -182,7 +196,8 @@ def read_advert(content: RecordDict, sender: int) -> KeyAdvertisement:
 def bundle_record(bundle: ShareBundle) -> ConfigRecord:
     receivers = sorted(bundle.ciphertexts)
     return ConfigRecord({"server-round": bundle.server_round, "receivers": receivers,
-                         "ciphertexts": [bundle.ciphertexts[r] for r in receivers]})
+                         "ciphertexts": [bundle.ciphertexts[r] for r in receivers],
+                         "commitment": bundle.commitment})
 
 
 def read_bundle(content: RecordDict, sender: int) -> ShareBundle:
@@ -190,11 +205,17 @@ def read_bundle(content: RecordDict, sender: int) -> ShareBundle:
     receivers, ciphertexts = fields.get_ints("receivers"), fields.get_bytes_list("ciphertexts")
     fields.same_length(receivers, ciphertexts)
     return ShareBundle(server_round=fields.get_int("server-round"), sender=sender,
-                       ciphertexts=dict(zip(receivers, ciphertexts, strict=True)))
+                       ciphertexts=dict(zip(receivers, ciphertexts, strict=True)),
+                       commitment=fields.get_bytes("commitment"))
 
 
 def masked_content(masked: MaskedInput) -> RecordDict:
-    return RecordDict({SECAGG: ConfigRecord({"server-round": masked.server_round}),
+    seeds = sorted(masked.pair_seeds)
+    return RecordDict({SECAGG: ConfigRecord({"server-round": masked.server_round,
+                                             "no-shares-of": sorted(masked.no_shares_of),
+                                             "pair-seed-owners": seeds,
+                                             "pair-seeds": [masked.pair_seeds[n]
+                                                            for n in seeds]}),
                        MASKED: ArrayRecord({MASKED_KEY: Array(masked.masked)})})
 
 
@@ -220,8 +241,12 @@ def read_masked(content: RecordDict, sender: int, vector_size: int) -> MaskedInp
     if words.dtype != np.uint32 or words.shape != expected:
         raise PayloadError("MALFORMED", f"the masked input decodes to {words.dtype} "
                            f"{words.shape}, not the declared uint32 {expected}")
+    seed_owners, seeds = fields.get_ints("pair-seed-owners"), fields.get_bytes_list("pair-seeds")
+    fields.same_length(seed_owners, seeds)
     return MaskedInput(server_round=fields.get_int("server-round"), sender=sender,
-                       masked=np.ascontiguousarray(words))
+                       masked=np.ascontiguousarray(words),
+                       no_shares_of=frozenset(fields.get_ints("no-shares-of")),
+                       pair_seeds=dict(zip(seed_owners, seeds, strict=True)))
 
 
 def unmask_record(response: UnmaskResponse) -> ConfigRecord:
@@ -231,7 +256,9 @@ def unmask_record(response: UnmaskResponse) -> ConfigRecord:
         "self-mask-owners": survivors,
         "self-mask-shares": [response.self_mask_shares[n] for n in survivors],
         "mask-key-owners": dropped,
-        "mask-key-shares": [response.mask_key_shares[n] for n in dropped]})
+        "mask-key-shares": [response.mask_key_shares[n] for n in dropped],
+        "pair-seed-owners": sorted(response.pair_seeds),
+        "pair-seeds": [response.pair_seeds[n] for n in sorted(response.pair_seeds)]})
 
 
 def read_unmask(content: RecordDict, sender: int) -> UnmaskResponse:
@@ -240,11 +267,14 @@ def read_unmask(content: RecordDict, sender: int) -> UnmaskResponse:
     shares = fields.get_bytes_list("self-mask-shares")
     dropped = fields.get_ints("mask-key-owners")
     key_shares = fields.get_bytes_list("mask-key-shares")
+    seed_owners, seeds = fields.get_ints("pair-seed-owners"), fields.get_bytes_list("pair-seeds")
     fields.same_length(owners, shares)
     fields.same_length(dropped, key_shares)
+    fields.same_length(seed_owners, seeds)
     return UnmaskResponse(server_round=fields.get_int("server-round"), sender=sender,
                           self_mask_shares=dict(zip(owners, shares, strict=True)),
-                          mask_key_shares=dict(zip(dropped, key_shares, strict=True)))
+                          mask_key_shares=dict(zip(dropped, key_shares, strict=True)),
+                          pair_seeds=dict(zip(seed_owners, seeds, strict=True)))
 
 
 def payload_bytes(content: RecordDict) -> int:

@@ -15,7 +15,8 @@ travels next to them as one ``ConfigRecord`` named ``signature``::
     signature (64 B)
 
 Signed: a plain round's train reply (``arrays`` + ``metrics``), and under secure aggregation the
-stage-2 masked input (``masked`` + ``secagg``), the only message that carries the update there.
+stage-2 masked input (``masked`` + ``secagg``), the only message that carries the update there,
+and the stage-3 unmask response (``secagg``: the shares and seeds that remove the masks).
 
 Keys. A node signs with the Ed25519 key file its node config names (``signing-key``, written
 by ``fedlora certs``), or else with a key it draws once and keeps in ``context.state``. It
@@ -31,6 +32,19 @@ announcement as round 0 of this run and node). The server then uses, per node:
 
 A node without a usable key stays in the federation and each of its replies is rejected as
 ``UNKNOWN_NODE``.
+
+Secure-aggregation keys. Under ``secure-aggregation`` each node also signs its stage-0 X25519
+public keys (:func:`sign_keys`: round, node id and both keys), and the server forwards each
+node's Ed25519 key and signature in the key directory. A node checks every directory entry
+(:func:`verify_directory`) before it shares a secret, so an active server cannot swap a
+neighbour's keys for its own without that neighbour's Ed25519 private key. This holds when
+the nodes can check the Ed25519 keys themselves: with ``signing-keys`` readable on the node
+(node config ``signing-keys``, else the run config's directory if it exists there) only
+registered keys are accepted, each for one node. With trust on first use the server chooses
+the Ed25519 keys it forwards, so the check only protects against a relay, not the server.
+Even with registered keys, a server colluding with a registered node can vouch with that
+node's key for one absent neighbour — equivalent to one more colluding neighbour, which
+``secagg-gamma`` already counts.
 """
 
 from __future__ import annotations
@@ -219,6 +233,84 @@ def _key_hash(public: bytes) -> bytes:
     digest = hashes.Hash(hashes.SHA256())
     digest.update(_TAG + b"|announce|" + public)
     return digest.finalize()
+
+
+# ----------------------------------------------------------------------------- secagg keys
+
+
+KEYS_FIELDS = ("keys-nonce", "keys-signature")  # in a stage-0 advert
+DIRECTORY_FIELDS = ("signing-keys", "keys-nonces", "keys-signatures")  # in a key directory
+
+
+def _secagg_keys_hash(mask: bytes, encryption: bytes) -> bytes:
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(_TAG + b"|secagg-keys|")
+    _put(digest, mask, encryption)
+    return digest.finalize()
+
+
+def sign_keys(key: Ed25519PrivateKey, run_id: int, node_id: int, server_round: int,
+              mask: bytes, encryption: bytes) -> dict[str, bytes]:
+    """Advert fields that bind this node's round keys to its Ed25519 key."""
+    signed = UpdateSigner(key, str(run_id), node_id).sign(
+        server_round, _secagg_keys_hash(mask, encryption))
+    return dict(zip(KEYS_FIELDS, (signed.nonce, signed.signature), strict=True))
+
+
+def check_keys(run_id: int, server_round: int, node_id: int, signing_key: bytes,
+               mask: bytes, encryption: bytes, nonce: object, signature: object) -> None:
+    """Raise :class:`SignatureRejected` unless ``signature`` is ``signing_key``'s over the
+    node's round keys."""
+    try:
+        verifier = UpdateVerifier(str(run_id), {node_id: signing_key})
+    except ValueError:
+        raise SignatureRejected("MALFORMED", f"node {node_id}'s signing key is not a raw "
+                                f"Ed25519 public key") from None
+    claim = SignedUpdate(str(run_id), server_round, node_id, nonce,
+                         _secagg_keys_hash(mask, encryption), signature)
+    verifier.verify(claim, claim.payload_hash, server_round, node_id)
+
+
+def verify_directory(run_id: int, server_round: int, own_node: int, own_key: bytes,
+                     ids: list[int], masks: list[bytes], encryption: list[bytes],
+                     signed: Mapping[str, Any], registered: Collection[bytes] | None) -> None:
+    """A node's check of a key directory's Ed25519 signatures (see the module doc).
+
+    Raises
+    ------
+    SignatureRejected
+        A missing or bad signature (``BAD_SIGNATURE``, ``TAMPERED``, ``MALFORMED``), an
+        Ed25519 key listed twice or for another node than this one's own (``WRONG_NODE``),
+        or one that is not registered (``UNKNOWN_NODE``).
+    """
+    columns = [signed.get(field) for field in DIRECTORY_FIELDS]
+    if not all(isinstance(c, list) and len(c) == len(ids) for c in columns):
+        raise SignatureRejected("MALFORMED", f"the key directory lacks the signed-key columns "
+                                f"{', '.join(DIRECTORY_FIELDS)} for its {len(ids)} node(s); "
+                                "this run signs secure-aggregation keys")
+    keys, nonces, signatures = columns
+    if len(set(keys)) != len(keys):
+        raise SignatureRejected("WRONG_NODE", "the key directory lists one Ed25519 key for "
+                                "two nodes")
+    for node, key, mask, enc, nonce, signature in zip(ids, keys, masks, encryption, nonces,
+                                                      signatures, strict=True):
+        if not isinstance(key, bytes):
+            raise SignatureRejected("MALFORMED", f"node {node}'s signing key is not bytes")
+        if node == own_node and key != own_key:
+            raise SignatureRejected("WRONG_NODE", f"the key directory lists another Ed25519 "
+                                    f"key for this node ({node})")
+        if registered is not None and key not in registered:
+            raise SignatureRejected("UNKNOWN_NODE", f"node {node}'s Ed25519 key is not among "
+                                    "the registered signing keys")
+        check_keys(run_id, server_round, node, key, mask, enc, nonce, signature)
+
+
+def peer_registry(node_config: Mapping[str, Any], run_directory: str) -> dict[bytes, str] | None:
+    """The registered signing keys a node can read, or ``None`` (trust on first use)."""
+    directory = str(node_config.get("signing-keys") or run_directory or "")
+    if not directory or not Path(directory).expanduser().is_dir():
+        return None
+    return registered_keys(directory)
 
 
 # ----------------------------------------------------------------------------- key files

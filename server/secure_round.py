@@ -28,10 +28,11 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedlora import signed_wire
 from fedlora.config import RunConfig
 from fedlora.errors import PayloadError
 from fedlora.secagg import SecAggAborted, SecAggServer, flatten_arrays
-from fedlora.secagg.signing import SignatureRejected
+from fedlora.secagg.signing import SignatureRejected, UpdateVerifier
 from fedlora.secure_wire import (
     MASKED_INPUT,
     SECAGG,
@@ -75,6 +76,9 @@ class SecureOutcome:
         Nodes lost at each stage, by stage label (``advertise-keys`` includes failed training).
     aborted
         The :class:`~fedlora.secagg.SecAggAborted` message, or ``""``.
+    abort_reason
+        Its reason code (``BELOW_THRESHOLD``, ``CORRUPT_SHARES``, ``OUT_OF_RANGE``,
+        ``WEIGHT_MISMATCH``, ``DP_TOO_FEW``), or ``""``.
     """
 
     trained: list[NodeInfo] = field(default_factory=list)
@@ -88,6 +92,7 @@ class SecureOutcome:
     bytes_down: int = 0
     seconds: float = 0.0
     aborted: str = ""
+    abort_reason: str = ""
 
 
 class SecureRound:
@@ -105,12 +110,15 @@ class SecureRound:
         self.timeout = cfg.fl.round_timeout
         # with DP every update is encoded with weight 1; num-examples is then only reported
         self.max_weight = cfg.fl.secagg_max_weight if cfg.fl.dp_mode == "off" else float("inf")
+        self._assessed: set[int] = set()  # group sizes whose k, t and bounds were logged
+        self._unmask_verifier: UpdateVerifier | None = None  # sign-updates: stage-3 replies
 
     def run(self, grid: Grid, server_round: int, sampled: list[NodeInfo],
             messages: list[Message], template: Mapping[str, np.ndarray],
             check_metrics: Callable[[dict[str, Any]], int],
             check_signature: Callable[[RecordDict, int], None] | None = None,
-            min_contributors: int = 0) -> SecureOutcome:
+            min_contributors: int = 0, signing_keys: Mapping[int, bytes] | None = None,
+            run_id: int = 0) -> SecureOutcome:
         """Stage 0 (``messages``, the round's train messages) and stages 1–3.
 
         Parameters
@@ -124,6 +132,14 @@ class SecureRound:
         check_signature
             ``(content, sender)``: verifies a masked input's signature before it is decoded
             (``sign-updates``), or raises :class:`~fedlora.secagg.signing.SignatureRejected`.
+        signing_keys
+            ``node → Ed25519 public key`` with ``sign-updates``: each node's stage-0 X25519
+            keys must carry its signature (:func:`fedlora.signed_wire.sign_keys`), which the
+            key directory forwards so that every node can check its neighbours'; a node
+            without one is rejected at stage 0. The stage-3 unmask responses are verified
+            with these keys too. ``None``: nothing of the sort is signed.
+        run_id
+            The run the key signatures are bound to.
         min_contributors
             Abort before unmasking when fewer masked inputs arrived (``dp-mode =
             'distributed'``: a smaller sum would carry less noise than promised, and one
@@ -139,25 +155,43 @@ class SecureRound:
                 check_signature(content, src)
             return read_masked(content, src, layout.size)
 
+        if signing_keys is not None and self._unmask_verifier is None:
+            # its own verifier: one accepted stage-3 reply per node and round, apart from
+            # the stage-2 one the strategy's verifier accepts
+            self._unmask_verifier = UpdateVerifier(str(run_id), signing_keys)
+
+        def unmask_response(content: RecordDict, src: int) -> Any:
+            if self._unmask_verifier is not None:  # shares altered in transit are refused
+                signed_wire.verify_reply(self._unmask_verifier, content, src, server_round)
+            return read_unmask(content, src)
+
         for msg in messages:
             msg.content["config"][STAGE_KEY] = "train"
         replies = list(grid.send_and_receive(messages, timeout=self.timeout))
         started = time.perf_counter()
-        adverts, metrics = [], {}
+        adverts, metrics, vouched = [], {}, {}
         for reply in self._answers(messages, replies, by_id, out):
             src = reply.metadata.src_node_id
             out.trained.append(by_id[src])
             try:
                 metrics[src] = self._check_stage0(reply.content, check_metrics)
-                adverts.append(read_advert(reply.content, src))
-            except PayloadError as exc:
+                advert = read_advert(reply.content, src)
+                if signing_keys is not None:
+                    vouched[src] = self._check_key_signature(
+                        reply.content, advert, signing_keys, run_id, server_round)
+                adverts.append(advert)
+            except (PayloadError, SignatureRejected) as exc:
                 self._reject(out, server_round, src, exc)
         seen = 0  # server.rejections already counted
         try:
             directory = server.collect_keys(adverts)
             seen = self._count(server, out, before=seen)
+            if (n := len(directory.public_keys)) not in self._assessed:
+                self._assessed.add(n)
+                log(INFO, "Round %d: %s", server_round, self.settings.assess(n).describe())
             bundles = self._exchange(grid, server_round, SHARE_KEYS, {
-                node: directory_record(directory) for node in directory.public_keys
+                node: directory_record(directory, vouched if signing_keys is not None else None)
+                for node in directory.public_keys
             }, read_bundle, out)
             relays = server.collect_shares(bundles)
             seen = self._count(server, out, before=seen)
@@ -177,19 +211,19 @@ class SecureRound:
                          "min-accepted to tolerate more dropouts")
             responses = self._exchange(grid, server_round, UNMASK, {
                 node: unmask_request_record(request) for node, request in requests.items()
-            }, read_unmask, out)
-            total = server.collect_unmask_responses(responses)
+            }, unmask_response, out)
+            weights = {node: float(1 if self.max_weight == float("inf") else
+                                   int(metrics[node]["num-examples"]))
+                       for node in requests}
+            total = server.collect_unmask_responses(responses, declared_weights=weights)
             self._count(server, out, before=seen)
         except SecAggAborted as exc:
             self._count(server, out, before=seen)
-            out.aborted = str(exc)
+            out.aborted, out.abort_reason = str(exc), exc.reason
             log(WARNING, "Round %d: %s", server_round, exc)
         else:
-            if not total.total_weight > 0:  # only a client that encoded a bogus weight does this
-                out.aborted = (f"the securely summed weight of round {server_round} is "
-                               f"{total.total_weight}; no mean exists")
-                return self._finish(out, server, server_round, started)
-            out.mean = layout.unflatten(total.mean())
+            mean = total.mean()  # finite, |mean_i| ≤ clip range: SecAggServer checked both
+            out.mean = layout.unflatten(mean)
             out.error_bound = total.error_bound / total.total_weight
             out.contributors = sorted(((by_id[n], metrics[n]) for n in total.contributors),
                                       key=lambda item: item[0].partition_id)
@@ -205,6 +239,20 @@ class SecureRound:
         log(INFO, "Round %d: secure aggregation, %d contributor(s), dropped per stage %s, "
             "%.2f s", server_round, len(out.contributors), out.dropped, out.seconds)
         return out
+
+    @staticmethod
+    def _check_key_signature(content: RecordDict, advert: Any, signing_keys: Mapping[int, bytes],
+                             run_id: int, server_round: int) -> tuple[bytes, bytes, bytes]:
+        """``(Ed25519 key, nonce, signature)`` vouching for a node's round keys, or raise."""
+        src = advert.sender
+        if src not in signing_keys:
+            raise SignatureRejected("UNKNOWN_NODE", f"node {src} has no signing key to vouch "
+                                    "for its secure-aggregation keys")
+        record = content[SECAGG]
+        nonce, signature = (record.get(field) for field in signed_wire.KEYS_FIELDS)
+        signed_wire.check_keys(run_id, server_round, src, signing_keys[src], advert.keys.mask,
+                               advert.keys.encryption, nonce, signature)
+        return signing_keys[src], nonce, signature
 
     def _check_stage0(self, content: RecordDict, check_metrics: Callable[[dict[str, Any]], int]
                       ) -> dict[str, Any]:

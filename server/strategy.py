@@ -188,6 +188,7 @@ class FederatedLora:
         self.registered = (signed_wire.registered_keys(cfg.fl.signing_keys)
                            if cfg.fl.signing_keys else None)
         self.verifier: UpdateVerifier | None = None  # set by discover() with sign-updates
+        self.signing_public_keys: dict[int, bytes] = {}  # node → Ed25519 key, ditto
 
     # ------------------------------------------------------------------ discovery
 
@@ -241,6 +242,7 @@ class FederatedLora:
         """Verifier of this run's signed updates, with the key each node announced and proved
         (only registered keys when ``signing-keys`` names a directory)."""
         keys, problems = signed_wire.node_keys(self.run_id, announced, self.registered)
+        self.signing_public_keys = keys  # secure aggregation: vouches for each node's keys
         for node in nodes:
             if node.node_id in problems:
                 log(WARNING, "Partition %d (node %d) has no signing key: %s; each of its "
@@ -556,7 +558,9 @@ class FederatedLora:
                 grid, server_round, sampled, messages, template,
                 lambda metrics: self.check_metrics(metrics, server_round),
                 lambda content, node_id: self.verify_signature(content, node_id, server_round),
-                min_contributors=unmask_at_least)
+                min_contributors=unmask_at_least,
+                signing_keys=self.signing_public_keys if self.cfg.fl.sign_updates else None,
+                run_id=self.run_id)
             for node in outcome.trained:
                 self.base_version[node.partition_id] = start_version
             released = outcome.mean is not None  # seen by the server, adopted or not
@@ -797,8 +801,8 @@ class FederatedLora:
                 "min-accepted-fraction / secure aggregation threshold): round abandoned, the "
                 "global adapter is unchanged", server_round, len(contributors), needed)
             record["abandoned"] = True
-            if outcome.aborted:
-                record["abandon_reason"] = "SECAGG_ABORTED"
+            if outcome.aborted:  # SECAGG_<reason>: BELOW_THRESHOLD, OUT_OF_RANGE, ...
+                record["abandon_reason"] = f"SECAGG_{outcome.abort_reason or 'ABORTED'}"
             record["duration_s"] = time.perf_counter() - start
             return record
 

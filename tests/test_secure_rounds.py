@@ -20,11 +20,11 @@ import pytest
 from flwr.app import Array, Context, Message, RecordDict
 
 from clients.app import app as client_app
-from fedlora import config, lora
+from fedlora import config, lora, secure_client
 from fedlora.errors import ConfigError
 from fedlora.evaluator import ServerModel
 from fedlora.outputs import read_metrics
-from fedlora.secagg import FixedPointCodec
+from fedlora.secagg import FixedPointCodec, flatten_arrays
 from fedlora.secure_client import clip_update
 from fedlora.secure_wire import (
     MASKED,
@@ -34,6 +34,7 @@ from fedlora.secure_wire import (
     UNMASK,
     check_secure_aggregation,
 )
+from fedlora.transport import unpack
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora, build_optimizer
 from tests.fl_harness import tiny_config
@@ -51,6 +52,16 @@ class Grid(InProcessGrid):
     def __init__(self, *args, transform=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.transform = transform
+        self.updates: dict[int, tuple[np.ndarray, int]] = {}  # node → (plain vector, weight)
+
+    def _deliver(self, msg):
+        reply = super()._deliver(msg)
+        state = self.contexts[msg.metadata.dst_node_id].state
+        if msg.metadata.message_type == "train" and secure_client.UPDATE in state:
+            vector, _ = flatten_arrays(unpack(state[secure_client.UPDATE]))  # what it will mask
+            weight = int(state[secure_client.STATE][secure_client.WEIGHT])
+            self.updates[msg.metadata.dst_node_id] = (vector, weight)
+        return reply
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -183,8 +194,23 @@ def test_the_metrics_line_accounts_for_every_stage():
 
 
 def test_the_server_never_receives_a_clients_factors():
+    flat = flat_config(True)
     _, _, replies, grid = secure()
     assert len(replies) == 4 * NODES + NODES  # capabilities + four stages
+    # each masked upload is uncorrelated with the node's own fixed-point encoding
+    cfg = config.from_flat(flat)
+    codec = FixedPointCodec(cfg.fl.secagg_clip_range, cfg.fl.secagg_max_weight, NODES)
+    uploads = {r.metadata.src_node_id: r.content[MASKED]["masked-input"].numpy()
+               for r in replies if MASKED in r.content}
+    assert uploads.keys() == grid.updates.keys() and len(uploads) == NODES
+    for node, (vector, weight) in grid.updates.items():
+        encoded = codec.encode(vector, weight)  # (d + 1,) uint32, what masking hides
+        assert encoded.size > 5_000 and np.count_nonzero(encoded.view(np.int32)) > 100
+        upload = uploads[node]
+        assert upload.shape == encoded.shape and not np.array_equal(upload, encoded)
+        corr = np.corrcoef(upload.view(np.int32).astype(np.float64),
+                           encoded.view(np.int32).astype(np.float64))[0, 1]
+        assert abs(corr) < 5 / np.sqrt(encoded.size), (node, corr)
     for reply in replies:
         content = reply.content
         assert "arrays" not in content
@@ -231,8 +257,9 @@ def test_below_the_threshold_the_round_is_abandoned_and_the_global_kept():
     flat = flat_config(True)
     records, glob, _, error = run(flat, fail=fails_at(2, 0, OFF), expect_error=True)
     record = records[1]
-    assert record["abandoned"] and record["abandon_reason"] == "SECAGG_ABORTED"
-    assert record["secagg_dropped"]["masked-input"] == 2
+    assert record["abandoned"] and record["abandon_reason"] == "SECAGG_BELOW_THRESHOLD"
+    # the two that failed, and the survivor whose self-mask no one else can now rebuild
+    assert record["secagg_dropped"]["masked-input"] == 3
     assert "aborted at stage 'masked-input'" in record["errors"][0]
     assert "without enough accepted updates" in str(error)
     initial = ServerModel(config.from_flat(flat), 64).initial_global().arrays_for(8)

@@ -18,8 +18,9 @@ from clients.app import app as client_app
 from fedlora import certs, config, signed_wire
 from fedlora.errors import ConfigError
 from fedlora.evaluator import ServerModel
+from fedlora.secagg.keys import generate_private_key, public_bytes
 from fedlora.secagg.signing import SignatureRejected, UpdateVerifier
-from fedlora.secure_wire import MASKED, MASKED_INPUT
+from fedlora.secure_wire import MASKED, MASKED_INPUT, SECAGG, SHARE_KEYS, UNMASK
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora
 from tests.fl_harness import tiny_config
@@ -418,3 +419,79 @@ def test_under_secure_aggregation_the_masked_input_is_signed_and_checked():
     assert record["rejected"] == {"TAMPERED": 1}
     assert record["secagg_dropped"]["masked-input"] == 1 and record["clients"] == [0, 1]
     assert_equal(glob, dropped)  # the same sum as when BAD's input never arrived
+
+
+def test_under_secure_aggregation_the_unmask_response_is_signed_and_checked():
+    # Prepare: BAD's stage-3 shares are altered in transit (after signing)
+    def tamper_shares(grid, kind, server_round, replies):
+        if kind == UNMASK:
+            for reply in replies:
+                if pid(reply) == BAD:
+                    record = reply.content[SECAGG]
+                    shares = list(record["self-mask-shares"])
+                    shares[0] = shares[0][:-1] + bytes([shares[0][-1] ^ 1])
+                    record["self-mask-shares"] = shares
+        return replies
+
+    # Execute
+    good, good_glob = secure_run()
+    record, glob = secure_run(attack=tamper_shares)
+
+    # Assert: refused before use; BAD's input (stage 2) stays, its secrets come from the others
+    assert record["rejected"] == {"TAMPERED": 1}
+    assert record["secagg_dropped"]["unmask"] == 1 and record["num_accepted"] == 3
+    assert good["num_accepted"] == 3
+    assert_equal(glob, good_glob)
+
+
+class KeySwapGrid(AttackGrid):
+    """An active server: the key directory it sends to node ``victim`` lists keys the server
+    made for one of the victim's peers (the key-substitution attack)."""
+
+    victim = 1000 + 7 * 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for msg in messages:
+            if (msg.metadata.message_type == SHARE_KEYS
+                    and msg.metadata.dst_node_id == self.victim):
+                record = msg.content[SECAGG]
+                peer = next(i for i, n in enumerate(record["node-ids"]) if n != self.victim)
+                masks = list(record["mask-keys"])
+                masks[peer] = public_bytes(generate_private_key())
+                record["mask-keys"] = masks
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_under_secure_aggregation_a_swapped_neighbour_key_is_refused_by_the_node():
+    # Prepare: an active server swaps a peer's X25519 key, which it cannot sign
+    flat = signed(secure_aggregation=True)
+    cfg = config.from_flat(flat)
+    grid = KeySwapGrid(client_app, [{"partition-id": i, "num-partitions": NODES}
+                                    for i in range(NODES)], flat, run_id=RUN)
+    server_model = ServerModel(cfg, cfg.fl.max_rank)
+    records: list[dict] = []
+    strategy = FederatedLora(cfg, server_model.initial_global(), server_model.evaluate,
+                             records.append, run_id=RUN)
+
+    # Execute
+    strategy.run(grid)
+
+    # Assert: the victim left before sharing a secret; the others aggregated without it
+    record = records[1]
+    assert record["rejected"] == {"CLIENT_ERROR": 1}
+    assert "TAMPERED" in record["errors"][0] or "BAD_SIGNATURE" in record["errors"][0]
+    assert record["clients"] == [1, 2] and record["secagg_dropped"]["share-keys"] == 1
+
+
+def test_under_secure_aggregation_unsigned_round_keys_are_rejected_at_stage_zero():
+    def strip(grid, kind, server_round, replies):
+        if kind == "train":
+            for reply in replies:
+                if pid(reply) == BAD:
+                    del reply.content[SECAGG]["keys-signature"]
+        return replies
+
+    record, _ = secure_run(attack=strip)
+    assert record["rejected"] == {"MALFORMED": 1}
+    assert record["secagg_dropped"]["advertise-keys"] == 1 and record["clients"] == [0, 1]

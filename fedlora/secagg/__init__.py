@@ -14,6 +14,7 @@ Pieces, bottom-up (all primitives come from ``cryptography``):
 * :mod:`~fedlora.secagg.shamir` — t-of-n sharing over GF(2^521 − 1);
 * :mod:`~fedlora.secagg.channel` — AES-GCM for shares relayed by the server;
 * :mod:`~fedlora.secagg.graph` — the seeded neighbour graph;
+* :mod:`~fedlora.secagg.params` — ``k`` and ``t`` from collusion/dropout bounds (Bell et al.);
 * :class:`SecAggClient` / :class:`SecAggServer` — the four-stage protocol;
 * :mod:`~fedlora.secagg.signing` — Ed25519 signatures over updates.
 

@@ -22,10 +22,22 @@ refuses every further message of the round):
 
 * messages must be for this round, this stage and this receiver;
 * its own keys must appear unchanged in the directory;
-* relayed shares come only from its neighbours and authenticate (AES-GCM);
+* relayed shares come only from its neighbours. A ciphertext that does not authenticate
+  (AES-GCM) or decode does *not* end the round for the receiver: one forging client would
+  otherwise make every neighbour leave. The receiver still masks with that peer, keeps no
+  share of it and reports it in ``no_shares_of``; the server then decides whether the
+  peer's secrets can still be rebuilt (see :class:`~fedlora.secagg.SecAggServer`);
+* every public key in the directory is a usable X25519 key (no point of small order);
 * an unmask request must classify its share group exactly, with no peer
   both surviving and dropped — revealing both the self-mask share and the
   mask-key share of one peer would let the server unmask that peer's input;
+* it reveals the pairwise seed ``s_{u,p}`` of a peer ``p`` only when ``p``'s shares were
+  unreadable (stage 2) or ``p`` is listed as dropped (stage 3), and only while at least
+  ``t − 1`` other peers keep seeds it never revealed (:func:`reveals_pair_seeds`), so its
+  own input keeps ``t − 1`` pairwise masks the server cannot remove. For a dropped or
+  forging ``p`` the seed tells the server no more than ``p``'s rebuilt mask key would (and
+  a forging ``p`` knows it anyway); it lets the server remove ``p``'s masks even when too
+  few holders can read ``p``'s shares;
 * it unmasks at most once.
 
 Out of scope: a server that lies *consistently* to different clients about
@@ -50,7 +62,7 @@ from fedlora.errors import ConfigError
 from fedlora.secagg.channel import decrypt_shares, encrypt_shares
 from fedlora.secagg.config import GroupParameters, SecAggConfig
 from fedlora.secagg.encoding import FixedPointCodec
-from fedlora.secagg.errors import ProtocolError, SecAggAborted
+from fedlora.secagg.errors import ProtocolError, SecAggAborted, ShareAuthenticationError
 from fedlora.secagg.graph import neighbour_graph
 from fedlora.secagg.ids import check_node_id, check_round
 from fedlora.secagg.keys import (
@@ -58,6 +70,8 @@ from fedlora.secagg.keys import (
     MASK_PURPOSE,
     PublicKeys,
     agree,
+    check_public_key,
+    commit,
     generate_private_key,
     load_private_key,
     private_bytes,
@@ -74,7 +88,7 @@ from fedlora.secagg.messages import (
     UnmaskResponse,
 )
 from fedlora.secagg.prg import SEED_BYTES, apply_mask
-from fedlora.secagg.shamir import SHARE_BYTES, split_secret
+from fedlora.secagg.shamir import PRIME, SHARE_BYTES, split_secret
 
 Snapshot = dict[str, int | bytes | list[int] | list[bytes]]
 T = TypeVar("T")
@@ -110,6 +124,8 @@ class SecAggClient:
         self._neighbours: dict[int, PublicKeys] = {}
         self._held: dict[int, tuple[bytes, bytes]] = {}  # owner → (b share, s^SK share)
         self._peers: frozenset[int] = frozenset()
+        self._unreadable: frozenset[int] = frozenset()  # peers whose shares did not decrypt
+        self._revealed: frozenset[int] = frozenset()  # peers whose pairwise seed went out
 
     @property
     def stage(self) -> Stage | None:
@@ -152,10 +168,11 @@ class SecAggClient:
         weight
             Its weight in ``[0, config.max_weight]``, applied before encoding.
 
+        A relayed ciphertext that does not authenticate or decode is not an error: the
+        client masks with its sender all the same and lists it in ``no_shares_of``.
+
         Raises
         ------
-        ShareAuthenticationError
-            A relayed ciphertext does not authenticate.
         ProtocolError
             Wrong round, stage or receiver, or shares from a non-neighbour.
         SecAggAborted
@@ -170,6 +187,11 @@ class SecAggClient:
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """Stage 3: reveal self-mask shares of survivors and mask-key shares of dropped peers.
+
+        Only shares this client holds are revealed (none of a peer in ``no_shares_of``).
+        With at least ``t − 1`` peers listed as survivors it also reveals, for every
+        dropped peer ``p``, the pairwise seed ``s_{u,p}``, so that the server can remove the
+        masks of a peer whose own shares were forged.
 
         Raises
         ------
@@ -201,6 +223,16 @@ class SecAggClient:
             )
         group = self._resolve(len(keys))
         neighbours = neighbour_graph(keys, group.neighbours, directory.graph_seed)[self.node_id]
+        for peer in sorted(neighbours):
+            try:
+                check_public_key(keys[peer].mask)
+                check_public_key(keys[peer].encryption)
+            except (AttributeError, ValueError) as error:
+                raise ProtocolError(
+                    "BAD_PUBLIC_KEY",
+                    f"the key directory lists an unusable key for neighbour {peer}: {error}; "
+                    "the server must drop such a client at stage 0",
+                ) from None
         self._self_seed = secrets.token_bytes(SEED_BYTES)
         holders = sorted(neighbours | {self.node_id})
         seed_shares = split_secret(self._self_seed, group.threshold, holders)
@@ -227,7 +259,11 @@ class SecAggClient:
         self._vector_size = directory.vector_size
         self._neighbours = {peer: keys[peer] for peer in neighbours}
         self._held = {self.node_id: (seed_shares[self.node_id], key_shares[self.node_id])}
-        return ShareBundle(self.server_round, self.node_id, ciphertexts)
+        commitment = commit(
+            self._self_seed, self._public_keys(), server_round=self.server_round,
+            node_id=self.node_id,
+        )
+        return ShareBundle(self.server_round, self.node_id, ciphertexts, commitment)
 
     def _mask_input(self, relayed: RelayedShares, vector: np.ndarray, weight: float) -> MaskedInput:
         group = self._require_group()
@@ -254,7 +290,7 @@ class SecAggClient:
         words = FixedPointCodec(
             self.config.clip_range, self.config.max_weight, group.num_clients
         ).encode(vector, weight)  # (d + 1,)
-        self._receive_shares(relayed.ciphertexts)
+        self._unreadable = self._receive_shares(relayed.ciphertexts)
         apply_mask(words, self._self_seed, 1)
         mask_key = load_private_key(self._mask_key)
         for peer in sorted(senders):
@@ -268,12 +304,29 @@ class SecAggClient:
             )
             apply_mask(words, seed, 1 if self.node_id < peer else -1)
         self._peers = senders
-        # What stage 3 needs are the held shares; the secrets themselves are no longer kept.
-        self._self_seed = self._mask_key = self._encryption_key = b""
-        return MaskedInput(self.server_round, self.node_id, words)
+        early = {}
+        if self._unreadable and len(senders - self._unreadable) >= group.threshold - 1:
+            early = {peer: self._pair_seed(mask_key, peer) for peer in sorted(self._unreadable)}
+        self._revealed = frozenset(early)
+        # Stage 3 needs the held shares and the mask key (pairwise seeds of dropped peers);
+        # the self-mask seed and the channel key are no longer kept.
+        self._self_seed = self._encryption_key = b""
+        return MaskedInput(self.server_round, self.node_id, words, self._unreadable, early)
 
-    def _receive_shares(self, ciphertexts: Mapping[int, bytes]) -> None:
+    def _pair_seed(self, mask_key: object, peer: int) -> bytes:
+        return agree(
+            mask_key,  # type: ignore[arg-type]
+            self._neighbours[peer].mask,
+            purpose=MASK_PURPOSE,
+            server_round=self.server_round,
+            self_id=self.node_id,
+            peer_id=peer,
+        )
+
+    def _receive_shares(self, ciphertexts: Mapping[int, bytes]) -> frozenset[int]:
+        """Decrypt and keep each neighbour's shares; the peers whose shares are unusable."""
         encryption_key = load_private_key(self._encryption_key)
+        unreadable = set()
         for peer in sorted(ciphertexts):
             channel = agree(
                 encryption_key,
@@ -283,19 +336,25 @@ class SecAggClient:
                 self_id=self.node_id,
                 peer_id=peer,
             )
-            plain = decrypt_shares(
-                channel,
-                ciphertexts[peer],
-                server_round=self.server_round,
-                sender=peer,
-                receiver=self.node_id,
-            )
-            if len(plain) != 2 * SHARE_BYTES:
-                raise ProtocolError(
-                    "MALFORMED",
-                    f"shares from client {peer} are {len(plain)} bytes, expected {2 * SHARE_BYTES}",
+            try:
+                plain = decrypt_shares(
+                    channel,
+                    ciphertexts[peer],
+                    server_round=self.server_round,
+                    sender=peer,
+                    receiver=self.node_id,
                 )
-            self._held[peer] = (plain[:SHARE_BYTES], plain[SHARE_BYTES:])
+            except ShareAuthenticationError:
+                unreadable.add(peer)
+                continue
+            seed_share, key_share = plain[:SHARE_BYTES], plain[SHARE_BYTES:]
+            if len(plain) != 2 * SHARE_BYTES or not all(
+                int.from_bytes(share, "big") < PRIME for share in (seed_share, key_share)
+            ):
+                unreadable.add(peer)
+                continue
+            self._held[peer] = (seed_share, key_share)
+        return frozenset(unreadable)
 
     def _unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         survivors, dropped = frozenset(request.survivors), frozenset(request.dropped)
@@ -319,13 +378,24 @@ class SecAggClient:
                 f"{self.node_id} holds shares of exactly {sorted(group)}; each must be listed "
                 "once, as survivor or dropped",
             )
+        threshold = self._require_group().threshold
+        pair_seeds = {}
+        if reveals_pair_seeds(survivors, dropped, self.node_id, self._revealed, threshold):
+            mask_key = load_private_key(self._mask_key)
+            pair_seeds = {peer: self._pair_seed(mask_key, peer)
+                          for peer in sorted(dropped - self._revealed)}
         response = UnmaskResponse(
             self.server_round,
             self.node_id,
-            self_mask_shares={owner: self._held[owner][0] for owner in sorted(survivors)},
-            mask_key_shares={owner: self._held[owner][1] for owner in sorted(dropped)},
+            self_mask_shares={
+                owner: self._held[owner][0] for owner in sorted(survivors) if owner in self._held
+            },
+            mask_key_shares={
+                owner: self._held[owner][1] for owner in sorted(dropped) if owner in self._held
+            },
+            pair_seeds=pair_seeds,
         )
-        self._held = {}
+        self._held, self._mask_key = {}, b""
         return response
 
     # -- helpers ----------------------------------------------------------------------------
@@ -419,6 +489,8 @@ class SecAggClient:
             "held_self_mask_shares": [self._held[v][0] for v in held],
             "held_mask_key_shares": [self._held[v][1] for v in held],
             "peer_ids": sorted(self._peers),
+            "unreadable_ids": sorted(self._unreadable),
+            "revealed_ids": sorted(self._revealed),
         }
 
     @classmethod
@@ -458,7 +530,21 @@ class SecAggClient:
             )
         }
         client._peers = frozenset(state.get_ints("peer_ids"))
+        client._unreadable = frozenset(state.get_ints("unreadable_ids"))
+        client._revealed = frozenset(state.get_ints("revealed_ids"))
         return client
+
+
+def reveals_pair_seeds(survivors: frozenset[int], dropped: frozenset[int], node: int,
+                       revealed: frozenset[int], threshold: int) -> bool:
+    """Whether client ``node`` sends pairwise seeds of its dropped peers at stage 3.
+
+    Only if some dropped peer's seed is still unrevealed and at least ``t − 1`` peers
+    listed as survivors have a seed it never revealed (at stage 2, ``revealed``): its own
+    input then keeps ``t − 1`` pairwise masks that no reply of its own can remove. The
+    server applies the same rule to know which seeds to expect.
+    """
+    return bool(dropped - revealed) and len(survivors - {node} - revealed) >= threshold - 1
 
 
 class _SnapshotReader:

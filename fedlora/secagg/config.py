@@ -19,6 +19,13 @@ from dataclasses import dataclass
 
 from fedlora.errors import ConfigError
 from fedlora.secagg.graph import resolve_degree
+from fedlora.secagg.params import (
+    CORRECTNESS_BITS,
+    SECURITY_BITS,
+    GraphChoice,
+    bounds,
+    choose_parameters,
+)
 
 #: Rules whose aggregate is a weighted sum of client vectors, with how to run them securely.
 COMPATIBLE: dict[str, str] = {
@@ -110,22 +117,37 @@ class SecAggConfig:
         below it. An explicit value must be ≥ 2 and a strict majority of the
         group, and also aborts a round where fewer clients advertise keys.
     neighbours
-        Neighbours each client masks with (``k``). ``None`` uses ``⌈3·log₂ n⌉``
-        (SecAgg+); any value ≥ ``n − 1`` gives full SecAgg.
+        Neighbours each client masks with (``k``). ``None`` derives ``k`` (and, with
+        ``threshold=None``, ``t``) from ``gamma`` and ``delta`` by Bell et al. 2020's
+        bounds (:mod:`fedlora.secagg.params`); any value ≥ ``n − 1`` gives full SecAgg.
     clip_range
         Every coordinate is clipped to ``[-clip_range, clip_range]`` before
         fixed-point encoding; the quantisation step grows with it.
     max_weight
         Largest per-client weight (e.g. example count); weights are divided by
         it so that weighted inputs stay within the clip range.
+    gamma
+        Fraction of clients assumed to collude with the server (``γ``), in ``[0, 1)``.
+    delta
+        Fraction of clients assumed to drop out during a round (``δ``), in ``[0, 1)``.
     """
 
     threshold: int | None = None
     neighbours: int | None = None
     clip_range: float = 8.0
     max_weight: float = 10_000.0
+    gamma: float = 1 / 3
+    delta: float = 0.1
 
     def __post_init__(self) -> None:
+        for name in ("gamma", "delta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    0 <= value < 1):
+                raise ConfigError(
+                    f"secagg {name} must be a fraction in [0, 1), got {value!r}; it is the "
+                    f"share of clients assumed to {'collude' if name == 'gamma' else 'drop out'}"
+                )
         _check_optional_int("threshold", self.threshold, minimum=2)
         _check_optional_int("neighbours", self.neighbours, minimum=1)
         _check_positive_float("clip_range", self.clip_range)
@@ -159,9 +181,14 @@ class SecAggConfig:
         """
         if num_clients < 2:
             raise ValueError(f"secure aggregation needs at least 2 clients, got {num_clients}")
-        degree = resolve_degree(num_clients, self.neighbours)
+        if self.neighbours is None:
+            choice = choose_parameters(num_clients, self.gamma, self.delta)
+            degree, default_threshold = choice.neighbours, choice.threshold
+        else:
+            degree = resolve_degree(num_clients, self.neighbours)
+            default_threshold = (degree + 1) // 2 + 1
         group = degree + 1
-        threshold = group // 2 + 1 if self.threshold is None else self.threshold
+        threshold = default_threshold if self.threshold is None else self.threshold
         if 2 * threshold <= group:
             raise ConfigError(
                 f"secagg threshold={threshold} is not a strict majority of the share group of "
@@ -174,6 +201,17 @@ class SecAggConfig:
                 f"{num_clients} clients give groups of {group}"
             )
         return GroupParameters(num_clients=num_clients, neighbours=degree, threshold=threshold)
+
+    def assess(self, num_clients: int) -> GraphChoice:
+        """The resolved ``k`` and ``t`` for ``num_clients`` with their exposure and failure
+        bounds under ``gamma`` and ``delta`` (for the start-up log)."""
+        group = self.resolve(num_clients)
+        choice = choose_parameters(num_clients, self.gamma, self.delta)
+        exposure, failure = bounds(num_clients, group.neighbours, group.threshold,
+                                   choice.colluders, choice.dropouts)
+        meets = exposure <= 2.0**-SECURITY_BITS and failure <= 2.0**-CORRECTNESS_BITS
+        return GraphChoice(num_clients, group.neighbours, group.threshold, choice.colluders,
+                           choice.dropouts, exposure, failure, meets)
 
 
 def _check_optional_int(name: str, value: object, *, minimum: int) -> None:

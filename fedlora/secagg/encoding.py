@@ -5,16 +5,25 @@ Masks only cancel in a finite ring, so floats are mapped to ``uint32`` words
 
 Encoding, for ``n`` clients, clip range ``c`` and weight bound ``W``::
 
-    L = ⌊(2^31 − 1) / n⌋                 # levels per client, so |Σ q| ≤ n·L < 2^31
+    L = ⌊(2^31 − 1) / (n · 2^h)⌋         # levels per client, h = HEADROOM_BITS, so that
+                                         # |Σ q| ≤ n·L ≤ 2^(31−h): h bits of the ring unused
     ω = weight / W ∈ [0, 1]              # normalised client weight
     q_i = rint(ω · clip(x_i, −c, c) · L / c)   for each coordinate i
     q_d = rint(ω · L)                    # extra coordinate: the normaliser
     word = q mod 2^32                    # two's complement in uint32
 
-Every ``|q| ≤ L``, so the sum over at most ``n`` clients lies in
-``[−(2^31 − 1), 2^31 − 1]`` and is recovered exactly by reading the summed
-words as ``int32``. Decoding multiplies by ``c·W / L`` (``W / L`` for the
-normaliser), giving ``Σ w_k clip(x_k)`` and ``Σ w_k``.
+Every ``|q| ≤ L``, so the sum over ``m ≤ n`` clients lies in ``[−m·L, m·L]`` and
+is recovered exactly by reading the summed words as ``int32``. Decoding
+multiplies by ``c·W / L`` (``W / L`` for the normaliser), giving
+``Σ w_k clip(x_k)`` and ``Σ w_k``.
+
+Headroom: honest sums lie in ``[−2^(31−h), 2^(31−h)]``, a ``2^−h`` share of the
+ring, so a sum that a wrong unmasking left uniformly random lands outside
+``[−m·L, m·L]`` in each coordinate with probability at least ``1 − 2^−h``; :meth:`decode`
+with ``contributors`` rejects any coordinate outside that range, and a
+normaliser outside ``[0, m·L]``. (Not in Bonawitz et al., whose protocol
+assumes the reconstructed masks are right.) ``h = 1`` costs a 2× coarser step; a random
+sum passes all ``d`` coordinates with probability ``2^−d``.
 
 Error bound: round-to-nearest is off by at most half a level per client and
 coordinate, so for ``m`` contributing clients::
@@ -34,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 RING_BITS = 32
+HEADROOM_BITS = 1  # h: the ring bit no honest sum uses, so a corrupted one shows
 _MAX_SIGNED = 2 ** (RING_BITS - 1) - 1
 _CHUNK = 1 << 16
 
@@ -92,7 +102,7 @@ class FixedPointCodec:
     @property
     def levels(self) -> int:
         """``L``: quantisation levels per client on each side of zero."""
-        return _MAX_SIGNED // self.num_clients
+        return _MAX_SIGNED // (self.num_clients << HEADROOM_BITS)
 
     @property
     def step(self) -> float:
@@ -154,22 +164,57 @@ class FixedPointCodec:
         words[-1] = np.uint32(round(omega * self.levels))
         return words
 
-    def decode(self, total: np.ndarray) -> DecodedSum:
+    def decode(self, total: np.ndarray, contributors: int | None = None) -> DecodedSum:
         """Decode the ring sum of at most ``num_clients`` encodings.
 
         Parameters
         ----------
         total
             ``uint32``, shape ``(d + 1,)``, the unmasked sum.
+        contributors
+            ``m``, the number of encodings in the sum. When given, every coordinate must
+            lie in ``[−m·L, m·L]`` and the normaliser in ``[0, m·L]``: that is all an honest
+            sum can be.
+
+        Raises
+        ------
+        OutOfRange
+            A coordinate or the normaliser outside its possible range (a wrong mask was
+            removed, or a client encoded out of range).
         """
         if total.dtype != np.uint32 or total.ndim != 1 or total.size < 1:
             raise ValueError(
                 f"expected a 1-D uint32 ring sum, got dtype {total.dtype} and shape {total.shape}"
             )
+        if contributors is not None:
+            self.check_range(total, contributors)
         signed = total.view(np.int32).astype(np.float64)  # (d + 1,)
         weighted = signed[:-1] * (self.clip_range * self.max_weight / self.levels)
         total_weight = float(signed[-1]) * self.max_weight / self.levels
         return DecodedSum(weighted_sum=weighted.astype(np.float32), total_weight=total_weight)
+
+
+    def check_range(self, total: np.ndarray, contributors: int) -> None:
+        """Raise :class:`OutOfRange` unless ``total`` is a possible sum of ``contributors``
+        honest encodings (see :meth:`decode`)."""
+        bound = contributors * self.levels
+        signed = total.view(np.int32)
+        outside = 0
+        for start in range(0, signed.size - 1, _CHUNK):
+            chunk = signed[start : min(start + _CHUNK, signed.size - 1)].astype(np.int64)
+            outside += int(np.count_nonzero(np.abs(chunk) > bound))
+        normaliser = int(signed[-1])
+        if outside or not 0 <= normaliser <= bound:
+            raise OutOfRange(
+                f"the decoded sum of {contributors} encoding(s) has {outside} of "
+                f"{signed.size - 1} coordinate(s) outside ±{bound} and a normaliser of "
+                f"{normaliser} (possible: 0 to {bound}); a wrong mask was removed or a client "
+                "encoded out of range"
+            )
+
+
+class OutOfRange(ValueError):
+    """A decoded secure sum that no honest set of encodings can produce."""
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ from fedlora.secagg.ids import check_node_id
 def default_degree(num_clients: int) -> int:
     """SecAgg+ neighbourhood size when none is configured: ``⌈3·log₂ n⌉``, at most ``n − 1``.
 
-    A heuristic in the O(log n) regime of Bell et al.; configure ``neighbours``
-    explicitly when a precise dropout/collusion guarantee is needed.
+    A heuristic in the O(log n) regime of Bell et al. with no stated guarantee;
+    :class:`~fedlora.secagg.SecAggConfig` no longer uses it (it derives ``k`` from the
+    collusion and dropout fractions, :mod:`fedlora.secagg.params`).
     """
     if num_clients < 2:
         return 0

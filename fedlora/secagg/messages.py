@@ -4,12 +4,15 @@ Stages (Bonawitz et al. 2017, Fig. 4; SecAgg+ neighbourhoods, Bell et al. 2020):
 
     0 ADVERTISE_KEYS  client → server  KeyAdvertisement   (two X25519 public keys)
                       server → all     KeyDirectory       (keys of every advertiser, graph seed)
-    1 SHARE_KEYS      client → server  ShareBundle        (encrypted shares, one per neighbour)
+    1 SHARE_KEYS      client → server  ShareBundle        (encrypted shares, one per neighbour,
+                                                           commitment to b_u and its keys)
                       server → client  RelayedShares      (the ciphertexts addressed to it)
-    2 MASKED_INPUT    client → server  MaskedInput        (uint32 masked encoding)
+    2 MASKED_INPUT    client → server  MaskedInput        (uint32 masked encoding, the peers
+                                                           whose shares did not decrypt)
                       server → client  UnmaskRequest      (which peers survived, which dropped)
     3 UNMASK          client → server  UnmaskResponse     (self-mask shares of survivors,
-                                                           mask-key shares of dropped peers)
+                                                           mask-key shares and pairwise seeds
+                                                           of dropped peers)
 
 Fields are ints, bytes, numpy arrays and dicts keyed by integer node ids, so
 a transport can map them onto Flower records without this package knowing
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -77,11 +80,17 @@ class KeyDirectory:
 
 @dataclass(frozen=True)
 class ShareBundle:
-    """Stage 1 reply: ``receiver → ciphertext`` of the sender's shares, one per neighbour."""
+    """Stage 1 reply: ``receiver → ciphertext`` of the sender's shares, one per neighbour.
+
+    ``commitment`` is :func:`fedlora.secagg.keys.commit` of the sender's self-mask seed
+    ``b_u`` and its two public keys: the server checks every rebuilt seed against it, so a
+    holder that alters its share cannot make the server remove a wrong mask silently.
+    """
 
     server_round: int
     sender: int
     ciphertexts: Mapping[int, bytes]
+    commitment: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -98,11 +107,19 @@ class RelayedShares:
 
 @dataclass(frozen=True)
 class MaskedInput:
-    """Stage 2 reply: the masked encoding, ``uint32`` of shape ``(d + 1,)``."""
+    """Stage 2 reply: the masked encoding, ``uint32`` of shape ``(d + 1,)``.
+
+    ``no_shares_of``: neighbours whose relayed shares did not authenticate or decode. The
+    sender still masked with them, but holds none of their shares. ``pair_seeds``: the
+    pairwise seeds ``s_{u,p}`` of those neighbours (when the sender keeps ``t − 1`` readable
+    ones), so the server can remove those masks if ``p`` must be left out.
+    """
 
     server_round: int
     sender: int
     masked: np.ndarray
+    no_shares_of: frozenset[int] = frozenset()
+    pair_seeds: Mapping[int, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -122,9 +139,14 @@ class UnmaskRequest:
 
 @dataclass(frozen=True)
 class UnmaskResponse:
-    """Stage 3 reply: ``owner → share`` of self-mask seeds and of mask private keys."""
+    """Stage 3 reply: ``owner → share`` of self-mask seeds and of mask private keys.
+
+    ``pair_seeds``: ``dropped peer → s_{u,p}``, the pairwise mask seed the sender shares
+    with each peer listed as dropped (see :meth:`SecAggClient.unmask` for when it is sent).
+    """
 
     server_round: int
     sender: int
     self_mask_shares: Mapping[int, bytes]
     mask_key_shares: Mapping[int, bytes]
+    pair_seeds: Mapping[int, bytes] = field(default_factory=dict)

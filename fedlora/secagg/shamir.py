@@ -99,6 +99,20 @@ def reconstruct_value(shares: Mapping[int, bytes]) -> int:
     the secret (uniform over the field); :func:`combine_shares` is the checked
     entry point.
     """
+    return _interpolate(shares, 0)
+
+
+def evaluate_at(shares: Mapping[int, bytes], holder: int) -> bytes:
+    """The share ``holder`` would hold on the polynomial through ``shares`` (``f(x_holder)``).
+
+    With ``t`` shares that rebuilt a verified secret this is what an honest ``holder``
+    sent; a share that differs was altered (used to name a bad share holder).
+    """
+    return _interpolate(shares, _point(holder)).to_bytes(SHARE_BYTES, "big")
+
+
+def _interpolate(shares: Mapping[int, bytes], x: int) -> int:
+    """Lagrange interpolation of the points in ``shares`` at ``x`` (mod p)."""
     points = [(_point(holder), _share_value(holder, share)) for holder, share in shares.items()]
     if not points:
         raise ShamirError("TOO_FEW_SHARES", "cannot interpolate without shares")
@@ -107,7 +121,7 @@ def reconstruct_value(shares: Mapping[int, bytes]) -> int:
         numerator, denominator = 1, 1
         for m, (x_m, _) in enumerate(points):
             if m != j:
-                numerator = numerator * x_m % PRIME
+                numerator = numerator * (x_m - x) % PRIME
                 denominator = denominator * (x_m - x_j) % PRIME
         total = (total + y_j * numerator * pow(denominator, -1, PRIME)) % PRIME
     return total

@@ -61,9 +61,10 @@ def test_invalid_config_says_what_to_change(kwargs: dict, match: str) -> None:
     [
         (SecAggConfig(), 2, 1, 2),
         (SecAggConfig(), 3, 2, 2),
-        (SecAggConfig(), 5, 4, 3),  # ⌈3·log2 5⌉ = 7, capped at n − 1
-        (SecAggConfig(), 20, 13, 8),  # ⌈3·log2 20⌉ = 13; group 14
-        (SecAggConfig(), 100, 20, 11),
+        (SecAggConfig(), 5, 4, 3),  # γ = 1/3, δ = 1/10: 2 colluders, 1 dropout → full
+        (SecAggConfig(), 20, 10, 8),  # 7 colluders: t = 8 > 7, and 10 − 2 ≥ 8
+        (SecAggConfig(), 100, 42, 32),  # Bell et al. bounds, see test_attacks.py
+        (SecAggConfig(gamma=0.05, delta=0.05), 100, 12, 7),
         (SecAggConfig(neighbours=10_000), 20, 19, 11),  # full SecAgg
         (SecAggConfig(neighbours=5), 13, 6, 4),  # odd k with odd n is raised by one
         (SecAggConfig(neighbours=5), 14, 5, 4),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fedlora.secagg import ArrayLayout, DecodedSum, FixedPointCodec, flatten_arrays
+from fedlora.secagg.encoding import HEADROOM_BITS
 
 
 def _ring_sum(words: list[np.ndarray]) -> np.ndarray:
@@ -16,9 +17,10 @@ def _ring_sum(words: list[np.ndarray]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("clients", [1, 2, 3, 7, 20, 1000])
-def test_levels_keep_the_sum_of_n_clients_inside_int32(clients: int) -> None:
+def test_levels_keep_the_sum_of_n_clients_inside_int32_with_headroom(clients: int) -> None:
     codec = FixedPointCodec(clip_range=1.0, max_weight=1.0, num_clients=clients)
-    assert clients * codec.levels <= 2**31 - 1 < clients * (codec.levels + 1)
+    room = 2**HEADROOM_BITS
+    assert clients * codec.levels * room <= 2**31 - 1 < clients * (codec.levels + 1) * room
     assert codec.step == pytest.approx(1.0 / codec.levels)
 
 
