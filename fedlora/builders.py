@@ -21,7 +21,8 @@ def data_spec(cfg: RunConfig) -> data.DataSpec:
         source=d.source, task=cfg.model.task, path=d.path, partitioner=d.partitioner,
         dirichlet_alpha=d.dirichlet_alpha, classes_per_partition=d.classes_per_partition,
         samples_per_client=d.samples_per_client, eval_samples=d.eval_samples,
-        test_fraction=d.test_fraction, seed=cfg.fl.seed,
+        test_fraction=d.test_fraction, seed=cfg.fl.seed, heldout_path=d.heldout_path,
+        num_labels=cfg.model.num_labels if cfg.model.task == "seq-cls" else 0,
     )
 
 
