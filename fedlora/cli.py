@@ -276,12 +276,16 @@ PROGRESS_KEYS = ("train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
                  "fed_eval_accuracy", "agg_error_mean")
 
 
+NOT_METRICS = ("eval_s", "fed_eval_clients")  # timings and counts, not evaluation results
+
+
 def round_parts(rec: dict[str, Any], rounds: int) -> list[str]:
     """``round r/R`` and the headline metrics of one metrics record (progress lines); a record
     without any evaluation metric says ``no evaluation``."""
     parts = [f"round {rec['round']}/{rounds}"]
     parts += [f"{key}={rec[key]:.4f}" for key in PROGRESS_KEYS if rec.get(key) is not None]
-    if not any(key.startswith(("eval_", "fed_eval_")) for key in rec):
+    if rec.get("evaluation") == "none" or not any(
+            key.startswith(("eval_", "fed_eval_")) and key not in NOT_METRICS for key in rec):
         parts.append("no evaluation")
     return parts
 
