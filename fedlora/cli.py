@@ -204,15 +204,14 @@ def _check_own_files(cfg: config.RunConfig, clients: int, node_paths: list[str] 
     else:
         paths, key = [cfg.data.path.replace(template, str(i)) for i in range(clients)], \
             "data.path"
-        if clients > 1 and template not in cfg.data.path:
-            p = Path(cfg.data.path)
-            example = str(p.with_name(f"{p.stem}-{template}{p.suffix}"))
-            raise FedLoraError(
-                f"data.path = {cfg.data.path!r} has no {template}, so all {clients} clients "
-                f"would train on the same file; put {template} where the client number goes "
-                f"(e.g. data.path = {example!r}: client 0 reads "
-                f"{example.replace(template, '0')!r}, client 1 "
-                f"{example.replace(template, '1')!r}, ...), or run one client (--num-clients 1)")
+    if clients > 1 and len(set(paths)) == 1:
+        p = Path(paths[0])
+        example = str(p.with_name(f"{p.stem}-{template}{p.suffix}"))
+        raise FedLoraError(
+            f"{key} = {paths[0]!r} has no {template}, so all {clients} clients would train on "
+            f"the same file; put {template} where the client number goes (e.g. {key} = "
+            f"{example!r}: client 0 reads {example.replace(template, '0')!r}, client 1 "
+            f"{example.replace(template, '1')!r}, ...), or run one client")
     missing = sorted({p for p in paths if not Path(p).expanduser().exists()})
     if missing:
         shown = missing[:5] + ([f"... {len(missing) - 5} more"] if len(missing) > 5 else [])

@@ -411,3 +411,35 @@ def test_run_lines_do_not_wrap_when_stderr_is_not_a_terminal(capsys):
 
     assert capsys.readouterr().err == line + "\n"
 
+
+
+# ----------------------------------------------------------------- 11: every preset, for real
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", cli.presets())
+def test_load_model_reproduces_each_presets_final_metric(preset, tmp_path):
+    """A real one-round ``fedlora run --preset`` (Flower simulation), then
+    ``fedlora.load_model`` on its output: the server's held-out metrics again."""
+    import os
+    import sys
+
+    import fedlora
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "fedlora", "run", "--preset", preset,
+                           "--rounds", "1", "--out", str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=1800, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = outputs.read_metrics(out)[-1]
+    cfg = config.from_flat(json.loads((out / "config.json").read_text()))
+
+    model, tokenizer = fedlora.load_model(out)
+    heldout = data.heldout(builders.data_spec(cfg))
+    examples = data.tokenize(heldout, tokenizer, cfg.model.task, cfg.data.max_length)
+    again = training.evaluate(model, examples, cfg.eval.batch_size, tokenizer.pad_token_id,
+                              cfg.model.task)
+    assert again["eval-loss"] == pytest.approx(final["eval_loss"], rel=1e-4)
+    if cfg.model.task == "seq-cls":
+        assert again["eval-accuracy"] == pytest.approx(final["eval_accuracy"], abs=1e-9)
