@@ -14,13 +14,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
-import torch
 
 from fedlora import assets
 from fedlora.errors import DataError
+
+if TYPE_CHECKING:  # torch is imported by collate only: checking files before a run needs none
+    import torch
 
 datasets.disable_progress_bars()
 
@@ -396,6 +398,8 @@ def tokenize(ds: datasets.Dataset, tokenizer: Any, task: str, max_length: int) -
 
 def collate(batch: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest example (right padding)."""
+    import torch
+
     width = max(len(ex["input_ids"]) for ex in batch)
     ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
