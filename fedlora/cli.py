@@ -196,7 +196,7 @@ def _check_own_files(cfg: config.RunConfig, clients: int, node_paths: list[str] 
                      ) -> list[str]:
     """Every client's file exists (the first few are read: columns, rows, labels), and
     several clients do not silently share one file."""
-    from fedlora import data
+    from fedlora import builders, data
 
     template = data.PARTITION_TEMPLATE
     if node_paths:
@@ -215,9 +215,10 @@ def _check_own_files(cfg: config.RunConfig, clients: int, node_paths: list[str] 
     missing = sorted({p for p in paths if not Path(p).expanduser().exists()})
     if missing:
         shown = missing[:5] + ([f"... {len(missing) - 5} more"] if len(missing) > 5 else [])
+        source = key if node_paths else f"{key} = {cfg.data.path!r}"
         raise FedLoraError(f"{len(missing)} of {clients} clients' data file(s) do not exist: "
-                           f"{shown} (from {key} = {cfg.data.path!r}); create them or fix {key}")
-    spec = _spec(cfg)
+                           f"{shown} (from {source}); create them or fix {key}")
+    spec = builders.data_spec(cfg)
     warnings = []
     for i, path in enumerate(paths[:MAX_CHECKED_FILES]):
         rows = data.load_files(path, cfg.model.task, None, spec.num_labels, key)
@@ -232,18 +233,12 @@ def _check_own_files(cfg: config.RunConfig, clients: int, node_paths: list[str] 
     return warnings
 
 
-def _spec(cfg: config.RunConfig) -> Any:
-    from fedlora import builders
-
-    return builders.data_spec(cfg)
-
-
 def _corpus_warnings(cfg: config.RunConfig, clients: int) -> list[str]:
     """A packaged corpus has a fixed number of rows: say when the clients get fewer than
     ``data.samples-per-client`` each, refuse when some would get none."""
-    from fedlora import data
+    from fedlora import builders, data
 
-    spec = _spec(cfg)
+    spec = builders.data_spec(cfg)
     total = len(data.load_corpus(spec))
     train = total - math.ceil(total * spec.test_fraction)
     per_client = train // clients
@@ -322,10 +317,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     rounds = int(flat["num-server-rounds"])
     where = f"Ray cluster {placement.ray_address}" if placement.ray_address else "local Ray"
     console.print(f"[bold]fedlora[/] {flat['strategy']} · {flat['model.name']} · {clients} "
-                      f"clients · {rounds} rounds · {where}, {placement.cpus} CPU / "
-                      f"{placement.gpus} GPU per worker → " + escape(str(out))
-                      + (" · [yellow]resuming from its last checkpoint[/]" if flat["resume"]
-                         else ""))
+                  f"clients · {rounds} rounds · {where}, {placement.cpus} CPU / "
+                  f"{placement.gpus} GPU per worker → " + escape(str(out))
+                  + (" · [yellow]resuming from its last checkpoint[/]" if flat["resume"]
+                     else ""))
     started = time.perf_counter()
 
     def on_round(rec: dict[str, Any]) -> None:
