@@ -83,8 +83,9 @@ def _prepare(msg: Message, context: Context):
 
 @app.query("capabilities")
 def capabilities(msg: Message, context: Context) -> Message:
-    """Tell the server this node's partition and LoRA rank (it cannot read node configs), and
-    its number of training examples when asked (``num-examples`` true: data-size sampling)."""
+    """Tell the server this node's partition and LoRA rank (it cannot read node configs), its
+    number of training examples when asked (``num-examples`` true: data-size sampling), and
+    ``data-error`` when its own data cannot be trained on (missing file, column, label...)."""
     cfg = config.from_flat(context.run_config)
     node = client.Node.from_configs(cfg, context.node_config)
     caps = ConfigRecord({"partition-id": node.partition_id,
@@ -92,7 +93,10 @@ def capabilities(msg: Message, context: Context) -> Message:
     if cfg.fl.sign_updates:
         caps.update(signed_wire.announcement(signed_wire.node_key(context), context.run_id,
                                              context.node_id))
-    if msg.content["q"].get("num-examples"):
+    problem = client.data_problem(cfg, node)
+    if problem:  # one line per node on the server, instead of a traceback every round
+        caps[client.DATA_ERROR] = problem
+    elif msg.content["q"].get("num-examples"):
         caps["num-examples"] = len(client.train_rows(cfg, node))
     return Message(RecordDict({"caps": caps}), reply_to=msg)
 

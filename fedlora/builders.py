@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from fedlora import assets, data
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
-from fedlora.lora import AdapterSpec, ModelSpec
-from fedlora.training import TrainSpec
+
+if TYPE_CHECKING:  # torch, transformers and peft load lazily: `fedlora run` checks the data
+    from fedlora.lora import AdapterSpec, ModelSpec  # and keys before anything imports them
+    from fedlora.training import TrainSpec
 
 
 def device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -21,7 +25,8 @@ def data_spec(cfg: RunConfig) -> data.DataSpec:
         source=d.source, task=cfg.model.task, path=d.path, partitioner=d.partitioner,
         dirichlet_alpha=d.dirichlet_alpha, classes_per_partition=d.classes_per_partition,
         samples_per_client=d.samples_per_client, eval_samples=d.eval_samples,
-        test_fraction=d.test_fraction, seed=cfg.fl.seed,
+        test_fraction=d.test_fraction, seed=cfg.fl.seed, heldout_path=d.heldout_path,
+        num_labels=cfg.model.num_labels if cfg.model.task == "seq-cls" else 0,
     )
 
 
@@ -38,6 +43,8 @@ def num_labels(cfg: RunConfig) -> int:
 
 
 def model_spec(cfg: RunConfig) -> ModelSpec:
+    from fedlora.lora import ModelSpec
+
     return ModelSpec(
         path=assets.resolve_model(cfg.model.name), task=cfg.model.task, dtype=cfg.model.dtype,
         num_labels=num_labels(cfg), num_hidden_layers=cfg.model.num_hidden_layers,
@@ -53,6 +60,8 @@ def gradient_checkpointing(cfg: RunConfig) -> bool:
 
 
 def adapter_spec(cfg: RunConfig, rank: int) -> AdapterSpec:
+    from fedlora.lora import AdapterSpec
+
     lo = cfg.lora
     return AdapterSpec(
         r=rank, alpha=lo.alpha, dropout=lo.dropout,
@@ -64,6 +73,8 @@ def adapter_spec(cfg: RunConfig, rank: int) -> AdapterSpec:
 
 
 def train_spec(cfg: RunConfig, server_round: int, partition_id: int) -> TrainSpec:
+    from fedlora.training import TrainSpec
+
     t = cfg.train
     # local randomness depends on (run seed, round, partition), never on Flower's node ids
     seed = (cfg.fl.seed * 1_000_003 + server_round * 1_009 + partition_id) % 2**31

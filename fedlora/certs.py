@@ -222,6 +222,44 @@ def _write_openssh_pair(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey, key
            + f" {key_path.stem}\n".encode())
 
 
+def git_work_tree(path: str | Path) -> Path | None:
+    """The git work tree ``path`` lies in (a parent holding ``.git``), or ``None``."""
+    p = Path(path).expanduser().resolve()
+    for parent in (p, *p.parents):
+        if (parent / ".git").exists():
+            return parent
+    return None
+
+
+def git_ignores(work_tree: Path, path: Path) -> bool | None:
+    """Does git ignore ``path`` in ``work_tree``? ``None`` when git cannot tell (not installed)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "-C", str(work_tree), "check-ignore", "-q", str(path)],
+                              capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {0: True, 1: False}.get(done.returncode)
+
+
+def work_tree_warning(directory: str | Path) -> str | None:
+    """A warning when private keys would be written inside a git work tree (they could be
+    committed and pushed), saying whether git ignores them and where to put them instead."""
+    d = Path(directory).expanduser().resolve()
+    tree = git_work_tree(d)
+    if tree is None:
+        return None
+    ignored = git_ignores(tree, d / "ca.key")
+    status = ("git ignores them here, but a copy of the tree, an archive or `git add -f` "
+              "would carry them" if ignored else
+              "git does NOT ignore them: `git add .` would commit them" if ignored is False
+              else "git could not say whether it ignores them")
+    return (f"{d} holds private keys (ca.key, server.key, supernode-*.key, signing-*.key) and "
+            f"is inside the git work tree {tree}; {status}. Keep credentials outside any "
+            f"checkout, e.g. `fedlora certs ~/fedlora-creds ...`")
+
+
 def subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     """IP SANs for addresses, DNS SANs for names; loopback first, duplicates dropped."""
     names: list[x509.GeneralName] = []
@@ -239,6 +277,11 @@ def subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
         if name not in names:
             names.append(name)
     return names
+
+
+def san_text(names: Sequence[x509.GeneralName]) -> str:
+    """``127.0.0.1, localhost, …``: the SANs as written into the certificate."""
+    return ", ".join(str(n.value) for n in names)
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
@@ -52,12 +53,19 @@ def preset_layer(preset: str | None = None, config_file: str | Path | None = Non
     return load_toml(PRESET_DIR / f"{name}.toml")
 
 
-def finalize(flat: dict[str, Any], clients: int) -> dict[str, Any]:
+def finalize(flat: dict[str, Any], clients: int, node_paths: list[str] | None = None
+             ) -> dict[str, Any]:
     """Validate a complete flat config for ``clients`` simulated clients (before anything
-    starts) and cap the node minimums at the number of clients."""
+    starts), print its warnings and cap the node minimums at the number of clients.
+
+    ``node_paths``: each node's own data file when nodes get one (``fedlora launch
+    --data-path``); otherwise ``data.path`` is each client's.
+    """
     if clients < 1:
         raise FedLoraError(f"--num-clients must be >= 1; got {clients}")
-    preflight(config.from_flat(flat), clients)
+    for text in preflight(config.from_flat(flat), clients, node_paths):
+        print(f"fedlora: warning: {text}", file=sys.stderr)
+    flat["num-clients"] = clients
     flat["min-available-nodes"] = min(int(flat["min-available-nodes"]), clients)
     flat["min-train-nodes"] = min(int(flat["min-train-nodes"]), clients)
     return flat
@@ -86,6 +94,7 @@ def resume_config(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     flat["resume"] = True
     flat["output-dir"] = str(out)
     clients = int(json.loads(launch.read_text())["num-clients"])
+    flat["num-clients"] = clients
     return finalize(flat, clients), clients
 
 
@@ -94,15 +103,16 @@ def resolve(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if getattr(args, "resume", None):
         return resume_config(args)
     flat = config.defaults()
-    layer = preset_layer(args.preset, args.config)
-    clients = int(layer.pop("num-clients", 2))
-    flat.update(layer)
+    flat.update(preset_layer(args.preset, args.config))
     for text in args.c or []:
         flat.update(config.parse_overrides(text))
     if args.rounds is not None:
         flat["num-server-rounds"] = args.rounds
     if args.num_clients is not None:
-        clients = args.num_clients
+        flat["num-clients"] = args.num_clients
+    clients = flat["num-clients"]
+    if not isinstance(clients, int) or isinstance(clients, bool):
+        raise FedLoraError(f"num-clients must be an integer; got {clients!r}")
     out = Path(args.out or flat.get("output-dir") or
                Path("runs") / time.strftime("%Y%m%d-%H%M%S")).expanduser().resolve()
     flat["output-dir"] = str(out)
@@ -128,9 +138,15 @@ def resolve_placement(args: argparse.Namespace, out: Path) -> Any:
                      ray_address=pick(args.ray_address, "ray-address", ""))
 
 
-def preflight(cfg: config.RunConfig, clients: int) -> None:
-    """Checks a simulation can make before Flower starts: model, data files, ranks."""
-    from fedlora import assets
+def preflight(cfg: config.RunConfig, clients: int, node_paths: list[str] | None = None
+              ) -> list[str]:
+    """Checks a run can make before Flower starts: model, required keys, data files, ranks.
+
+    Raises :class:`FedLoraError` for what would fail later (a missing file, column or key, a
+    label out of range, one file shared by every client); returns warnings for what would run
+    but not as the user likely meant (no evaluation at all, fewer examples than asked for).
+    """
+    from fedlora import assets, builders
     from fedlora.aggregation import (
         available_strategies,
         mixed_rank_strategies,
@@ -148,16 +164,100 @@ def preflight(cfg: config.RunConfig, clients: int) -> None:
     check_config(cfg, clients)  # DP needs a mean of equal-shape updates
     if cfg.model.name not in assets.MODEL_ALIASES:
         assets.resolve_model(cfg.model.name)
-    if cfg.data.source == "files":
-        paths = {cfg.data.path.replace("{partition-id}", str(i)) for i in range(clients)}
-        missing = sorted(p for p in paths if not Path(p).expanduser().exists())
-        if missing:
-            raise FedLoraError(f"data file(s) {missing} do not exist; check data.path")
     ranks = sorted({cfg.rank_for_partition(i) for i in range(clients)})
     if len(ranks) > 1 and requires_equal_ranks(cfg.fl.strategy):
         raise FedLoraError(f"strategy {cfg.fl.strategy!r} needs equal LoRA ranks but "
                            f"rank-by-partition gives {ranks}; use one of "
                            f"{', '.join(mixed_rank_strategies())}")
+    own = cfg.data.source == "files" or bool(node_paths)
+    if own and cfg.model.task == "seq-cls":
+        builders.num_labels(cfg)  # own files: model.num-labels is required
+    warnings = (_check_own_files(cfg, clients, node_paths) if own
+                else _corpus_warnings(cfg, clients))
+    from fedlora import data
+    from fedlora.evaluator import no_evaluation_reason
+
+    spec = builders.data_spec(cfg)
+    if cfg.data.heldout_path:
+        rows = data.heldout(spec)
+        if rows is not None and len(rows) < 20:
+            warnings.append(f"data.heldout-path {cfg.data.heldout_path!r} holds {len(rows)} "
+                            f"rows; accuracy on so few moves in steps of {1 / len(rows):.2f}")
+    server_has_data = (bool(cfg.data.heldout_path) or not own
+                       or data.PARTITION_TEMPLATE not in cfg.data.path)
+    reason = no_evaluation_reason(cfg, server_has_data)
+    if reason:
+        warnings.append(reason)
+    return warnings
+
+
+MAX_CHECKED_FILES = 16  # own files read in full before the run (the others: existence only)
+
+
+def _check_own_files(cfg: config.RunConfig, clients: int, node_paths: list[str] | None
+                     ) -> list[str]:
+    """Every client's file exists (the first few are read: columns, rows, labels), and
+    several clients do not silently share one file."""
+    from fedlora import builders, data
+
+    template = data.PARTITION_TEMPLATE
+    if node_paths:
+        paths, key = list(node_paths), "--data-path"
+    else:
+        paths, key = [cfg.data.path.replace(template, str(i)) for i in range(clients)], \
+            "data.path"
+    if clients > 1 and len(set(paths)) == 1:
+        p = Path(paths[0])
+        example = str(p.with_name(f"{p.stem}-{template}{p.suffix}"))
+        raise FedLoraError(
+            f"{key} = {paths[0]!r} has no {template}, so all {clients} clients would train on "
+            f"the same file; put {template} where the client number goes (e.g. {key} = "
+            f"{example!r}: client 0 reads {example.replace(template, '0')!r}, client 1 "
+            f"{example.replace(template, '1')!r}, ...), or run one client")
+    missing = sorted({p for p in paths if not Path(p).expanduser().exists()})
+    if missing:
+        shown = missing[:5] + ([f"... {len(missing) - 5} more"] if len(missing) > 5 else [])
+        source = key if node_paths else f"{key} = {cfg.data.path!r}"
+        raise FedLoraError(f"{len(missing)} of {clients} clients' data file(s) do not exist: "
+                           f"{shown} (from {source}); create them or fix {key}")
+    spec = builders.data_spec(cfg)
+    warnings = []
+    for i, path in enumerate(paths[:MAX_CHECKED_FILES]):
+        rows = data.load_files(path, cfg.model.task, None, spec.num_labels, key)
+        train = len(rows) - math.ceil(len(rows) * cfg.data.test_fraction) if len(rows) > 1 \
+            else len(rows)
+        if train < cfg.train.batch_size:
+            warnings.append(
+                f"client {i} ({path}) has {len(rows)} rows, {train} after holding out "
+                f"data.test-fraction = {cfg.data.test_fraction}: fewer than one batch "
+                f"(train.batch-size = {cfg.train.batch_size}); see the README's 'Tuning for "
+                f"small sites'")
+    return warnings
+
+
+def _corpus_warnings(cfg: config.RunConfig, clients: int) -> list[str]:
+    """A packaged corpus has a fixed number of rows: say when the clients get fewer than
+    ``data.samples-per-client`` each, refuse when some would get none."""
+    from fedlora import builders, data
+
+    spec = builders.data_spec(cfg)
+    total = len(data.load_corpus(spec))
+    train = total - math.ceil(total * spec.test_fraction)
+    per_client = train // clients
+    source = cfg.data.source
+    if per_client < 1:
+        raise FedLoraError(
+            f"{clients} clients but {source} has {train:,} training rows ({total:,} minus "
+            f"data.test-fraction = {spec.test_fraction} held out): some clients would get "
+            f"none; use at most {train:,} clients (--num-clients / num-clients)")
+    asked = spec.samples_per_client
+    if asked and per_client < asked:
+        return [f"{clients} clients x data.samples-per-client = {asked} asks for "
+                f"{clients * asked:,} training rows, but {source} has {train:,} ({total:,} "
+                f"minus the {spec.test_fraction:.0%} held out): each client gets about "
+                f"{per_client}. Use at most {train // asked:,} clients for {asked} rows each, or "
+                f"set data.samples-per-client = {per_client} to ask for what there is"]
+    return []
 
 
 def _toml_value(value: Any) -> str:
@@ -172,11 +272,26 @@ PROGRESS_KEYS = ("train_loss", "eval_loss", "eval_accuracy", "eval_perplexity",
                  "fed_eval_accuracy", "agg_error_mean")
 
 
+NOT_METRICS = ("eval_s", "fed_eval_clients")  # timings and counts, not evaluation results
+
+
 def round_parts(rec: dict[str, Any], rounds: int) -> list[str]:
-    """``round r/R`` and the headline metrics of one metrics record (progress lines)."""
+    """``round r/R`` and the headline metrics of one metrics record (progress lines); a record
+    without any evaluation metric says ``no evaluation``."""
     parts = [f"round {rec['round']}/{rounds}"]
     parts += [f"{key}={rec[key]:.4f}" for key in PROGRESS_KEYS if rec.get(key) is not None]
+    if rec.get("evaluation") == "none" or not any(
+            key.startswith(("eval_", "fed_eval_")) and key not in NOT_METRICS for key in rec):
+        parts.append("no evaluation")
     return parts
+
+
+def _console() -> Any:
+    """The progress console (stderr). Lines are never wrapped: rich wraps at 80 columns when
+    stderr is not a terminal (a log file, CI), which would cut run lines in two."""
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)
 
 
 def write_run_config(flat: dict[str, Any], out: Path) -> Path:
@@ -188,11 +303,11 @@ def write_run_config(flat: dict[str, Any], out: Path) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from rich.markup import escape
 
     from fedlora.launcher import RunFailed, run_simulation
 
-    console = Console(stderr=True)
+    console = _console()
     flat, clients = resolve(args)
     out = Path(flat["output-dir"])
     placement = resolve_placement(args, out)
@@ -205,8 +320,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     where = f"Ray cluster {placement.ray_address}" if placement.ray_address else "local Ray"
     console.print(f"[bold]fedlora[/] {flat['strategy']} · {flat['model.name']} · {clients} "
                   f"clients · {rounds} rounds · {where}, {placement.cpus} CPU / "
-                  f"{placement.gpus} GPU per worker → {out}"
-                  + (" · [yellow]resuming from its last checkpoint[/]" if flat["resume"] else ""))
+                  f"{placement.gpus} GPU per worker → " + escape(str(out))
+                  + (" · [yellow]resuming from its last checkpoint[/]" if flat["resume"]
+                     else ""))
     started = time.perf_counter()
 
     def on_round(rec: dict[str, Any]) -> None:
@@ -224,18 +340,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: the SuperLink and its simulation were stopped[/]; "
-                      f"continue from the last checkpoint with `fedlora run --resume {out}`")
+                  f"continue from the last checkpoint with `fedlora run --resume {out}`")
         return 130
     last = records[-1] if records else {}
     summary = {k: last.get(k) for k in ("round", "eval_accuracy", "eval_loss",
                                          "eval_perplexity") if last.get(k) is not None}
     summary["wall_s"] = round(time.perf_counter() - started, 1)
-    console.print(f"[green]done[/] {summary} · adapter: {out / 'adapter'}")
+    console.print(f"[green]done[/] {summary} · adapter: " + escape(
+        f"{out / 'adapter'} (load it with fedlora.load_model({str(out)!r}))"))
     return 0
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -247,7 +363,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     from fedlora import experiment, report
 
-    console = Console(stderr=True)
+    console = _console()
     spec = experiment.load_spec(args.spec)
     out = Path(args.out or Path("runs") / f"experiment-{experiment.slug(spec.name)}"
                ).expanduser().resolve()

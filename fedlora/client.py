@@ -22,7 +22,7 @@ import torch
 from fedlora import builders, data, ddp, lora, training
 from fedlora.aggregation import LoraFactors
 from fedlora.config import RunConfig
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, DataError
 from fedlora.federation import stack
 from fedlora.threads import single_threaded_blas
 
@@ -116,6 +116,24 @@ def train_rows(cfg: RunConfig, node: Node) -> Any:
     if _own_files(cfg, node):
         return data.own_split(spec, node.partition_id, node.data_path or None)[0]
     return _partitions(spec, node.num_partitions).train(node.partition_id)
+
+
+DATA_ERROR = "data-error"  # capability key: why this node cannot train on its data
+
+
+def data_problem(cfg: RunConfig, node: Node) -> str | None:
+    """Why this node's own data cannot be trained on (its capability answer says so, and the
+    server prints one line per node), or ``None``: the file exists and has the task's columns,
+    rows, and labels in ``0..model.num-labels-1``. Packaged corpora are not checked here."""
+    if not _own_files(cfg, node):
+        return None
+    try:
+        if cfg.model.task == "seq-cls":
+            builders.num_labels(cfg)  # own files need model.num-labels
+        train_rows(cfg, node)
+    except (DataError, ConfigError) as exc:
+        return str(exc)
+    return None
 
 
 def train_examples(cfg: RunConfig, node: Node, tokenizer: Any) -> list[dict]:

@@ -54,9 +54,13 @@ def _positive(key: str, value: float, *, zero_ok: bool = False) -> None:
 @dataclass(frozen=True)
 class FederationConfig:
     num_server_rounds: int = _f(3, "federated rounds")
+    num_clients: int = _f(2, "simulated clients `fedlora run` starts (--num-clients overrides "
+                          "it); under `flwr run .` the federation's options.num-supernodes "
+                          "decides instead")
     seed: int = _f(0, "seed of adapter init, data splits, client sampling and local training")
     output_dir: str = _f("", "where the ServerApp writes config.json, metrics.jsonl, adapter/ "
-                         "('' = runs/<timestamp> under the working directory)")
+                         "('' = ~/fedlora-runs/<timestamp> on the machine the ServerApp runs "
+                         "on; `fedlora run` and `fedlora launch` set it to their --out)")
     strategy: str = _f("fedit", "aggregation rule (see `fedlora strategies`)")
     server_optimizer: str = _f("none", "server optimizer on the pseudo-gradient: "
                                + ", ".join(SERVER_OPTIMIZERS))
@@ -190,6 +194,7 @@ class FederationConfig:
         if not 0 < self.fraction_train <= 1:
             raise ConfigError(f"fraction-train must be in (0, 1]; got {self.fraction_train}")
         _positive("num-train-nodes", self.num_train_nodes, zero_ok=True)
+        _positive("num-clients", self.num_clients)
         _choice("sampling", self.sampling, SAMPLINGS)
         if self.sampling == "data-size" and self.dp_mode in ("central", "distributed"):
             raise ConfigError(f"dp-mode = {self.dp_mode!r} reports epsilon amplified by uniform "
@@ -322,7 +327,11 @@ class DataConfig:
     dirichlet_alpha: float = _f(0.5, "concentration of the dirichlet partitioner")
     classes_per_partition: int = _f(2, "labels per client for the pathological partitioner")
     samples_per_client: int = _f(160, "cap on a client's training examples (0 = no cap)")
-    eval_samples: int = _f(300, "cap on held-out examples evaluated by the server (0 = all)")
+    eval_samples: int = _f(300, "cap on the held-out split the server evaluates (0 = all); a "
+                           "data.heldout-path file is evaluated whole")
+    heldout_path: str = _f("", "the server's held-out file or directory for central evaluation, "
+                           "evaluated whole (every row); '' = the packaged corpus's held-out "
+                           "split, or none for per-client files")
     test_fraction: float = _f(0.2, "held-out fraction of the corpus kept for evaluation")
     max_length: int = _f(48, "tokens per example (longer ones are truncated)")
 

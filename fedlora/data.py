@@ -14,13 +14,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
-import torch
 
 from fedlora import assets
 from fedlora.errors import DataError
+
+if TYPE_CHECKING:  # torch is imported by collate only: checking files before a run needs none
+    import torch
 
 datasets.disable_progress_bars()
 
@@ -42,6 +44,8 @@ class DataSpec:
     eval_samples: int = 500
     test_fraction: float = 0.2
     seed: int = 0
+    heldout_path: str = ""
+    num_labels: int = 0
 
 
 # ----------------------------------------------------------------------------- loading
@@ -79,11 +83,19 @@ def _chatterbot() -> datasets.Dataset:
     return datasets.Dataset.from_dict(rows)
 
 
-def _resolve_files(path: str, partition_id: int | None) -> list[Path]:
-    text = path.replace("{partition-id}", str(partition_id)) if partition_id is not None else path
+PARTITION_TEMPLATE = "{partition-id}"
+
+
+def _resolve_files(path: str, partition_id: int | None, key: str = "data.path / data-path"
+                   ) -> list[Path]:
+    text = (path.replace(PARTITION_TEMPLATE, str(partition_id)) if partition_id is not None
+            else path)
     p = Path(text).expanduser()
     if not p.exists():
-        raise DataError(f"data file {str(p)!r} does not exist; check data.path / data-path")
+        near = _near_names(p)
+        raise DataError(f"data file {str(p)!r} (from {key}) does not exist"
+                        + (f"; files next to it: {near}" if near else "")
+                        + f"; fix the path in {key}")
     files = sorted(f for f in p.iterdir() if f.suffix in FILE_FORMATS) if p.is_dir() else [p]
     if not files:
         raise DataError(f"directory {str(p)!r} holds no {'/'.join(FILE_FORMATS)} file")
@@ -93,6 +105,14 @@ def _resolve_files(path: str, partition_id: int | None) -> list[Path]:
             f"data files must share one format among {', '.join(FILE_FORMATS)}; got {bad or files}"
         )
     return files
+
+
+def _near_names(p: Path) -> list[str]:
+    """Up to five data files in the missing file's directory (to spot a typo)."""
+    try:
+        return sorted(f.name for f in p.parent.iterdir() if f.suffix in FILE_FORMATS)[:5]
+    except OSError:
+        return []
 
 
 def _holds_no_rows(file: Path) -> bool:
@@ -110,9 +130,15 @@ def _holds_no_rows(file: Path) -> bool:
     return len(lines) <= (1 if file.suffix == ".csv" else 0)
 
 
-def load_files(path: str, task: str, partition_id: int | None = None) -> datasets.Dataset:
-    """Load a user's own jsonl/json/csv/parquet file(s) and check the columns of ``task``."""
-    files = _resolve_files(path, partition_id)
+def load_files(path: str, task: str, partition_id: int | None = None, num_labels: int = 0,
+               key: str = "data.path / data-path") -> datasets.Dataset:
+    """Load a user's own jsonl/json/csv/parquet file(s) and check them for ``task``.
+
+    Checks the columns, that there are rows and, for classification with ``num_labels`` > 0,
+    that every label is in ``0..num_labels-1`` (integer labels) or that there are at most
+    ``num_labels`` label names. ``key`` names the config key the path came from in errors.
+    """
+    files = _resolve_files(path, partition_id, key)
     try:
         ds = datasets.load_dataset(
             FILE_FORMATS[files[0].suffix], data_files=[str(f) for f in files], split="train"
@@ -133,9 +159,44 @@ def load_files(path: str, task: str, partition_id: int | None = None) -> dataset
         raise DataError(f"data file(s) {[str(f) for f in files]} hold no rows")
     if task == "seq-cls" and not isinstance(ds.features["label"], datasets.ClassLabel):
         if ds.features["label"].dtype.startswith("int"):
+            _check_label_range(ds, files, num_labels)
             return ds
+        if not ds.features["label"].dtype.startswith("string") and \
+                ds.features["label"].dtype != "large_string":
+            raise DataError(
+                f"{files[0]}: column 'label' holds {ds.features['label'].dtype} values; labels "
+                f"must be integers 0..num-labels-1 or class names (strings)")
         ds = ds.class_encode_column("label")
+        names = ds.features["label"].names
+        if num_labels and len(names) > num_labels:
+            raise DataError(
+                f"{_names(files)}: {len(names)} label names {names} but model.num-labels = "
+                f"{num_labels}; set model.num-labels = {len(names)} or merge the extra classes")
     return ds
+
+
+def _names(files: Sequence[Path]) -> str:
+    return str(files[0]) if len(files) == 1 else f"{[str(f) for f in files]}"
+
+
+def _check_label_range(ds: datasets.Dataset, files: Sequence[Path], num_labels: int) -> None:
+    """Integer labels must lie in ``0..num_labels-1`` (what the classifier head outputs)."""
+    if not num_labels:
+        return
+    values = sorted(set(ds["label"]))
+    bad = [v for v in values if not 0 <= v < num_labels]
+    if not bad:
+        return
+    shown = bad[:10] + (["..."] if len(bad) > 10 else [])
+    fix = (f"renumber the labels to start at 0 (e.g. subtract {values[0]}: "
+           f"{values[0]}..{values[-1]} -> 0..{values[-1] - values[0]})"
+           if values[0] > 0 and values[-1] - values[0] < num_labels
+           else f"set model.num-labels = {values[-1] + 1}" if values[0] >= 0
+           else "use labels 0..num-labels-1")
+    raise DataError(
+        f"{_names(files)}: label value(s) {shown} are outside 0..{num_labels - 1} "
+        f"(model.num-labels = {num_labels}; the file has labels {values[0]}..{values[-1]}); "
+        f"{fix}")
 
 
 def load_corpus(spec: DataSpec, partition_id: int | None = None) -> datasets.Dataset:
@@ -144,7 +205,7 @@ def load_corpus(spec: DataSpec, partition_id: int | None = None) -> datasets.Dat
         return _bbc_news()
     if spec.source == "chatterbot":
         return _chatterbot()
-    return load_files(spec.path, spec.task, partition_id)
+    return load_files(spec.path, spec.task, partition_id, spec.num_labels, "data.path")
 
 
 # ----------------------------------------------------------------------------- splitting
@@ -255,16 +316,30 @@ def client_split(spec: DataSpec, partition_id: int, num_partitions: int,
 def own_split(spec: DataSpec, partition_id: int, data_path: str | None = None
               ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, held-out) rows of a node's own file(s): ``data_path`` or ``spec.path``."""
-    local = load_files(data_path or spec.path, spec.task, partition_id)
+    local = load_files(data_path or spec.path, spec.task, partition_id, spec.num_labels,
+                       "data-path (node config)" if data_path else "data.path")
     train, test = (train_test_split(local, spec) if len(local) > 1 else (local, local))
     return _cap(train, spec.samples_per_client), _cap(test, spec.eval_samples)
 
 
 def heldout(spec: DataSpec) -> datasets.Dataset | None:
-    """The server's held-out split (``None`` when the data lives only on the clients)."""
+    """The server's held-out data for central evaluation, or ``None`` when it has none.
+
+    * ``heldout_path`` set: that file (or directory), **whole** — neither ``test_fraction`` nor
+      ``eval_samples`` cuts it; a missing or unreadable file is a :class:`DataError`.
+    * a packaged corpus: its seeded held-out split, capped at ``eval_samples``.
+    * ``files`` with a ``{partition-id}`` template: ``None`` (the files are the clients').
+    * ``files`` with one path: its held-out split where the server can read it, else ``None``
+      (in deployment the file usually lives on the nodes only).
+    """
+    if spec.heldout_path:
+        return load_files(spec.heldout_path, spec.task, None, spec.num_labels,
+                          "data.heldout-path")
     if spec.source == "files":
+        if PARTITION_TEMPLATE in spec.path:
+            return None
         try:
-            corpus = load_files(spec.path, spec.task, partition_id=None)
+            corpus = load_files(spec.path, spec.task, None, spec.num_labels, "data.path")
         except DataError:
             return None
     else:
@@ -323,6 +398,8 @@ def tokenize(ds: datasets.Dataset, tokenizer: Any, task: str, max_length: int) -
 
 def collate(batch: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Pad a batch to its longest example (right padding)."""
+    import torch
+
     width = max(len(ex["input_ids"]) for ex in batch)
     ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -589,7 +589,7 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
     flat = {**config.defaults(), **flat, "output-dir": str(out)}
     if rank_list:
         flat["rank-by-partition"] = ",".join(map(str, rank_list))
-    flat = finalize(flat, n)
+    flat = finalize(flat, n, paths)  # each node's file read: columns, rows, labels
     signing = bool(flat["sign-updates"])
     creds = None  # set exactly when TLS is on
     if certs_dir is not None:

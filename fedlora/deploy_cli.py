@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -36,21 +37,23 @@ def cmd_certs(args: argparse.Namespace) -> int:
     print(f"CA certificate      {creds.ca_cert}\n"
           f"CA key (keep safe)  {creds.ca_key}\n"
           f"SuperLink cert/key  {creds.server_cert} {creds.server_key}\n"
-          f"SANs                {', '.join([*certs.LOOPBACK, *hosts])}")
+          f"SANs                {certs.san_text(certs.subject_alt_names(hosts))}")
     for key, pub in zip(creds.node_keys, creds.node_public_keys, strict=True):
         print(f"SuperNode key pair  {key} {pub}")
     for key, pub in zip(creds.signing_keys, creds.signing_public_keys, strict=True):
         print(f"Signing key pair    {key} {pub}")
+    warning = certs.work_tree_warning(creds.directory)
+    if warning:
+        print(f"fedlora: warning: {warning}", file=sys.stderr)
     return 0
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.markup import escape
 
     from fedlora import cli, deploy
 
-    console = Console(stderr=True)
+    console = cli._console()
     if args.resume:
         return _resume(args, console)
     gpus = _int_list(args.gpus, "--gpus") if args.gpus is not None else None

@@ -20,6 +20,7 @@ from fedlora import builders, data, lora, training
 from fedlora.aggregation import LoraFactors
 from fedlora.config import RunConfig
 from fedlora.federation import GlobalAdapter, join_arrays, split_arrays
+from fedlora.loading import MANIFEST
 
 
 class ServerModel:
@@ -36,9 +37,25 @@ class ServerModel:
         self._zero_factors = {k: np.zeros_like(v) for k, v in arrays.items()
                               if k.endswith((lora.LORA_A, lora.LORA_B))}
         heldout = data.heldout(builders.data_spec(cfg))
+        self.heldout_rows = 0 if heldout is None else len(heldout)
+        self.label_names = _label_names(cfg, heldout)
         self.examples = (None if heldout is None else
                          data.tokenize(heldout, self.tokenizer, cfg.model.task,
                                        cfg.data.max_length))
+
+    def describe_evaluation(self) -> str:
+        """One start-up line: what the server evaluates on, and whether clients evaluate."""
+        reason = no_evaluation_reason(self.cfg, bool(self.examples))
+        if reason:
+            return reason
+        d = self.cfg.data
+        where = (f"{self.heldout_rows} rows of {d.heldout_path} (data.heldout-path, whole)"
+                 if d.heldout_path else
+                 f"{self.heldout_rows} held-out rows of {d.source}" if self.examples else
+                 "no server-side data")
+        federated = ("; clients evaluate on their own held-out split too"
+                     if federated_evaluation(self.cfg) else "")
+        return f"central evaluation on {where}{federated}"
 
     def initial_global(self) -> GlobalAdapter:
         """The seeded initial adapter (largest rank; smaller ranks get its leading slice)."""
@@ -79,10 +96,74 @@ class ServerModel:
         lora.load_adapter_arrays(model, join_arrays(padded, glob.heads))
         lora.save_adapter(model, directory)
         self.tokenizer.save_pretrained(directory)
-        (directory / "fedlora.json").write_text(json.dumps(
-            {"strategy": self.cfg.fl.strategy, "rank": rank, "base_model": self.cfg.model.name,
-             "num_labels": builders.num_labels(self.cfg)}, indent=2))
+        (directory / MANIFEST).write_text(json.dumps(
+            manifest(self.cfg, rank, self.label_names), indent=2))
         return directory
+
+
+MANIFEST_VERSION = 2  # of adapter/fedlora.json (1: strategy, rank, base_model, num_labels)
+
+
+def manifest(cfg: RunConfig, rank: int, label_names: list[str] | None) -> dict[str, Any]:
+    """Everything :func:`fedlora.load_model` needs to rebuild the model as it was trained:
+    the base (as named and as resolved here), task, labels, layer truncation, dtype and
+    quantization of the base, tokenization length, and the ranks of the run."""
+    from fedlora import assets
+
+    n_labels = builders.num_labels(cfg)
+    return {
+        "format": MANIFEST_VERSION,
+        "strategy": cfg.fl.strategy,
+        "base_model": cfg.model.name,
+        "base_model_path": assets.resolve_model(cfg.model.name),
+        "task": cfg.model.task,
+        "num_labels": n_labels,
+        "label_names": label_names,
+        "num_hidden_layers": cfg.model.num_hidden_layers,
+        "dtype": cfg.model.dtype,
+        "quantization": cfg.model.quantization,
+        "max_length": cfg.data.max_length,
+        "rank": rank,  # of the exported adapter (lora_alpha = rank: scale 1)
+        "lora_r": cfg.lora.r,
+        "rank_by_partition": list(cfg.fl.ranks()),
+        "max_rank": cfg.fl.max_rank,
+    }
+
+
+def _label_names(cfg: RunConfig, heldout: Any) -> list[str] | None:
+    """Class names: the packaged corpus's, else those of a held-out file with string labels."""
+    if cfg.model.task != "seq-cls":
+        return None
+    names = data.label_names(builders.data_spec(cfg))
+    if names is None and heldout is not None:
+        import datasets
+
+        feature = heldout.features.get("label")
+        if isinstance(feature, datasets.ClassLabel):
+            names = list(feature.names)
+    return names
+
+
+def federated_evaluation(cfg: RunConfig) -> bool:
+    """Do clients evaluate each round? With ``fraction-evaluate`` > 0, and with FedSA, whose
+    personal B only the clients hold (``server/strategy.py`` ``round_plan``)."""
+    return cfg.fl.fraction_evaluate > 0 or cfg.fl.strategy == "fedsa"
+
+
+def no_evaluation_reason(cfg: RunConfig, server_has_data: bool) -> str | None:
+    """The warning for a run that evaluates nothing (``None`` when something is evaluated)."""
+    if server_has_data or federated_evaluation(cfg):
+        return None
+    if cfg.data.source != "files":
+        why = "the server has no held-out data"
+    elif data.PARTITION_TEMPLATE in cfg.data.path:
+        why = f"data.path {cfg.data.path!r} names the clients' files ({data.PARTITION_TEMPLATE})"
+    else:
+        why = f"the server cannot read data.path {cfg.data.path!r}"
+    return (f"no evaluation: {why} and fraction-evaluate = 0, so metrics.jsonl will hold "
+            f"train loss only. Set data.heldout-path to a held-out file the server can read "
+            f"(evaluated whole), or fraction-evaluate > 0 for the clients to evaluate on "
+            f"their own held-out split")
 
 
 def _pad(x: np.ndarray, rank: int, axis: int) -> np.ndarray:

@@ -107,7 +107,7 @@ class Spec:
         flat = config.defaults()
         for layer in (self.base, setting.keys, strategy.keys if strategy else {}):
             flat.update(layer)
-        clients = int(flat.pop("num-clients", 2))
+        clients = int(flat["num-clients"])
         flat["seed"] = seed
         flat["output-dir"] = str(out)
         return flat, clients

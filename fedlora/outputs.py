@@ -13,11 +13,16 @@ from typing import Any
 
 from fedlora.config import RunConfig, to_flat
 
+DEFAULT_RUNS = "fedlora-runs"  # under the home directory of the ServerApp's machine
+
 
 def output_dir(cfg: RunConfig) -> Path:
+    """``output-dir`` (absolute), else ``~/fedlora-runs/<timestamp>``."""
     if cfg.fl.output_dir:
         return Path(cfg.fl.output_dir).expanduser().resolve()
-    return Path.cwd() / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    # not the working directory: under `flwr run .` that is wherever Flower's SuperLink was
+    # first started, not where the user typed the command
+    return Path.home() / DEFAULT_RUNS / time.strftime("%Y%m%d-%H%M%S")
 
 
 def _clean(value: Any) -> Any:

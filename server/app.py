@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import time
-from logging import INFO, WARNING
+from collections.abc import Iterable
+from logging import ERROR, INFO, WARNING
+from typing import Any
 
 import torch
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import checkpoint, config, outputs, privacy
-from fedlora.evaluator import ServerModel
+from fedlora import checkpoint, client, config, outputs, privacy
+from fedlora.errors import DataError
+from fedlora.evaluator import ServerModel, no_evaluation_reason
 from fedlora.secure_wire import check_secure_aggregation
 from fedlora.threads import single_threaded_blas
 from server.polling import PromptGrid
@@ -44,7 +47,8 @@ def main(grid: Grid, context: Context) -> None:
                 f"afresh (without resume) or point output-dir at the interrupted run")
     out = outputs.RunOutputs(directory, cfg,
                              keep_rounds_upto=resumed.round if resumed else None)
-    log(INFO, "fedlora: writing to %s (torch threads: %d)", out.dir, torch.get_num_threads())
+    log(INFO, "fedlora: writing to %s (output-dir%s; torch threads: %d)", out.dir,
+        "" if cfg.fl.output_dir else " unset: the default", torch.get_num_threads())
     try:
         timings = _run(grid, cfg, out, resumed, context.run_id)
     except Exception as exc:  # tell the launcher now, not at its next `flwr ls`; then fail
@@ -71,15 +75,59 @@ def _run(grid: Grid, cfg: config.RunConfig, out: outputs.RunOutputs,
     loading = time.perf_counter()
     server_model = ServerModel(cfg, max_rank=cfg.fl.max_rank)
     model_load_s = time.perf_counter() - loading
-    strategy = FederatedLora(cfg, server_model.initial_global(), server_model.evaluate,
+    evaluation = server_model.describe_evaluation()
+    nothing = no_evaluation_reason(cfg, bool(server_model.examples)) is not None
+    log(WARNING if nothing else INFO, "fedlora: %s", evaluation)
+    evaluate = _no_evaluation if nothing else server_model.evaluate
+    strategy = FederatedLora(cfg, server_model.initial_global(), evaluate,
                              out.log_round, run_id=run_id)
     start = 1
     if resumed is not None:
         strategy.restore(resumed)
         start = resumed.round + 1
         log(INFO, "fedlora: resuming after round %d from %s", resumed.round, resumed.path)
-    glob = strategy.run(PromptGrid(grid), start_round=start,
-                        checkpoint_dir=out.dir / "checkpoints")
+    screened = DataScreenedGrid(PromptGrid(grid))
+    try:
+        glob = strategy.run(screened, start_round=start, checkpoint_dir=out.dir / "checkpoints")
+    except RuntimeError as exc:
+        if screened.left_out and str(exc).startswith("no node answered the capability query"):
+            raise DataError(f"no node can train: {'; '.join(screened.left_out)}") from exc
+        raise
     exporting = time.perf_counter()
     server_model.export(glob, out.adapter_dir)
     return {"model_load_s": model_load_s, "export_s": time.perf_counter() - exporting}
+
+
+NO_EVALUATION = {"evaluation": "none"}  # in every round line of a run that evaluates nothing
+
+
+def _no_evaluation(glob: object) -> dict[str, str]:
+    return dict(NO_EVALUATION)
+
+
+class DataScreenedGrid:
+    """Wraps a ``Grid``: a capability reply whose node reports a data error (``data-error``,
+    :func:`fedlora.client.data_problem`) is logged as one line and dropped, so the node is left
+    out of the run like a node that did not answer; every other reply passes unchanged."""
+
+    def __init__(self, grid: Any) -> None:
+        self.grid = grid
+        self.left_out: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> list[Message]:
+        kept = []
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            caps = (reply.content.get("caps") if not reply.has_error()
+                    and reply.metadata.message_type == "query.capabilities" else None)
+            if caps is not None and client.DATA_ERROR in caps:
+                line = (f"node {reply.metadata.src_node_id} (partition "
+                        f"{caps.get('partition-id')}): {caps[client.DATA_ERROR]}")
+                log(ERROR, "fedlora: left out, cannot train on its data: %s", line)
+                self.left_out.append(line)
+                continue
+            kept.append(reply)
+        return kept

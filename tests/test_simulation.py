@@ -88,16 +88,16 @@ def test_simulation_two_clients_two_rounds(tmp_path):
 
 @pytest.mark.slow  # a real Flower simulation (make test-fast skips it)
 def test_failed_run_exits_nonzero_with_the_reason(tmp_path):
-    """Clients fail (their files lack the label column): the CLI reports it and exits 1."""
-    bad = tmp_path / "notes.jsonl"
-    bad.write_text('{"text": "no label here"}\n{"text": "nor here"}\n')
+    """Every client's update is rejected (a learning rate that blows the adapter up, which no
+    check before the run can see): the CLI reports the reason and exits 1. (Data mistakes are
+    refused before Flower starts: tests/test_first_hour.py.)"""
     out = tmp_path / "bad"
     res = fedlora_cli("run", "--num-clients", "2", "--rounds", "1", "--out", str(out), "-c",
-                      f"model.num-hidden-layers=1 model.num-labels=5 data.source=files "
-                      f"data.path='{bad}'")
-    assert res.returncode == 1
+                      "model.num-hidden-layers=1 data.samples-per-client=16 "
+                      "data.eval-samples=16 train.local-steps=2 train.lr=1e30")
+    assert res.returncode == 1, res.stderr
     assert "without enough accepted updates" in res.stderr
-    assert "lacks column(s) ['label']" in res.stderr
+    assert "rejections {'BAD_METRICS': 2}" in res.stderr  # both losses are not finite
     assert our_processes(str(out)) == []
 
 
