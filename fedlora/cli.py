@@ -247,6 +247,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     spec = experiment.load_spec(args.spec)
+    if args.seeds is not None:
+        experiment.with_seeds(spec, args.seeds)
     out = Path(args.out or Path("runs") / f"experiment-{experiment.slug(spec.name)}"
                ).expanduser().resolve()
     runner = experiment.Runner(spec, out, resume=args.resume)
@@ -311,6 +313,19 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedlora import experiment, report
+
+    out = Path(args.out).expanduser().resolve()
+    spec = experiment.load_output_spec(out)
+    if args.reference:
+        experiment.set_reference(spec, args.reference)
+    result = report.write(spec, out)
+    print(f"{out / 'summary.md'} · {out / 'report.html'} · {out / 'runs.csv'} "
+          f"({result['rows']} rows, {result['series']} runs)")
+    return 0
+
+
 def read_metrics_safe(directory: Path) -> list[dict[str, Any]]:
     from fedlora.outputs import read_metrics
 
@@ -368,7 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", help="output directory (default runs/experiment-<name>)")
     exp.add_argument("--resume", action="store_true",
                      help="continue in --out: skip finished cells, rerun failed ones")
+    exp.add_argument("--seeds", type=int, metavar="N",
+                     help="run N seeds instead of the spec's (its own first, then the next "
+                          "unused integers)")
+    exp.add_argument("--tracker", choices=["mlflow", "tensorboard"], action="append",
+                     help="also log every round to MLflow or TensorBoard (repeatable; "
+                          "needs fedlora[mlflow] / fedlora[tensorboard])")
+    exp.add_argument("--tracking-dir", help="where the tracker writes (default "
+                     "OUT/mlruns or OUT/tensorboard)")
     exp.set_defaults(func=cmd_experiment)
+    rep = sub.add_parser("report", help="rebuild an experiment's runs.csv, summary.md, plots "
+                         "and report.html from its output directory")
+    rep.add_argument("out", help="the experiment's output directory (holds spec.toml)")
+    rep.add_argument("--reference", help="compare the rules with this strategy label instead "
+                     "of the spec's reference")
+    rep.set_defaults(func=cmd_report)
     sub.add_parser("config", help="list every config key").set_defaults(func=cmd_config)
     sub.add_parser("strategies", help="list aggregation rules").set_defaults(func=cmd_strategies)
     return parser
