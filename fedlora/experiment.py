@@ -297,9 +297,15 @@ class Runner:
     """Runs a spec's cells and baselines into ``out``; the report is rewritten after each."""
 
     def __init__(self, spec: Spec, out: Path, resume: bool = False,
-                 progress: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 progress: Callable[[str, dict[str, Any]], None] | None = None,
+                 trackers: Any = None) -> None:
+        """``trackers``: a :class:`fedlora.trackers.Trackers`; every cell and baseline is a
+        tracked run (config as params, each metrics record as it arrives, the adapter)."""
+        from fedlora.trackers import Trackers
+
         self.spec, self.out, self.resume = spec, out, resume
         self.progress = progress or (lambda event, info: None)
+        self.trackers = trackers if trackers is not None else Trackers()
 
     def prepare(self) -> None:
         cells_dir = self.out / "cells"
@@ -337,13 +343,21 @@ class Runner:
             cli.finalize(flat, clients)
             run_config = cli.write_run_config(flat, directory)
             status["num_clients"] = clients
+            self.trackers.start(cell.id, flat, {"kind": "federated", "setting": cell.setting.label,
+                                                "strategy": cell.strategy.label,
+                                                "seed": str(cell.seed)})
+
+            def on_round(rec: dict[str, Any]) -> None:
+                self.trackers.log(rec)
+                self.progress("round", {"cell": cell, "record": rec})
+
             run_simulation(run_config, directory, clients, Placement(self.spec.cpus_per_client),
-                           directory / ".flwr",
-                           on_round=lambda rec: self.progress("round", {"cell": cell,
-                                                                        "record": rec}))
+                           directory / ".flwr", on_round=on_round)
             status["status"] = "done"
+            self.trackers.artifact(directory / "adapter")
         except (FedLoraError, RunFailed) as exc:
             status.update(status="failed", error=str(exc))
+        self.trackers.end(status["status"])
         status["wall_s"] = round(time.perf_counter() - started, 2)
         _write_json(directory / "cell.json", status)
         return status
@@ -361,12 +375,20 @@ class Runner:
             status: dict[str, Any] = {"baseline": kind, "setting": setting.label, "seed": seed}
             try:
                 flat, clients = self.spec.flat_config(setting, None, seed, target)
+                self.trackers.start(f"{directory.name}--{kind}", flat, {
+                    "kind": "baseline", "setting": setting.label, "strategy": kind,
+                    "seed": str(seed)})
+
+                def on_round(rec: dict[str, Any], k: str = kind) -> None:
+                    self.trackers.log(rec)
+                    self.progress("baseline-round", {"kind": k, "record": rec})
+
                 records = baselines.run(kind, config.from_flat(flat), clients, target,
-                                        on_round=lambda rec, k=kind: self.progress(
-                                            "baseline-round", {"kind": k, "record": rec}))
+                                        on_round=on_round)
                 status.update(status="done", rounds=len(records) - 1)
             except FedLoraError as exc:
                 status.update(status="failed", error=str(exc))
+            self.trackers.end(status["status"])
             status["wall_s"] = round(time.perf_counter() - started, 2)
             _write_json(target / "cell.json", status)
 
@@ -399,6 +421,7 @@ class Runner:
         write_report()
         timing = {"wall_s": round(time.perf_counter() - started, 2),
                   "report_s": round(reporting, 2), "cells_run": len(results)}
+        self.trackers.close()
         _write_json(self.out / "timing.json", timing)
         report.write(self.spec, self.out, plots=False)  # summary.md with the overhead section
         return results
