@@ -81,9 +81,10 @@ def figures(spec: Spec, series: list[Series], tables: dict[str, list[RuleStats]]
 
         def fig(traces: list[dict[str, Any]], xtitle: str, ytitle: str, log: bool = False,
                 **layout: Any) -> dict[str, Any]:
+            yaxis = {"title": {"text": ytitle}, "automargin": True,
+                     **({"type": "log"} if log else {}), **layout.pop("yaxis", {})}
             return {"data": traces, "layout": {
-                "xaxis": {"title": {"text": xtitle}},
-                "yaxis": {"title": {"text": ytitle}, **({"type": "log"} if log else {})},
+                "xaxis": {"title": {"text": xtitle}, "automargin": True}, "yaxis": yaxis,
                 "margin": {"t": 30, "l": 60, "r": 20, "b": 50}, "height": 380,
                 "hovermode": "closest", **layout}}
 
@@ -131,7 +132,7 @@ def figures(spec: Spec, series: list[Series], tables: dict[str, list[RuleStats]]
             trace = {"type": "scatter", "mode": "markers", "name": "mean rank",
                      "x": [t.rank.mean for t in ranked], "y": [t.label for t in ranked],
                      "marker": {"size": 9, "color": [colors.get(t.label) for t in ranked]},
-                     "error_x": {"type": "data", "visible": True,
+                     "error_x": {"type": "data", "visible": True, "color": "#444444",
                                  "array": [t.rank.high - t.rank.mean if o else 0
                                            for t, o in zip(ranked, ok, strict=True)],
                                  "arrayminus": [t.rank.mean - t.rank.low if o else 0
@@ -227,7 +228,7 @@ def render(spec: Spec, series: list[Series], tables: dict[str, list[RuleStats]],
             f"<style>{STYLE}</style><script>{plotly_js}</script></head><body>"
             f"<h1>Experiment <code>{html.escape(spec.name)}</code></h1>"
             + "".join(sections)
-            + "<h2>Summary</h2>" + _markdown_tables(summary_md)
+            + "<h2>Summary</h2>" + _markdown_tables(summary_md.split("\n", 1)[-1])
             + f"<script>{chr(10).join(scripts)}</script></body></html>\n")
 
 
