@@ -346,21 +346,28 @@ def _work_s(records: list[dict[str, Any]]) -> float:
 def overhead(spec: Spec, series: list[Series], timing: dict[str, Any] | None
              ) -> dict[str, float] | None:
     """The sweep's own time (start-up, teardown, reports) against its cells' work, for a sweep
-    that ran every cell in one invocation (``timing.json``); None otherwise."""
+    that ran every cell in one invocation (``timing.json``); None otherwise. Work is what the
+    finished runs' records clock (``duration_s`` + ``eval_s``: training, aggregation and
+    evaluation; the first round's ``duration_s`` also holds the Ray workers' lazy model
+    loading, so start-up is if anything under-counted); a failed run's time is all overhead."""
     if not timing or timing.get("cells_run") != len(spec.cells()):
         return None
     timed = [s for s in series if s.status.get("wall_s") is not None]
-    fed = [s for s in timed if s.kind == "federated"]
-    base = [s for s in timed if s.kind == "baseline"]
-    work = sum(_work_s(s.records) for s in timed)
+    done = [s for s in timed if s.status.get("status") == "done"]
+    fed = [s for s in done if s.kind == "federated"]
+    base = [s for s in done if s.kind == "baseline"]
+    failed = [s for s in timed if s.status.get("status") != "done"]
+    work = sum(_work_s(s.records) for s in done)
     cell_wall = sum(s.status["wall_s"] for s in fed)
     base_wall = sum(s.status["wall_s"] for s in base)
+    failed_wall = sum(s.status["wall_s"] for s in failed)
     wall = float(timing["wall_s"])
+    report_s = float(timing.get("report_s", 0.0))
     return {"wall_s": wall, "work_s": work,
             "cell_startup_s": cell_wall - sum(_work_s(s.records) for s in fed),
             "baseline_setup_s": base_wall - sum(_work_s(s.records) for s in base),
-            "report_s": float(timing.get("report_s", 0.0)),
-            "other_s": wall - cell_wall - base_wall - float(timing.get("report_s", 0.0)),
+            "failed_s": failed_wall, "failed": len(failed), "report_s": report_s,
+            "other_s": wall - cell_wall - base_wall - failed_wall - report_s,
             "overhead_s": wall - work, "fraction": (wall - work) / wall if wall else math.nan}
 
 
@@ -377,6 +384,8 @@ def overhead_markdown(spec: Spec, series: list[Series], timing: dict[str, Any] |
             f"| per-cell Flower start-up and teardown (SuperLink, Ray, models, run submission) | "
             f"{o['cell_startup_s']:.1f} |",
             f"| baselines' set-up (data, model) | {o['baseline_setup_s']:.1f} |",
+            *([f"| {o['failed']} failed run(s), their whole wall time | {o['failed_s']:.1f} |"]
+              if o["failed"] else []),
             f"| writing reports (after every cell) | {o['report_s']:.1f} |",
             f"| the rest (spec, bookkeeping) | {o['other_s']:.1f} |", ""]
 

@@ -222,3 +222,36 @@ def test_report_of_a_seeds_override_uses_the_seeds_that_ran(tmp_path):
     experiment.Runner(spec, out).prepare()
     again = experiment.load_output_spec(out)
     assert again.seeds == [0, 1, 2] and len(again.cells()) == 4 * 3
+
+
+def test_sweep_overhead_is_the_wall_time_the_runs_do_not_clock(tmp_path):
+    """Two cells of 100 s wall each that clock 60 s of rounds and evaluation, one failed cell
+    of 30 s, reports 5 s, a sweep of 240 s: overhead 240 − 120 = 120 s = 50 %."""
+    import json
+
+    text = SPEC.format(seeds="0", metric="eval_accuracy", target=0.5)
+    spec = parse_spec(text)
+    cells = spec.cells()
+    for cell, status in zip(cells[:3], ["done", "done", "failed"], strict=True):
+        d = tmp_path / "cells" / cell.id
+        d.mkdir(parents=True)
+        recs = [{"round": 0, "duration_s": 0.0, "eval_s": 10.0, "eval_accuracy": 0.2},
+                {"round": 1, "duration_s": 40.0, "eval_s": 10.0, "eval_accuracy": 0.6}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs)
+                                         if status == "done" else "")
+        (d / "cell.json").write_text(json.dumps({"status": status, "error": "x",
+                                                 "wall_s": 100.0 if status == "done" else 30}))
+    timing = {"wall_s": 240.0, "report_s": 5.0, "cells_run": len(cells)}
+    o = report.overhead(spec, report.collect(spec, tmp_path), timing)
+    assert o["work_s"] == pytest.approx(120.0) and o["overhead_s"] == pytest.approx(120.0)
+    assert o["fraction"] == pytest.approx(0.5)
+    assert o["cell_startup_s"] == pytest.approx(80.0) and o["failed_s"] == pytest.approx(30.0)
+    assert o["other_s"] == pytest.approx(240 - 200 - 30 - 5)
+    (tmp_path / "timing.json").write_text(json.dumps(timing))
+    report.write(spec, tmp_path, plots=False)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Sweep overhead" in summary and "**120.0 s = 50.0 %**" in summary
+    assert "| 1 failed run(s), their whole wall time | 30.0 |" in summary
+    # a resumed sweep (fewer cells run than the spec has) gets no overhead section
+    assert report.overhead(spec, report.collect(spec, tmp_path), {**timing, "cells_run": 1}) \
+        is None
