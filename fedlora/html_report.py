@@ -32,7 +32,8 @@ def _rgba(hex_color: str, alpha: float) -> str:
 
 
 def _curve_traces(rows: list[Any], x_key: str | None, y_key: str, colors: dict[str, str],
-                  baselines: bool, name_suffix: str = "") -> list[dict[str, Any]]:
+                  baselines: bool, name_suffix: str = "", dash: str = "solid"
+                  ) -> list[dict[str, Any]]:
     from fedlora.report import _curves
 
     traces = []
@@ -45,9 +46,9 @@ def _curve_traces(rows: list[Any], x_key: str | None, y_key: str, colors: dict[s
         xs, mean, std = (list(map(float, a)) for a in curve)
         color = colors.get(row.label, "#444444")
         name = row.label + name_suffix
-        dash = "dash" if row.kind == "baseline" else "solid"
+        line_dash = "dash" if row.kind == "baseline" else dash
         traces.append({"type": "scatter", "mode": "lines+markers", "name": name, "x": xs,
-                       "y": mean, "line": {"color": color, "dash": dash}, "legendgroup": name})
+                       "y": mean, "line": {"color": color, "dash": line_dash}, "legendgroup": name})
         if len(row.runs) > 1:
             traces.append({"type": "scatter", "mode": "lines", "x": xs + xs[::-1],
                            "y": [m + s for m, s in zip(mean, std, strict=True)]
@@ -100,9 +101,11 @@ def figures(spec: Spec, series: list[Series], tables: dict[str, list[RuleStats]]
         keys = _rank_keys(mine)
         if keys:
             traces = []
-            for key in keys:
+            dashes = ["solid", "dot", "dashdot", "longdash", "dash"]
+            for i, key in enumerate(keys):  # a colour per rule, a dash pattern per tier
                 suffix = "" if len(keys) == 1 else f" · {key.removeprefix('effective_rank_')}"
-                traces += _curve_traces(mine, None, key, colors, False, suffix)
+                traces += _curve_traces(mine, None, key, colors, False, suffix,
+                                        dashes[i % len(dashes)])
             out.append((setting.label, "effective rank of the aggregate"
                         + (" per tier" if len(keys) > 1 else ""),
                         fig(traces, "round", "effective rank")))
