@@ -197,3 +197,16 @@ def test_unknown_tracker_is_an_error(tmp_path):
 
     with pytest.raises(FedLoraError, match="unknown tracker 'wandb'; available: mlflow"):
         trackers.make(["wandb"], Path(tmp_path), "x")
+
+
+def test_run_and_experiment_accept_trackers_and_experiment_seeds():
+    from fedlora.cli import build_parser
+
+    parser = build_parser()
+    run = parser.parse_args(["run", "--tracker", "mlflow", "--tracker", "tensorboard",
+                             "--tracking-dir", "/tmp/t"])
+    assert run.tracker == ["mlflow", "tensorboard"] and run.tracking_dir == "/tmp/t"
+    exp = parser.parse_args(["experiment", "spec.toml", "--tracker", "mlflow", "--seeds", "5"])
+    assert exp.tracker == ["mlflow"] and exp.seeds == 5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--tracker", "wandb"])
