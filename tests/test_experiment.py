@@ -214,6 +214,9 @@ def smoke_run(tmp_path_factory):
 def test_smoke_experiment_is_tracked_in_mlflow_and_tensorboard(smoke_run):
     """The real sweep's cells and baselines, read back from the MLflow file store and the
     TensorBoard event files: one run per cell under the sweep, a metric point per round."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow >= 3.7 refuses it else
     import mlflow
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
