@@ -317,6 +317,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         "gpus-per-client": placement.gpus, "ray-address": placement.ray_address}))
     home = Path(args.flwr_home).resolve() if args.flwr_home else out / ".flwr"
     rounds = int(flat["num-server-rounds"])
+    from fedlora import trackers
+
+    tracked = trackers.make(args.tracker, out, f"fedlora-run-{out.name}", args.tracking_dir)
+    tracked.start(out.name, flat, {"kind": "run", "strategy": str(flat["strategy"])})
     where = f"Ray cluster {placement.ray_address}" if placement.ray_address else "local Ray"
     console.print(f"[bold]fedlora[/] {flat['strategy']} · {flat['model.name']} · {clients} "
                   f"clients · {rounds} rounds · {where}, {placement.cpus} CPU / "
@@ -326,6 +330,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
 
     def on_round(rec: dict[str, Any]) -> None:
+        tracked.log(rec)
         parts = round_parts(rec, rounds)
         if rec.get("rejected"):
             parts.append(f"rejected={rec['rejected']}")
@@ -336,9 +341,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print("  starting Flower simulation (SuperLink, Ray workers, models)…")
         records = run_simulation(run_config, out, clients, placement, home, on_round=on_round)
     except RunFailed as exc:
+        tracked.end("failed")
+        tracked.close()
         console.print(f"[red]run failed:[/] {exc}")
         return 1
     except KeyboardInterrupt:
+        tracked.end("failed")
+        tracked.close()
         console.print("[yellow]interrupted: the SuperLink and its simulation were stopped[/]; "
                   f"continue from the last checkpoint with `fedlora run --resume {out}`")
         return 130
@@ -346,6 +355,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = {k: last.get(k) for k in ("round", "eval_accuracy", "eval_loss",
                                          "eval_perplexity") if last.get(k) is not None}
     summary["wall_s"] = round(time.perf_counter() - started, 1)
+    tracked.artifact(out / "adapter")
+    tracked.end("done")
+    tracked.close()
     console.print(f"[green]done[/] {summary} · adapter: " + escape(
         f"{out / 'adapter'} (load it with fedlora.load_model({str(out)!r}))"))
     return 0
@@ -365,9 +377,15 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     console = _console()
     spec = experiment.load_spec(args.spec)
+    if args.seeds is not None:
+        experiment.with_seeds(spec, args.seeds)
     out = Path(args.out or Path("runs") / f"experiment-{experiment.slug(spec.name)}"
                ).expanduser().resolve()
-    runner = experiment.Runner(spec, out, resume=args.resume)
+    from fedlora import trackers
+
+    runner = experiment.Runner(spec, out, resume=args.resume,
+                               trackers=trackers.make(args.tracker, out, spec.name,
+                                                      args.tracking_dir))
     cells = spec.cells()
     rounds_per_cell = {c.id: int(spec.flat_config(c.setting, c.strategy, c.seed, out)[0]
                                  ["num-server-rounds"]) for c in cells}
@@ -429,6 +447,19 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedlora import experiment, report
+
+    out = Path(args.out).expanduser().resolve()
+    spec = experiment.load_output_spec(out)
+    if args.reference:
+        experiment.set_reference(spec, args.reference)
+    result = report.write(spec, out)
+    print(f"{out / 'summary.md'} · {out / 'report.html'} · {out / 'runs.csv'} "
+          f"({result['rows']} rows, {result['series']} runs)")
+    return 0
+
+
 def read_metrics_safe(directory: Path) -> list[dict[str, Any]]:
     from fedlora.outputs import read_metrics
 
@@ -459,6 +490,17 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tracker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracker", choices=["mlflow", "tensorboard"], action="append",
+                        help="also log the config, every metrics record as it arrives and the "
+                             "adapter to an MLflow file store or TensorBoard event files "
+                             "(repeatable; needs fedlora[mlflow] / fedlora[tensorboard]; a "
+                             "failing tracker warns once and the run goes on)")
+    parser.add_argument("--tracking-dir", metavar="DIR",
+                        help="where trackers write: DIR/mlflow, DIR/tensorboard (default "
+                             "OUT/mlruns, OUT/tensorboard)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -483,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--flwr-home", help="FLWR_HOME for this run (default OUT/.flwr)")
     run.add_argument("--resume", metavar="OUT",
                      help="continue the interrupted run in OUT from its newest intact checkpoint")
+    add_tracker_args(run)
     run.set_defaults(func=cmd_run)
     exp = sub.add_parser("experiment", help="run a sweep spec: cells of real simulations, "
                          "baselines, then runs.csv, summary.md and plots")
@@ -490,7 +533,17 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", help="output directory (default runs/experiment-<name>)")
     exp.add_argument("--resume", action="store_true",
                      help="continue in --out: skip finished cells, rerun failed ones")
+    exp.add_argument("--seeds", type=int, metavar="N",
+                     help="run N seeds instead of the spec's (its own first, then the next "
+                          "unused integers)")
+    add_tracker_args(exp)
     exp.set_defaults(func=cmd_experiment)
+    rep = sub.add_parser("report", help="rebuild an experiment's runs.csv, summary.md, plots "
+                         "and report.html from its output directory")
+    rep.add_argument("out", help="the experiment's output directory (holds spec.toml)")
+    rep.add_argument("--reference", help="compare the rules with this strategy label instead "
+                     "of the spec's reference")
+    rep.set_defaults(func=cmd_report)
     sub.add_parser("config", help="list every config key").set_defaults(func=cmd_config)
     sub.add_parser("strategies", help="list aggregation rules").set_defaults(func=cmd_strategies)
     return parser

@@ -7,6 +7,7 @@ A spec (TOML) declares one base config and a grid::
     seeds = [0, 1]
     metric = "eval_accuracy"        # what the report compares (higher is better for accuracy)
     target = 0.8                    # rounds-to-target column
+    reference = "fedit+fedadam"     # the strategy every other rule is compared with, by seed
     baselines = ["centralized", "local"]
 
     [base]                          # run-config keys for every cell (plus num-clients)
@@ -29,6 +30,12 @@ defaults ← preset ← base ← setting ← strategy ← seed, so every strateg
 sees the identical data split and initial adapter. Each cell runs as a real Flower simulation
 in ``OUT/cells/<cell>/``; its ``cell.json`` records ``done`` or ``failed`` with the error, and
 ``--resume`` skips the cells that are done. Baselines run once per setting × seed.
+
+``reference`` (default: the first strategy) is what the report's paired statistics compare every
+other rule with (:mod:`fedlora.stats`). ``fedlora experiment --seeds N`` overrides the spec's
+seeds (:func:`with_seeds`); the seeds run are recorded in ``OUT/overrides.json`` so that
+``fedlora report OUT`` rebuilds the same report. ``OUT/timing.json`` holds the sweep's wall
+time and the time spent writing reports, for the overhead section of ``summary.md``.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from fedlora.cli import flatten
 from fedlora.errors import FedLoraError
 
 SPEC_KEYS = {"name", "description", "preset", "config", "seeds", "metric", "target",
-             "baselines", "cpus-per-client", "base", "strategies", "settings", "grid"}
+             "reference", "baselines", "cpus-per-client", "base", "strategies", "settings", "grid"}
 BASELINES = ("centralized", "local")
 CELL_KEYS = {"num-clients"}  # keys a layer may set besides run-config keys
 
@@ -88,6 +95,7 @@ class Spec:
     seeds: list[int]
     metric: str = "eval_accuracy"
     target: float | None = None
+    reference: str = ""
     baselines: tuple[str, ...] = BASELINES
     cpus_per_client: float = 1.0
     path: Path | None = None
@@ -205,12 +213,55 @@ def parse_spec(text: str, path: Path | None = None) -> Spec:
                 metric=str(raw.get("metric", "eval_accuracy")), target=raw.get("target"),
                 baselines=baselines, cpus_per_client=float(raw.get("cpus-per-client", 1.0)),
                 path=path, raw=raw)
+    reference = raw.get("reference", strategies[0].label)
+    labels = [a.label for a in strategies]
+    if reference not in labels:
+        raise SpecError(f"{where}: reference {reference!r} is not a strategy label; "
+                        f"use one of {labels}")
+    spec.reference = str(reference)
     for cell in spec.cells():  # every cell's config parses (types, ranges) before any runs
         flat, _ = spec.flat_config(cell.setting, cell.strategy, cell.seed, Path("/tmp"))
         try:
             config.from_flat(flat)
         except FedLoraError as exc:
             raise SpecError(f"{where}: cell {cell.id}: {exc}") from exc
+    return spec
+
+
+def with_seeds(spec: Spec, count: int) -> Spec:
+    """The spec with ``count`` seeds: its own, cut or extended by the next unused integers."""
+    if count < 1:
+        raise SpecError(f"--seeds must be >= 1; got {count}")
+    seeds = list(spec.seeds[:count])
+    candidate = 0
+    while len(seeds) < count:
+        if candidate not in seeds:
+            seeds.append(candidate)
+        candidate += 1
+    spec.seeds = seeds
+    return spec
+
+
+def set_reference(spec: Spec, label: str) -> Spec:
+    labels = [a.label for a in spec.strategies]
+    if label not in labels:
+        raise SpecError(f"reference {label!r} is not a strategy label of {spec.name!r}; "
+                        f"use one of {labels}")
+    spec.reference = label
+    return spec
+
+
+def load_output_spec(out: Path) -> Spec:
+    """The spec an experiment ran with, from its output directory (``spec.toml`` and the
+    ``--seeds`` override in ``overrides.json``)."""
+    path = out / "spec.toml"
+    if not path.exists():
+        raise SpecError(f"{out} is not an experiment's output directory (it has no spec.toml); "
+                        f"pass the --out of a `fedlora experiment`")
+    spec = parse_spec(path.read_text(), path.resolve())
+    overrides = _read_json(out / "overrides.json") or {}
+    if overrides.get("seeds"):
+        spec.seeds = [int(s) for s in overrides["seeds"]]
     return spec
 
 
@@ -246,9 +297,15 @@ class Runner:
     """Runs a spec's cells and baselines into ``out``; the report is rewritten after each."""
 
     def __init__(self, spec: Spec, out: Path, resume: bool = False,
-                 progress: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 progress: Callable[[str, dict[str, Any]], None] | None = None,
+                 trackers: Any = None) -> None:
+        """``trackers``: a :class:`fedlora.trackers.Trackers`; every cell and baseline is a
+        tracked run (config as params, each metrics record as it arrives, the adapter)."""
+        from fedlora.trackers import Trackers
+
         self.spec, self.out, self.resume = spec, out, resume
         self.progress = progress or (lambda event, info: None)
+        self.trackers = trackers if trackers is not None else Trackers()
 
     def prepare(self) -> None:
         cells_dir = self.out / "cells"
@@ -258,6 +315,11 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "spec.toml").write_text(self.spec.path.read_text() if self.spec.path
                                             else json.dumps(self.spec.raw))
+        overrides = self.out / "overrides.json"
+        if self.spec.seeds != self.spec.raw.get("seeds", [0]):
+            _write_json(overrides, {"seeds": self.spec.seeds})
+        else:
+            overrides.unlink(missing_ok=True)
 
     def pending(self) -> list[Cell]:
         return [c for c in self.spec.cells()
@@ -281,13 +343,21 @@ class Runner:
             cli.finalize(flat, clients)
             run_config = cli.write_run_config(flat, directory)
             status["num_clients"] = clients
+            self.trackers.start(cell.id, flat, {"kind": "federated", "setting": cell.setting.label,
+                                                "strategy": cell.strategy.label,
+                                                "seed": str(cell.seed)})
+
+            def on_round(rec: dict[str, Any]) -> None:
+                self.trackers.log(rec)
+                self.progress("round", {"cell": cell, "record": rec})
+
             run_simulation(run_config, directory, clients, Placement(self.spec.cpus_per_client),
-                           directory / ".flwr",
-                           on_round=lambda rec: self.progress("round", {"cell": cell,
-                                                                        "record": rec}))
+                           directory / ".flwr", on_round=on_round)
             status["status"] = "done"
+            self.trackers.artifact(directory / "adapter")
         except (FedLoraError, RunFailed) as exc:
             status.update(status="failed", error=str(exc))
+        self.trackers.end(status["status"])
         status["wall_s"] = round(time.perf_counter() - started, 2)
         _write_json(directory / "cell.json", status)
         return status
@@ -305,17 +375,34 @@ class Runner:
             status: dict[str, Any] = {"baseline": kind, "setting": setting.label, "seed": seed}
             try:
                 flat, clients = self.spec.flat_config(setting, None, seed, target)
+                self.trackers.start(f"{directory.name}--{kind}", flat, {
+                    "kind": "baseline", "setting": setting.label, "strategy": kind,
+                    "seed": str(seed)})
+
+                def on_round(rec: dict[str, Any], k: str = kind) -> None:
+                    self.trackers.log(rec)
+                    self.progress("baseline-round", {"kind": k, "record": rec})
+
                 records = baselines.run(kind, config.from_flat(flat), clients, target,
-                                        on_round=lambda rec, k=kind: self.progress(
-                                            "baseline-round", {"kind": k, "record": rec}))
+                                        on_round=on_round)
                 status.update(status="done", rounds=len(records) - 1)
             except FedLoraError as exc:
                 status.update(status="failed", error=str(exc))
+            self.trackers.end(status["status"])
             status["wall_s"] = round(time.perf_counter() - started, 2)
             _write_json(target / "cell.json", status)
 
     def run(self) -> list[dict[str, Any]]:
         from fedlora import report
+
+        started = time.perf_counter()
+        reporting = 0.0
+
+        def write_report() -> None:
+            nonlocal reporting
+            began = time.perf_counter()
+            report.write(self.spec, self.out)
+            reporting += time.perf_counter() - began
 
         self.prepare()
         results = []
@@ -330,7 +417,12 @@ class Runner:
                 status = self.run_cell(cell)
                 results.append(status)
                 self.progress("cell-end", {"cell": cell, "status": status})
-                report.write(self.spec, self.out)
-        report.write(self.spec, self.out)
+                write_report()
+        write_report()
+        timing = {"wall_s": round(time.perf_counter() - started, 2),
+                  "report_s": round(reporting, 2), "cells_run": len(results)}
+        self.trackers.close()
+        _write_json(self.out / "timing.json", timing)
+        report.write(self.spec, self.out, plots=False)  # summary.md with the overhead section
         return results
 

@@ -193,11 +193,53 @@ def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+TRACKED = _have("mlflow") and _have("tensorboard")  # the extras fedlora[mlflow,tensorboard]
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke") / "out"
-    res = cli(str(SMOKE), "--out", str(out))
+    trackers = ["--tracker", "mlflow", "--tracker", "tensorboard"] if TRACKED else []
+    res = cli(str(SMOKE), "--out", str(out), *trackers)
     return out, res
+
+
+@pytest.mark.slow  # a real Flower simulation (make test-fast skips it)
+@pytest.mark.skipif(not TRACKED, reason="needs the extras fedlora[mlflow] and [tensorboard]")
+def test_smoke_experiment_is_tracked_in_mlflow_and_tensorboard(smoke_run):
+    """The real sweep's cells and baselines, read back from the MLflow file store and the
+    TensorBoard event files: one run per cell under the sweep, a metric point per round."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow >= 3.7 refuses it else
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, res = smoke_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    spec = experiment.load_spec(SMOKE)
+    rounds = spec.base["num-server-rounds"]
+    mlflow.set_tracking_uri(f"file:{out / 'mlruns'}")
+    runs = mlflow.search_runs(experiment_names=[spec.name])
+    cells = runs[runs["tags.fedlora.kind"] == "federated"]
+    assert set(cells["tags.mlflow.runName"]) == {c.id for c in spec.cells()}
+    assert set(cells["status"]) == {"FINISHED"}
+    assert len(runs[runs["tags.fedlora.kind"] == "baseline"]) == len(spec.baselines)
+    client = mlflow.tracking.MlflowClient(f"file:{out / 'mlruns'}")
+    for run_id in cells["run_id"]:
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "eval_accuracy"))
+        assert steps == list(range(rounds + 1))
+        assert [a.path for a in client.list_artifacts(run_id)] == ["adapter"]
+    for cell in spec.cells():
+        acc = EventAccumulator(str(out / "tensorboard" / cell.id))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("eval_accuracy")] == list(range(rounds + 1))
 
 
 @pytest.mark.slow  # a real Flower simulation (make test-fast skips it)
