@@ -65,11 +65,23 @@ def _rank_keys(rows: list[Any]) -> list[str]:
     return sorted(keys)
 
 
+def _flatten_tiers(series: list[Series]) -> None:
+    """The server logs what each rank tier receives as ``tier_effective_rank = {"4": …}``;
+    the plots read one number per key: ``effective_rank_tier4``, … (added in place)."""
+    for s in series:
+        for rec in s.records:
+            tiers = rec.get("tier_effective_rank")
+            if isinstance(tiers, dict):
+                for tier, value in tiers.items():
+                    rec.setdefault(f"effective_rank_tier{tier}", value)
+
+
 def figures(spec: Spec, series: list[Series], tables: dict[str, list[RuleStats]]
             ) -> list[tuple[str, str, dict[str, Any]]]:
     """(setting, title, plotly figure as a dict) for every plot of the page."""
     from fedlora.report import group
 
+    _flatten_tiers(series)
     rows = group(series)
     labels = list(dict.fromkeys(r.label for r in rows))
     colors = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}

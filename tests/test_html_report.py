@@ -170,3 +170,18 @@ def test_report_html_renders_offline_in_headless_chromium(chromium, tmp_path):
     for rgb in ((0x1F, 0x77, 0xB4), (0x2C, 0xA0, 0x2C)):
         close = (np.abs(pixels - np.array(rgb)).max(axis=2) < 12).sum()
         assert close > 200, f"colour {rgb} drawn on only {close} pixels"
+
+
+def test_the_servers_per_tier_effective_rank_becomes_one_curve_per_tier():
+    """metrics.jsonl logs ``tier_effective_rank`` as a dict (one entry per rank tier); the
+    report plots each tier as its own ``effective_rank_tier<r>`` curve."""
+    from fedlora.html_report import _flatten_tiers, _rank_keys
+    from fedlora.report import Series, group
+
+    records = [{"round": r, "tier_effective_rank": {"4": 3.0 + r, "16": 10.0 + r},
+                "effective_rank_mean": 5.0} for r in range(1, 3)]
+    series = [Series("federated", "s", "hetlora", 0, "c0", {}, records)]
+    _flatten_tiers(series)
+    assert records[1]["effective_rank_tier16"] == 12.0 and records[0]["effective_rank_tier4"] == 4.0
+    assert _rank_keys(group(series)) == ["effective_rank_mean", "effective_rank_tier16",
+                                         "effective_rank_tier4"]
