@@ -16,8 +16,8 @@ protocol
 poisoning
     well-formed updates chosen to hurt the global model (Δ = what the node trained − what it
     received, per uploaded LoRA factor — sign-flip, scale and noise leave the heads honest, so
-    that each attack hits one part of the upload; the attacker skips the client-side clipping and DP noise an
-    honest node applies, since it sends what it likes):
+    that each attack hits one part of the upload; the attacker skips the client-side clipping
+    and DP noise an honest node applies, since it sends what it likes):
 
     - ``sign-flip``: received − Δ (the "bit-flipping" client of Karimireddy, He & Jaggi,
       "Byzantine-robust learning on heterogeneous datasets via bucketing", ICLR 2022);
@@ -149,8 +149,9 @@ ATTACKS: dict[str, Attack] = {a.name: a for a in (
            "every neighbour", _secure_only),
     Attack("shifted-share", SECURE, "adds 1 to every self-mask share it reveals at unmasking",
            _secure_only),
-    Attack("bad-weight-word", SECURE, "adds 2^31 to its masked weight word and 2^30 to every "
-           "masked coordinate", _secure_only),
+    Attack("bad-weight-word", SECURE, "shifts its masked weight word so that the summed weight "
+           "is one level (equal weights) and adds 2^30 to every masked coordinate",
+           _secure_only),
 )}
 
 
@@ -429,9 +430,16 @@ def _on_masked_input(cfg: RunConfig, msg: Message, content: RecordDict, context:
     if name in ("malformed-array", "huge-header"):
         content[MASKED] = ArrayRecord({MASKED_KEY: corrupt_array(name, array)})
     elif name == "bad-weight-word":
+        from fedlora import secure_client
+
+        # the codec's weight word is round(w / W · L), L = ⌊(2^31 − 1) / n⌋ levels per client
+        state = context.state[secure_client.STATE]
+        n = int(state["num_clients"])
+        level = round(int(state[secure_client.WEIGHT]) / cfg.fl.secagg_max_weight
+                      * ((2**31 - 1) // n))
         words = array.numpy().copy()  # (d + 1,) uint32, the last word the weight
         words[:-1] += np.uint32(1 << 30)
-        words[-1] += np.uint32(1 << 31)
+        words[-1] -= np.uint32((n * level - 1) % 2**32)  # Σ weights = 1 level if all equal
         content[MASKED] = ArrayRecord({MASKED_KEY: Array(words)})
     else:
         return
