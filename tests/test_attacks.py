@@ -431,3 +431,40 @@ def test_secure_poisoning_is_masked_in_and_moves_the_secure_mean():
     honest = weighted_mean(uploads, {0, 1, 2, 3, 4})
     moved = max(float(np.max(np.abs(glob.arrays_for(8)[k] - honest[k]))) for k in honest)
     assert moved > 100 * record["secagg_error_bound"]
+
+
+# --------------------------------------------------------------------------- fedlora run
+
+TINY_RUN = ("model.num-hidden-layers=1 data.samples-per-client=24 data.eval-samples=32 "
+            "data.max-length=32 train.local-steps=2")
+
+
+def fedlora_run(out, keys: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedlora", "run", "--num-clients", "3",
+                           "--rounds", "1", "--out", str(out), "-c", f"{TINY_RUN} {keys}"],
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_weight_inflation_crosses_flower_in_a_real_simulation(tmp_path):
+    from fedlora.outputs import read_metrics
+
+    res = fedlora_run(tmp_path / "run", "attack=weight-inflation attackers='1,'")
+
+    assert res.returncode == 0, res.stdout + res.stderr
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["clients"] == [0, 1, 2]
+    honest = (last["num_examples"] - 10_000_000) / 2  # partitions 0 and 2 declare their own
+    assert honest == int(honest) and 0 < honest <= 100
+
+
+@pytest.mark.slow
+@NEEDS_BOUNDARY
+def test_bad_metrics_in_a_real_simulation_are_rejected_and_counted_in_metrics_jsonl(tmp_path):
+    from fedlora.outputs import read_metrics
+
+    res = fedlora_run(tmp_path / "run", "attack=bad-metrics attackers='1,'")
+
+    assert res.returncode == 0, res.stdout + res.stderr
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["clients"] == [0, 2] and rejected(last) == 1
