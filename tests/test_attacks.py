@@ -468,3 +468,26 @@ def test_bad_metrics_in_a_real_simulation_are_rejected_and_counted_in_metrics_js
     assert res.returncode == 0, res.stdout + res.stderr
     last = read_metrics(tmp_path / "run")[-1]
     assert last["clients"] == [0, 2] and rejected(last) == 1
+
+
+def upload_move(replies: list[Message], grid, partition: int) -> float:
+    """RMS of (uploaded − received) of one partition's train reply."""
+    sent = [m for m in grid.delivered if m.metadata.message_type == "train"
+            and partition_of(m.metadata.dst_node_id) == partition][0]
+    reply = [r for r in replies if r.metadata.message_type == "train"
+             and partition_of(r.metadata.src_node_id) == partition][0]
+    got, received = unpack(reply.content["arrays"]), unpack(sent.content["arrays"])
+    moved = [got[k].astype(np.float64) - received[k] for k in got
+             if k.endswith((lora.LORA_A, lora.LORA_B))]
+    return float(np.sqrt(np.mean(np.concatenate([m.ravel() for m in moved]) ** 2)))
+
+
+@pytest.mark.parametrize("strategy", ["fedex", "fedit", "fedsa", "ffa", "flexlora", "flora",
+                                      "hetlora", "robust", "rolora"])
+def test_the_scale_attack_acts_under_every_rule_and_the_round_still_aggregates(strategy):
+    keys = {"strategy": strategy, "attack": "scale", "attackers": "1,"}
+    records, grid, glob, replies = run_plain(3, **keys)
+
+    assert records[-1]["clients"] == [0, 1, 2] and not records[-1].get("abandoned")
+    honest = max(upload_move(replies, grid, p) for p in (0, 2))
+    assert upload_move(replies, grid, 1) > 30 * honest
