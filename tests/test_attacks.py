@@ -94,7 +94,11 @@ def test_an_attack_that_cannot_act_is_refused_with_the_reason(keys, message):
         config.from_flat(tiny_config(**keys))
 
 
-def test_deployment_refuses_attacks_before_starting_anything(tmp_path):
+def test_deployment_refuses_attacks_before_starting_anything(tmp_path, monkeypatch):
+    def started(*args, **kwargs):
+        raise AssertionError("launch went past its checks with an attack configured")
+
+    monkeypatch.setattr(deploy, "node_count", started)  # the first step after the checks
     with pytest.raises(deploy.DeployError, match="for simulations"):
         deploy.launch({"attack": "scale", "attackers": "1"}, out=tmp_path / "run", nodes=2)
     assert not (tmp_path / "run").exists()
