@@ -19,6 +19,9 @@ With ``secure-aggregation`` a train message's config has ``secagg-stage = "train
 trains the same way but replies with public keys instead of ``arrays``, and three ``query``
 messages (``secagg_share_keys``, ``secagg_masked_input``, ``secagg_unmask``) finish the round;
 the server only ever sees the masked sum (``fedlora/secure_wire.py`` lists every message).
+
+Simulation with ``attack``: the client mod :func:`fedlora.attacks.mod` rewrites the replies of
+the attacking partitions after these handlers built them (honest nodes pass through).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import (
+    attacks,
     builders,
     client,
     config,
@@ -48,7 +52,7 @@ from fedlora.errors import ConfigError
 from fedlora.secure_wire import SECAGG, STAGE_KEY, secagg_config
 from fedlora.transport import pack, pack_correction, unpack, unpack_correction
 
-app = ClientApp()
+app = ClientApp(mods=[attacks.mod])  # attack simulation: rewrites an attacker's replies only
 
 PERSONAL = "fedlora.personal"
 BASE = "fedlora.base"

@@ -501,6 +501,14 @@ def add_tracker_args(parser: argparse.ArgumentParser) -> None:
                              "OUT/mlruns, OUT/tensorboard)")
 
 
+def cmd_attacks(args: argparse.Namespace) -> int:
+    from fedlora import attacks
+
+    for line in attacks.describe():
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -546,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
     sub.add_parser("config", help="list every config key").set_defaults(func=cmd_config)
     sub.add_parser("strategies", help="list aggregation rules").set_defaults(func=cmd_strategies)
+    sub.add_parser("attacks", help="list the simulated attacks (config keys attack, attackers, "
+                   "attack-scale)").set_defaults(func=cmd_attacks)
     return parser
 
 

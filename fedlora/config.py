@@ -159,6 +159,12 @@ class FederationConfig:
                                   "may have; each client adds noise of std sigma*C/sqrt(m) and "
                                   "the server does not unmask a sum of fewer (0 = the clients "
                                   "sampled per round: no dropout tolerated)")
+    attack: str = _f("", "simulation only: the attack the attacking clients run ('' = none; "
+                     "see `fedlora attacks`)")
+    attackers: str = _f("", "simulation only: the attacking clients, a count ('2' = partitions "
+                        "0 and 1) or partition ids with a comma ('3,7', or '5,' for one)")
+    attack_scale: float = _f(100.0, "the size of the scale and noise attacks: Δ is multiplied by "
+                             "it (scale), or the noise's std is it × the RMS of Δ (noise)")
 
     def __post_init__(self) -> None:
         _positive("num-server-rounds", self.num_server_rounds)
@@ -423,6 +429,9 @@ class RunConfig:
         ranks = self.fl.ranks() or (self.lora.r,)
         if max(ranks) > self.fl.max_rank:
             raise ConfigError(f"lora.r {self.lora.r} exceeds max-rank {self.fl.max_rank}")
+        from fedlora import attacks
+
+        attacks.check(self)
 
     def rank_for_partition(self, partition_id: int) -> int:
         """LoRA rank of a simulated client (``rank-by-partition`` cycles over partitions)."""

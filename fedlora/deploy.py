@@ -570,8 +570,13 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
     RunFailed
         The SuperLink failed or the run did not complete (with the reason from its log).
     """
+    from fedlora.attacks import refuse_in_deployment
     from fedlora.cli import finalize, write_run_config
 
+    try:
+        refuse_in_deployment(flat)
+    except FedLoraError as exc:
+        raise DeployError(str(exc)) from None
     n = node_count(nodes, gpus)
     if procs_per_node < 1:
         raise DeployError(f"--procs-per-node must be >= 1; got {procs_per_node}")
