@@ -27,7 +27,6 @@ from server.strategy import FederatedLora
 from tests.fl_harness import client_app, tiny_config
 
 NEEDS_BOUNDARY = pytest.mark.xfail(strict=True, reason="needs branch boundary")
-NEEDS_SECAGG = pytest.mark.xfail(strict=True, reason="needs branch secagg")
 
 
 def partition_of(node_id: int) -> int:
@@ -393,7 +392,6 @@ def test_an_honest_secure_round_adopts_the_weighted_mean_of_every_upload():
                           attacker_input_corrupt=False)
 
 
-@NEEDS_SECAGG
 def test_a_low_order_key_is_rejected_at_stage_0_and_the_round_completes_without_it():
     record, glob, uploads, initial = secure_round("low-order-key")
 
@@ -402,7 +400,6 @@ def test_a_low_order_key_is_rejected_at_stage_0_and_the_round_completes_without_
                           attacker_input_corrupt=True)
 
 
-@NEEDS_SECAGG
 def test_forged_share_ciphertexts_do_not_make_the_honest_clients_leave():
     record, glob, uploads, initial = secure_round("forged-shares")
 
@@ -410,7 +407,6 @@ def test_forged_share_ciphertexts_do_not_make_the_honest_clients_leave():
                           attacker_input_corrupt=False)
 
 
-@NEEDS_SECAGG
 def test_a_shifted_share_is_outvoted_by_the_surplus_shares_and_the_sum_is_right():
     # 5 holders, threshold 3: the two surplus shares expose the bad one, so the round completes
     record, glob, uploads, initial = secure_round("shifted-share")
@@ -419,7 +415,6 @@ def test_a_shifted_share_is_outvoted_by_the_surplus_shares_and_the_sum_is_right(
                           attacker_input_corrupt=False)
 
 
-@NEEDS_SECAGG
 def test_a_bad_weight_word_never_yields_a_wrong_adopted_sum():
     record, glob, uploads, initial = secure_round("bad-weight-word")
 
