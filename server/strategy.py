@@ -44,6 +44,7 @@ from fedlora.aggregation import (
     validate_update,
 )
 from fedlora.aggregation.clipping import AdaptiveClip
+from fedlora.aggregation.weighting import cap_weights
 from fedlora.config import RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
 from fedlora.fastagg import weighted_mean_records
@@ -424,7 +425,7 @@ class FederatedLora:
         update = ClientUpdate(factors=factors, num_examples=1 if self.dp.enabled else n)
         validate_update(update, {m: (f.b.shape[0], f.a.shape[1]) for m, f in sent_factors.items()},
                         max_rank=self.cfg.fl.max_rank, declared_rank=node.rank)
-        bounded = self._bound_norm(update, sent_factors)
+        bounded, heads = self._bound_norm(update, heads, sent_factors, sent_heads)
         return Accepted(node, bounded, heads, metrics,
                         record if bounded is update else None)
 
@@ -448,30 +449,43 @@ class FederatedLora:
         wire_schema.check_metrics(metrics, wire_schema.TRAIN_METRICS, wire_schema.TRAIN_REQUIRED)
         return n
 
-    def _bound_norm(self, update: ClientUpdate, sent: Mapping[str, LoraFactors]) -> ClientUpdate:
+    def _bound_norm(self, update: ClientUpdate, heads: Mapping[str, np.ndarray],
+                    sent: Mapping[str, LoraFactors], sent_heads: Mapping[str, np.ndarray]
+                    ) -> tuple[ClientUpdate, dict[str, np.ndarray]]:
         """Reject absurd moves (``max-update-norm``), clip large ones (``clip-update-norm``, or
-        the adaptive bound tracking the ``clip-quantile`` of the update norms)."""
+        the adaptive bound tracking the ``clip-quantile`` of the update norms).
+
+        The norm is the Frobenius norm of the whole upload's change: every LoRA factor and
+        every head, bias and module to save (``x − x_received``, float64). Clipping moves all
+        of them back towards what was received by one factor. Returns the update and heads,
+        the very objects given when neither bound acts.
+        """
         fl = self.cfg.fl
         bound = self.adaptive_clip.bound if self.adaptive_clip else fl.clip_update_norm
         if not fl.max_update_norm and not bound:
-            return update
+            return update, dict(heads)
         squares = 0.0
         for module, f in update.factors.items():
             g = sent[module]
             squares += float(np.sum((f.a.astype(np.float64) - g.a) ** 2))
             squares += float(np.sum((f.b.astype(np.float64) - g.b) ** 2))
+        for key, value in heads.items():
+            squares += float(np.sum((value.astype(np.float64) - sent_heads[key]) ** 2))
         norm = float(np.sqrt(squares))
-        if fl.max_update_norm and norm > fl.max_update_norm:
-            raise PayloadError("NORM_TOO_LARGE", f"the factors moved by {norm:.3g} (Frobenius); "
-                               f"max-update-norm is {fl.max_update_norm}")
+        if fl.max_update_norm and not norm <= fl.max_update_norm:
+            raise PayloadError("NORM_TOO_LARGE", f"the upload (factors and heads) moved by "
+                               f"{norm:.3g} (Frobenius); max-update-norm is "
+                               f"{fl.max_update_norm}")
         self._round_norms.append(norm)
         if not bound or norm <= bound:
-            return update
+            return update, dict(heads)
         keep = bound / norm
         clipped = {m: LoraFactors(a=(sent[m].a + keep * (f.a - sent[m].a)).astype(f.a.dtype),
                                   b=(sent[m].b + keep * (f.b - sent[m].b)).astype(f.b.dtype),
                                   scale=f.scale) for m, f in update.factors.items()}
-        return ClientUpdate(factors=clipped, num_examples=update.num_examples)
+        clipped_heads = {k: (sent_heads[k] + keep * (v - sent_heads[k])).astype(np.float32)
+                         for k, v in heads.items()}
+        return ClientUpdate(factors=clipped, num_examples=update.num_examples), clipped_heads
 
     def run(self, grid: Grid, start_round: int = 1,
             checkpoint_dir: Path | None = None) -> GlobalAdapter:
@@ -603,7 +617,7 @@ class FederatedLora:
             record["duration_s"] = time.perf_counter() - start
             return record
         aggregating = time.perf_counter()
-        accepted = self._noised(received.accepted, plan)
+        accepted = self._capped(self._noised(received.accepted, plan), record)
         weights = [item.update.num_examples for item in accepted]
         # the contributors' metrics are summarised before anything touches the global state
         record.update(self._client_summary([item.metrics for item in accepted], weights))
@@ -712,6 +726,19 @@ class FederatedLora:
         if received.errors:
             record["errors"] = received.errors[:5]
         return record
+
+    def _capped(self, accepted: list[Accepted], record: dict[str, Any]) -> list[Accepted]:
+        """Stage "weights": no reply carries more than ``max-weight-fraction`` of the round's
+        total weight (:func:`~fedlora.aggregation.weighting.cap_weights`); the number of
+        capped replies goes into the metrics line."""
+        counts = [item.update.num_examples for item in accepted]
+        capped = cap_weights(counts, self.cfg.fl.max_weight_fraction)
+        if capped == counts:
+            return accepted
+        limit = self.cfg.fl.max_weight_fraction * sum(counts)
+        record["weight_capped"] = sum(c > limit for c in counts)
+        return [dataclasses.replace(item, update=dataclasses.replace(item.update, num_examples=w))
+                for item, w in zip(accepted, capped, strict=True)]
 
     def _noised(self, accepted: list[Accepted], plan: RoundPlan) -> list[Accepted]:
         """Stage "noise": central DP adds the round's Gaussian noise (to one update)."""
