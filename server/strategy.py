@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -212,6 +213,7 @@ class FederatedLora:
         self.registered = (signed_wire.registered_keys(cfg.fl.signing_keys)
                            if cfg.fl.signing_keys else None)
         self.verifier: UpdateVerifier | None = None  # set by discover() with sign-updates
+        self.dp_samples: dict[int, list[int]] = {}  # DP: each round's drawn partitions
 
     # ------------------------------------------------------------------ discovery
 
@@ -340,18 +342,32 @@ class FederatedLora:
     # ------------------------------------------------------------------ rounds
 
     def sample(self, nodes: list[NodeInfo], server_round: int) -> list[NodeInfo]:
-        """The nodes of one round: ``clients_per_round`` of them without replacement, seeded by
-        (seed, round) over nodes in partition order, uniformly or ∝ their example counts."""
+        """The nodes of one round: ``clients_per_round`` of them without replacement over
+        nodes in partition order, uniformly or ∝ their example counts.
+
+        Without DP the draw is seeded by (seed, round): reproducible. Under DP the ε reported
+        is amplified by subsampling, which holds only if nobody can predict the sample, so it
+        is drawn from OS entropy (``secrets``) and recorded (partition ids, by round) in
+        :attr:`dp_samples`, which checkpoints keep: a round asked again, or restored, gets
+        the very sample it drew.
+        """
         k = self.cfg.fl.clients_per_round(len(nodes))
         if k == len(nodes):
             return nodes
-        rng = np.random.default_rng([self.cfg.fl.seed, server_round])
+        if self.dp.enabled and server_round in self.dp_samples:
+            chosen = set(self.dp_samples[server_round])
+            return [n for n in nodes if n.partition_id in chosen]
+        seed = secrets.randbits(128) if self.dp.enabled else [self.cfg.fl.seed, server_round]
+        rng = np.random.default_rng(seed)
         p = None
         if self.cfg.fl.sampling == "data-size":
             sizes = np.array([n.num_examples for n in nodes], dtype=np.float64)
             p = sizes / sizes.sum()
-        picked = sorted(rng.choice(len(nodes), size=k, replace=False, p=p).tolist())
-        return [nodes[i] for i in picked]
+        picked = [nodes[i] for i in sorted(rng.choice(len(nodes), size=k, replace=False,
+                                                      p=p).tolist())]
+        if self.dp.enabled:
+            self.dp_samples[server_round] = [n.partition_id for n in picked]
+        return picked
 
     def _message(self, node: NodeInfo, server_round: int, plan: RoundPlan, message_type: str,
                  encoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]]
@@ -530,13 +546,16 @@ class FederatedLora:
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Everything the next rounds depend on (sampling, aggregation seeds and client
-        training seeds are pure functions of (seed, round, partition): no RNG state)."""
+        training seeds are pure functions of (seed, round, partition): no RNG state; under DP
+        the samples drawn from OS entropy so far are kept instead)."""
         glob_state, glob_arrays = self.glob.state_dict()
         arrays = {f"global/{k}": v for k, v in glob_arrays.items()}
         state: dict[str, Any] = {"global": glob_state, "strategy": self.cfg.fl.strategy,
                                  "config_digest": config_digest(self.cfg)}
         if self.adaptive_clip is not None:
             state["adaptive_clip_bound"] = self.adaptive_clip.bound
+        if self.dp_samples:
+            state["dp_samples"] = {str(r): p for r, p in sorted(self.dp_samples.items())}
         if self.accountant is not None:
             state["dp_population"] = self.accountant.population
             state["dp_events"] = self.accountant.state()
@@ -572,6 +591,8 @@ class FederatedLora:
             self.optimizer.load_state_dict(opt)
         if self.adaptive_clip is not None:
             self.adaptive_clip.bound = float(ck.state["adaptive_clip_bound"])
+        self.dp_samples = {int(r): [int(p) for p in pids]
+                           for r, pids in ck.state.get("dp_samples", {}).items()}
         if "dp_events" in ck.state:
             self.accountant = privacy.Accountant(self.dp, int(ck.state["dp_population"]))
             self.accountant.load(ck.state["dp_events"])
