@@ -88,7 +88,8 @@ def check_metrics(metrics: Mapping[str, Any], schema: Mapping[str, str],
         if kind is None:
             raise PayloadError("BAD_METRICS", f"metric {str(key)[:40]!r} is not in the declared "
                                f"schema ({', '.join(sorted(schema))})")
-        if type(value) is not int and (kind == "int" or type(value) is not float):
+        if isinstance(value, bool) or not isinstance(value, int if kind == "int" else
+                                                         int | float):
             raise PayloadError("BAD_METRICS", f"metric {key!r} must be "
                                f"{'an int' if kind == 'int' else 'a number'}, got "
                                f"{type(value).__name__} {str(value)[:40]}")

@@ -937,6 +937,13 @@ class FederatedLora:
             return record
 
         node = contributors[0][0]
+        clipped = {n.partition_id: int(m.get("secagg-clipped", 0)) for n, m in contributors}
+        if any(clipped.values()):
+            record["secagg_clipped"] = sum(clipped.values())
+            log(WARNING, "Round %d: secure aggregation clipped %d uploaded value(s) to "
+                "±secagg-clip-range %g (by partition: %s); raise secagg-clip-range if the "
+                "adapter's values are that large", server_round, record["secagg_clipped"],
+                self.cfg.fl.secagg_clip_range, {p: c for p, c in clipped.items() if c})
         weights = [int(m["num-examples"]) for _, m in contributors]
         aggregating = time.perf_counter()
         result, heads, update = self._adopt_mean(mean, sent[node.node_id], node,

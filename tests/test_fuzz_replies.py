@@ -140,7 +140,8 @@ def npy_bytes(draw, shape_of: tuple[int, ...]) -> bytes:
         version = draw(st.sampled_from([1, 2, 3, 9]))
         width = 2 if version == 1 else 4
         declared = len(header) + draw(st.sampled_from([0, 0, 1, -3, 1 << 20]))
-        prefix = b"\x93NUMPY" + bytes([version, 0]) + max(declared, 0).to_bytes(width, "little")
+        declared = min(max(declared, 0), (1 << 8 * width) - 1)
+        prefix = b"\x93NUMPY" + bytes([version, 0]) + declared.to_bytes(width, "little")
         return prefix + header + draw(st.binary(max_size=64))
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": descr if descr in ("<f4", "<f2", "<f8",
@@ -442,8 +443,10 @@ def test_discovery_drops_a_bad_node_and_keeps_the_others(answer):
         if kind == "metric":
             return Message(RecordDict({"caps": MetricRecord({"partition-id": 9})}),
                            reply_to=msg)
-        name = "capabilities" if kind == "wrong-name" else "caps"
-        return Message(RecordDict({"caps" if kind == "caps" else name: record}), reply_to=msg)
+        if kind == "no-caps":
+            return Message(RecordDict({}), reply_to=msg)
+        return Message(RecordDict({"capabilities" if kind == "wrong-name" else "caps": record}),
+                       reply_to=msg)
 
     nodes = strategy.discover(FakeGrid(partitions, respond))
 
