@@ -313,8 +313,9 @@ class FederatedLora:
     def admit(self, nodes: Iterable[NodeInfo]) -> list[NodeInfo]:
         """The nodes a run can use, in partition order; the others are dropped, logged.
 
-        One node per partition (the first by node id). Under a rule that needs equal ranks,
-        the rank most nodes announced (ties: the run config's ``lora.r``, then the smaller):
+        One node per partition (the first by node id). A run config whose rank-by-partition
+        mixes ranks under a rule that needs equal ranks is a ConfigError. Otherwise, under such
+        a rule, the rank most nodes announced (ties: the run config's ``lora.r``, then the smaller):
         a node announcing another is dropped, not the run.
         """
         ordered = sorted(nodes, key=lambda n: (n.partition_id, n.node_id))
@@ -326,6 +327,12 @@ class FederatedLora:
                     kept[-1].node_id)
                 continue
             kept.append(node)
+        configured = sorted({self.cfg.rank_for_partition(n.partition_id) for n in kept})
+        if len(configured) > 1 and self.info.equal_ranks:  # the run config itself, not a node
+            raise ConfigError(
+                f"strategy {self.cfg.fl.strategy!r} needs every client at the same LoRA rank, "
+                f"but rank-by-partition gives the nodes ranks {configured}; use one rank or a "
+                f"rule that accepts mixed ranks: {', '.join(mixed_rank_strategies())}")
         ranks = Counter(n.rank for n in kept)
         if len(ranks) > 1 and self.info.equal_ranks:
             rank = max(ranks, key=lambda r: (ranks[r], r == self.cfg.lora.r, -r))
