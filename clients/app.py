@@ -30,6 +30,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -46,6 +47,7 @@ from fedlora import (
     secure_hetlora,
     signed_wire,
     training,
+    wire_schema,
 )
 from fedlora.aggregation import LoraFactors
 from fedlora.errors import ConfigError
@@ -153,6 +155,8 @@ def train(msg: Message, context: Context) -> Message:
         outgoing, dp_metrics = privacy.privatize(outgoing, arrays, dp,
                                                  contributors=contributors)
         privacy.withhold_metrics(dp, metrics, dp_metrics)
+    # the declared outgoing schema, enforced here: nothing else leaves the node
+    wire_schema.check_outgoing(outgoing, arrays, str(instructions.get("send", "ab")), metrics)
     if secure:
         if cfg.fl.strategy == "hetlora":  # norm weights and padding applied here, summed there
             outgoing = secure_hetlora.prescale(
@@ -160,6 +164,11 @@ def train(msg: Message, context: Context) -> Message:
                 int(instructions["hetlora-rank"]),
                 cfg.lora.alpha, cfg.lora.use_rslora, cfg.fl.hetlora_weight_by_examples,
                 gain=float(instructions["hetlora-gain"]), clip_range=cfg.fl.secagg_clip_range)
+        if dp.mode not in privacy.UNTRUSTED_SERVER:  # a count of this data's large values
+            # the codec clips every coordinate to ±secagg-clip-range: say how many it will
+            metrics["secagg-clipped"] = int(sum(
+                np.count_nonzero(~(np.abs(v) <= cfg.fl.secagg_clip_range))
+                for v in outgoing.values()))
         weight = 1 if dp.enabled else int(metrics["num-examples"])  # DP: an unweighted mean
         keys = secure_client.begin(context, secagg_config(cfg), int(instructions["server-round"]),
                                    outgoing, weight)
@@ -271,6 +280,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = training.evaluate(model, heldout, cfg.eval.batch_size, tokenizer.pad_token_id,
                                 cfg.model.task)
     metrics.update({"num-examples": len(heldout), "partition-id": node.partition_id})
+    wire_schema.check_metrics(metrics, wire_schema.EVAL_METRICS,
+                              wire_schema.eval_required(cfg.model.task))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -21,6 +21,7 @@ format and ``flwr supernode register`` only NIST curves; uvicorn serves EC certi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -137,7 +138,7 @@ def generate(directory: str | Path, hosts: Sequence[str] = (), nodes: int = 2,
     if nodes < 0:
         raise CertsError(f"--nodes must be >= 0; got {nodes}")
     creds = Credentials.at(directory, nodes)
-    existing = [str(p) for p in creds.files() if p.exists()]
+    existing = [str(p) for p in creds.files() if p.exists() or p.is_symlink()]
     if existing and not force:
         raise CertsError(f"refusing to overwrite {', '.join(existing)}; pass --force "
                          f"(force=True) to replace them")
@@ -182,13 +183,14 @@ def generate(directory: str | Path, hosts: Sequence[str] = (), nodes: int = 2,
         .sign(ca_key, hashes.SHA384())
     )
 
-    _write(creds.ca_key, _pem_key(ca_key), private=True)
-    _write(creds.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write(creds.server_key, _pem_key(server_key), private=True)
-    _write(creds.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+    _write(creds.ca_key, _pem_key(ca_key), private=True, force=force)
+    _write(creds.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), force=force)
+    _write(creds.server_key, _pem_key(server_key), private=True, force=force)
+    _write(creds.server_cert, server_cert.public_bytes(serialization.Encoding.PEM),
+           force=force)
     for key_path, pub_path in zip(creds.node_keys, creds.node_public_keys, strict=True):
-        _write_openssh_pair(ec.generate_private_key(CURVE()), key_path, pub_path)
-    _write_signing_keys(creds)
+        _write_openssh_pair(ec.generate_private_key(CURVE()), key_path, pub_path, force)
+    _write_signing_keys(creds, force)
     return creds
 
 
@@ -196,30 +198,30 @@ def generate_signing_keys(directory: str | Path, nodes: int, force: bool = False
                           ) -> Credentials:
     """Write only the ``nodes`` update-signing key pairs (``signing-<i>.key/.pub``)."""
     creds = Credentials.at(directory, nodes)
-    existing = [str(p) for p in creds.signing_files() if p.exists()]
+    existing = [str(p) for p in creds.signing_files() if p.exists() or p.is_symlink()]
     if existing and not force:
         raise CertsError(f"refusing to overwrite {', '.join(existing)}; pass --force "
                          f"(force=True) to replace them")
     creds.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     creds.directory.chmod(0o700)
-    _write_signing_keys(creds)
+    _write_signing_keys(creds, force)
     return creds
 
 
-def _write_signing_keys(creds: Credentials) -> None:
+def _write_signing_keys(creds: Credentials, force: bool) -> None:
     for key_path, pub_path in zip(creds.signing_keys, creds.signing_public_keys, strict=True):
-        _write_openssh_pair(Ed25519PrivateKey.generate(), key_path, pub_path)
+        _write_openssh_pair(Ed25519PrivateKey.generate(), key_path, pub_path, force)
 
 
 def _write_openssh_pair(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey, key_path: Path,
-                        pub_path: Path) -> None:
+                        pub_path: Path, force: bool) -> None:
     """``key`` in OpenSSH format (private, 0600) and its public key, commented with the name."""
     _write(key_path, key.private_bytes(serialization.Encoding.PEM,
                                        serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()), private=True)
+                                       serialization.NoEncryption()), private=True, force=force)
     _write(pub_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                    serialization.PublicFormat.OpenSSH)
-           + f" {key_path.stem}\n".encode())
+           + f" {key_path.stem}\n".encode(), force=force)
 
 
 def git_work_tree(path: str | Path) -> Path | None:
@@ -296,10 +298,21 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _write(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Write ``data``; private files are 0600 from their creation on (never world-readable)."""
+def _write(path: Path, data: bytes, *, private: bool = False, force: bool = False) -> None:
+    """Write ``data`` into a file this call creates: ``O_EXCL | O_NOFOLLOW``, so a file or a
+    symlink planted at ``path`` is never written through; with ``force`` the old entry (a
+    symlink itself, never its target) is removed first. Private files are 0600 from their
+    creation on (never world-readable)."""
     mode = 0o600 if private else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    os.fchmod(fd, mode)  # an overwritten file keeps its old mode otherwise
+    if force:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError:
+        raise CertsError(f"refusing to write {path}: something is already there (a file or a "
+                         f"symlink); remove it or pass --force (force=True)") from None
+    os.fchmod(fd, mode)  # the umask may have narrowed it
     with os.fdopen(fd, "wb") as f:
         f.write(data)

@@ -25,6 +25,7 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, DataError
 from fedlora.federation import stack
 from fedlora.threads import single_threaded_blas
+from fedlora.wire_schema import select_outgoing  # noqa: F401 — the ClientApp's name for it
 
 V = TypeVar("V")
 
@@ -218,15 +219,3 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def select_outgoing(arrays: Mapping[str, np.ndarray], send: str) -> dict[str, np.ndarray]:
-    """Keep the factors named in ``send`` ("ab", "a" or "b") and every declared head."""
-    keep = {}
-    for key, value in arrays.items():
-        if key.endswith(lora.LORA_A) and "a" not in send:
-            continue
-        if key.endswith(lora.LORA_B) and "b" not in send:
-            continue
-        keep[key] = value
-    return keep

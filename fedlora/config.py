@@ -104,6 +104,9 @@ class FederationConfig:
     min_accepted_fraction: float = _f(0.0, "the same as a fraction of the sampled nodes")
     max_failed_rounds: int = _f(3, "abandoned rounds in a row that end the run with an error")
     max_examples: int = _f(10_000_000, "largest example count a reply may declare (its weight)")
+    max_weight_fraction: float = _f(1.0, "largest share of a round's total weight one reply "
+                                    "may carry; larger weights are capped (1 = no cap; plain "
+                                    "rounds)")
     max_update_norm: float = _f(1000.0, "a reply whose factors moved farther than this "
                                 "(Frobenius norm over all modules) is rejected (0 = no limit)")
     clip_update_norm: float = _f(0.0, "scale each reply's factor update down to this norm "
@@ -175,6 +178,13 @@ class FederationConfig:
         _positive("max-failed-rounds", self.max_failed_rounds)
         _positive("max-examples", self.max_examples)
         _positive("max-update-norm", self.max_update_norm, zero_ok=True)
+        if not 0 < self.max_weight_fraction <= 1:
+            raise ConfigError(f"max-weight-fraction must be in (0, 1] (1 = no cap); got "
+                              f"{self.max_weight_fraction}")
+        if self.max_weight_fraction < 1 and self.secure_aggregation:
+            raise ConfigError("max-weight-fraction caps weights the server sees; under "
+                              "secure-aggregation each weight is inside the masked sum: use "
+                              "max-examples there, or max-weight-fraction = 1")
         _positive("clip-update-norm", self.clip_update_norm, zero_ok=True)
         if not 0 <= self.clip_quantile < 1:
             raise ConfigError(f"clip-quantile must be in [0, 1) (0 = off); got "

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from fedlora import lora
 from fedlora.errors import PayloadError
 from fedlora.secagg import SecAggClient, SecAggConfig, flatten_arrays
 from fedlora.secure_wire import (
@@ -40,13 +39,14 @@ def clip_update(outgoing: Mapping[str, np.ndarray], received: Mapping[str, np.nd
                 max_norm: float) -> dict[str, np.ndarray]:
     """``clip-update-norm`` on the client: what the server does to a plain reply.
 
-    The Frobenius norm of the LoRA factors' change ``x − x_received`` (heads excluded) is
-    brought down to ``max_norm`` by moving each factor back towards what it received; an
-    update within the bound (or ``max_norm = 0``) is returned unchanged.
+    The Frobenius norm of the whole upload's change ``x − x_received`` (LoRA factors, heads,
+    biases and modules to save) is brought down to ``max_norm`` by moving each array back
+    towards what it received; an update within the bound (or ``max_norm = 0``) is returned
+    unchanged.
     """
     if not max_norm:
         return dict(outgoing)
-    factors = [k for k in outgoing if k.endswith((lora.LORA_A, lora.LORA_B))]
+    factors = sorted(outgoing)
     norm = float(np.sqrt(sum(float(np.sum((outgoing[k].astype(np.float64) - received[k]) ** 2))
                              for k in factors)))
     if norm <= max_norm:

@@ -51,7 +51,9 @@ from fedlora.secagg import (
     UnmaskResponse,
     secagg_compatible,
 )
+from fedlora.transport import NPY_STYPE, npy_layout
 
+_UINT32 = frozenset(("<u4",))  # the masked input's words, as np.save writes them
 SECAGG = "secagg"  # the ConfigRecord of every secure-aggregation message
 MASKED = "masked"  # the ArrayRecord of the stage-2 reply
 MASKED_KEY = "masked-input"
@@ -231,20 +233,19 @@ def read_masked(content: RecordDict, sender: int, vector_size: int) -> MaskedInp
     if array.dtype != "uint32" or tuple(array.shape) != expected:
         raise PayloadError("MALFORMED", f"the masked input must be uint32 of shape {expected}; "
                            f"got {array.dtype} {tuple(array.shape)}")
-    if len(array.data) > 4 * (vector_size + 1) + 1024:  # .npy header + payload
+    if not isinstance(array.data, bytes) or len(array.data) > 4 * (vector_size + 1) + 1024:
         raise PayloadError("PAYLOAD_TOO_LARGE", f"{len(array.data)} bytes for a masked input "
                            f"of {vector_size + 1} uint32 words")
-    try:
-        words = array.numpy()
-    except (TypeError, ValueError) as exc:
-        raise PayloadError("MALFORMED", f"the masked input does not decode: {exc}") from None
-    if words.dtype != np.uint32 or words.shape != expected:
-        raise PayloadError("MALFORMED", f"the masked input decodes to {words.dtype} "
-                           f"{words.shape}, not the declared uint32 {expected}")
+    # the header is parsed and checked against the bytes there, never allocated from
+    offset, dims, _, _ = npy_layout("the masked input", array.data, _UINT32)
+    if dims != expected or array.stype != NPY_STYPE:
+        raise PayloadError("MALFORMED", f"the masked input decodes to {dims}, not the "
+                           f"declared uint32 {expected}")
+    words = np.frombuffer(array.data, dtype=np.uint32, count=expected[0], offset=offset)
     seed_owners, seeds = fields.get_ints("pair-seed-owners"), fields.get_bytes_list("pair-seeds")
     fields.same_length(seed_owners, seeds)
     return MaskedInput(server_round=fields.get_int("server-round"), sender=sender,
-                       masked=np.ascontiguousarray(words),
+                       masked=words.copy(),
                        no_shares_of=frozenset(fields.get_ints("no-shares-of")),
                        pair_seeds=dict(zip(seed_owners, seeds, strict=True)))
 

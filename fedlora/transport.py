@@ -16,7 +16,7 @@ in float32 (float64 accumulators).
 
 from __future__ import annotations
 
-import io
+import ast
 import math
 from collections.abc import Mapping
 from functools import lru_cache
@@ -28,7 +28,6 @@ from fedlora.aggregation import LoraFactors
 from fedlora.config import WIRE_DTYPES
 from fedlora.errors import ConfigError, PayloadError
 
-ALLOWED_DTYPES = (np.float32, np.float16, np.float64)
 NPY_STYPE = "numpy.ndarray"  # flwr's SType.NUMPY: ``Array.data`` holds ``np.save`` bytes
 BF16_STYPE = "fedlora.bfloat16"  # ``Array.data``: raw little-endian bfloat16 bit patterns
 _NPY_MAGIC = b"\x93NUMPY"
@@ -94,7 +93,16 @@ def unpack(record: ArrayRecord, *, copy: bool = True) -> dict[str, np.ndarray]:
     With ``copy`` (the default) every array is writable and owns its memory; without, float32
     arrays are read-only views into the record's bytes (:func:`read_array`), for readers that
     never write into them.
+
+    Raises
+    ------
+    PayloadError
+        ``MALFORMED`` when ``record`` is not an ``ArrayRecord``; any reason of
+        :func:`read_array`.
     """
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError("MALFORMED", f"expected an ArrayRecord of arrays, got a "
+                           f"{type(record).__name__}")
     out: dict[str, np.ndarray] = {}
     for key, array in record.items():
         value = read_array(key, array)
@@ -103,42 +111,120 @@ def unpack(record: ArrayRecord, *, copy: bool = True) -> dict[str, np.ndarray]:
 
 
 def read_array(key: str, array: Array) -> np.ndarray:
-    """One ``Array`` as float32, without copying when its bytes allow it.
+    """One ``Array`` as float32, without copying when its bytes allow it; an untrusted header
+    is parsed and bound-checked before a single value is read.
 
-    ``Array.data`` is numpy's ``.npy`` serialisation (what ``np.save`` writes). When it holds a
-    C-ordered native float32 array — every array :func:`pack` makes — the result is a read-only
-    view into ``Array.data`` (the header is parsed once per distinct header). Anything else is
-    decoded by ``Array.numpy()`` as before and cast to float32 (a new array).
+    ``Array.data`` is numpy's ``.npy`` serialisation (what ``np.save`` writes). Its header is
+    parsed here (:func:`npy_layout`: magic, version 1–3, at most :data:`MAX_NPY_HEADER` bytes,
+    a literal dict), never by ``np.load``: the dtype must be a little-endian float of 2, 4 or
+    8 bytes, the shape a tuple of at most 8 non-negative ints, the body
+    exactly ``itemsize × count`` bytes. The values are then a view of ``Array.data``: nothing
+    is ever allocated from a size a header declares. A C-ordered native float32 array — every array
+    :func:`pack` makes — stays a read-only view; any other is cast to float32 (a new array of
+    at most the reply's own size).
 
     Raises
     ------
     PayloadError
-        ``BAD_DTYPE`` when the array is not float16, float32, float64 or :data:`BF16_STYPE`
-        bfloat16; ``MALFORMED`` when a bfloat16 array's bytes do not match its shape.
+        ``MALFORMED`` when ``array`` is not an ``Array`` of bytes, its serialisation type is
+        unknown, its header does not parse or its body does not match it; ``BAD_DTYPE`` when
+        its dtype is not float16/32/64 (or :data:`BF16_STYPE` bfloat16).
     """
-    data = array.data
+    if not isinstance(array, Array) or not isinstance(array.data, bytes):
+        raise PayloadError("MALFORMED", f"{key} is a {type(array).__name__}, not an Array of "
+                           f"bytes")
     if array.stype == BF16_STYPE:
-        return _read_bfloat16(key, array)
-    layout = float32_layout(array)
-    if layout is not None:
-        offset, shape, count = layout
-        return np.frombuffer(data, dtype=_FLOAT32, count=count, offset=offset).reshape(shape)
-    value = array.numpy()
-    if value.dtype not in ALLOWED_DTYPES:
-        raise PayloadError("BAD_DTYPE", f"{key} has dtype {value.dtype}; expected float32")
-    return value.astype(np.float32, copy=False)
+        value = _read_bfloat16(key, array)
+    elif array.stype == NPY_STYPE:
+        offset, dims, dtype, fortran = npy_layout(key, array.data)
+        value = np.frombuffer(array.data, dtype=dtype, count=math.prod(dims), offset=offset)
+        value = value.reshape(dims, order="F" if fortran else "C")
+        if dtype != _FLOAT32:
+            value = value.astype(np.float32)
+    else:
+        raise PayloadError("MALFORMED", f"{key} has serialisation type {array.stype!r}; "
+                           f"expected {NPY_STYPE!r} or {BF16_STYPE!r}")
+    return value
 
 
 def _read_bfloat16(key: str, array: Array) -> np.ndarray:
-    shape = tuple(array.shape)
+    shape = tuple(array.shape) if isinstance(array.shape, list | tuple) else None
     if array.dtype != "bfloat16":
         raise PayloadError("BAD_DTYPE", f"{key} is serialised as bfloat16 but declares dtype "
                            f"{array.dtype!r}")
-    if not all(isinstance(d, int) and d >= 0 for d in shape) or \
+    if shape is None or not all(type(d) is int and d >= 0 for d in shape) or \
             len(array.data) != 2 * math.prod(shape):
         raise PayloadError("MALFORMED", f"{key}: {len(array.data)} bytes of bfloat16 cannot "
-                           f"hold shape {shape}")
+                           f"hold shape {str(shape)[:80]}")
     return bfloat16_values(np.frombuffer(array.data, dtype=_BF16_WIRE)).reshape(shape)
+
+
+MAX_NPY_HEADER = 4096  # bytes of a .npy header (np.save writes 128 for any adapter array)
+
+
+def npy_layout(key: str, data: bytes, descrs: frozenset[str] | None = None
+               ) -> tuple[int, tuple[int, ...], np.dtype, bool]:
+    """(offset of the values, shape, dtype, Fortran order) of untrusted ``.npy`` bytes, after
+    checking every field against the bytes that are actually there.
+
+    Raises
+    ------
+    PayloadError
+        ``MALFORMED`` (bad magic or version, a header that is too long, not a literal dict, a
+        shape that is not a tuple of non-negative ints, a body of another length) or
+        ``BAD_DTYPE`` (a dtype outside ``descrs``; by default a little-endian float of 2, 4
+        or 8 bytes).
+    """
+    if len(data) < 10 or data[:6] != _NPY_MAGIC or data[6] not in (1, 2, 3):
+        raise PayloadError("MALFORMED", f"{key} is not .npy data (magic or version)")
+    width = 2 if data[6] == 1 else 4
+    end = 8 + width + int.from_bytes(data[8:8 + width], "little")
+    if end > min(len(data), MAX_NPY_HEADER):
+        raise PayloadError("MALFORMED", f"{key}: the .npy header claims {end} bytes; the data "
+                           f"holds {len(data)} and a header may have {MAX_NPY_HEADER}")
+    try:
+        dims, fortran, dtype = _npy_header(data[:end], descrs or _FLOAT_DESCRS)
+    except PayloadError as exc:
+        detail = str(exc).split("] ", 1)[1]
+        raise PayloadError(exc.reason, f"{key} {detail}" if exc.reason == "BAD_DTYPE"
+                           else f"{key}: {detail}") from None
+    count = math.prod(dims)
+    if len(data) != end + dtype.itemsize * count:
+        raise PayloadError("MALFORMED", f"{key}: a .npy of {dtype} {dims} has "
+                           f"{end + dtype.itemsize * count} bytes, this one {len(data)}")
+    return end, dims, dtype, fortran
+
+
+@lru_cache(maxsize=1024)
+def _npy_header(header: bytes, descrs: frozenset[str]
+                ) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) of a complete ``.npy`` header, checked field by field.
+
+    Cached: the replies of one round repeat the same few headers.
+    """
+    try:
+        text = header[12 if header[6] != 1 else 10:].decode("latin1" if header[6] < 3
+                                                            else "utf8")
+        fields = ast.literal_eval(text)
+    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
+        raise PayloadError("MALFORMED", "the .npy header is not a literal dict") from None
+    if not isinstance(fields, dict) or set(fields) != {"descr", "fortran_order", "shape"}:
+        raise PayloadError("MALFORMED", "the .npy header must hold exactly descr, "
+                           "fortran_order and shape")
+    dims, fortran, descr = fields["shape"], fields["fortran_order"], fields["descr"]
+    if not isinstance(dims, tuple) or len(dims) > 8 or not all(
+            type(d) is int and 0 <= d < 1 << 40 for d in dims):
+        raise PayloadError("MALFORMED", f"the .npy shape must be a tuple of at most 8 "
+                           f"non-negative ints, got {str(dims)[:80]}")
+    if not isinstance(fortran, bool):
+        raise PayloadError("MALFORMED", f"fortran_order must be a bool, got {fortran!r}")
+    if not isinstance(descr, str) or descr not in descrs:
+        raise PayloadError("BAD_DTYPE", f"has dtype {str(descr)[:40]}; expected one of "
+                           f"{', '.join(sorted(descrs))}")
+    return dims, fortran, np.dtype(descr)
+
+
+_FLOAT_DESCRS = frozenset(("<f2", "<f4", "<f8"))  # little-endian, as np.save writes them
 
 
 def float32_layout(array: Array) -> tuple[int, tuple[int, ...], int] | None:
@@ -147,44 +233,15 @@ def float32_layout(array: Array) -> tuple[int, tuple[int, ...], int] | None:
     ``None`` unless ``data`` is a well-formed ``.npy`` of a C-ordered native float32 array
     (then ``np.frombuffer(data, np.float32, count, offset)`` holds its values).
     """
-    if array.stype != NPY_STYPE:
+    if not isinstance(array, Array) or array.stype != NPY_STYPE:
         return None
-    data = array.data
-    if data[:6] != _NPY_MAGIC or len(data) < 12:
-        return None
-    major = data[6]
-    if major == 1:
-        end = 10 + int.from_bytes(data[8:10], "little")
-    elif major == 2:
-        end = 12 + int.from_bytes(data[8:12], "little")
-    else:
-        return None
-    header = _float32_header_layout(data[:end])
-    if header is None or len(data) != end + 4 * header[1]:
-        return None
-    return end, header[0], header[1]
-
-
-@lru_cache(maxsize=1024)
-def _float32_header_layout(header: bytes) -> tuple[tuple[int, ...], int] | None:
-    """(shape, element count) if a ``.npy`` header declares C-ordered native float32, else None.
-
-    Cached: the replies of one round repeat the same few headers.
-    """
-    stream = io.BytesIO(header)
     try:
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
-        else:
-            return None
-    except ValueError:
-        return None  # malformed: Array.numpy() reports it
-    if dtype != _FLOAT32 or (fortran_order and len(shape) > 1):
+        offset, dims, dtype, fortran = npy_layout("", array.data)
+    except PayloadError:
         return None
-    return shape, math.prod(shape)
+    if dtype != _FLOAT32 or (fortran and len(dims) > 1):
+        return None
+    return offset, dims, math.prod(dims)
 
 
 def pack_correction(correction: Mapping[str, LoraFactors]) -> ArrayRecord:

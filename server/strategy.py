@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -26,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedlora import checkpoint, privacy, secure_hetlora, signed_wire
+from fedlora import checkpoint, privacy, secure_hetlora, signed_wire, wire_schema
 from fedlora.aggregation import (
     AggregationResult,
     ClientUpdate,
@@ -45,7 +46,7 @@ from fedlora.aggregation import (
 )
 from fedlora.aggregation.clipping import AdaptiveClip
 from fedlora.aggregation.diagnostics import tier_diagnostics
-from fedlora.client import select_outgoing
+from fedlora.aggregation.weighting import cap_weights
 from fedlora.config import RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
 from fedlora.fastagg import weighted_mean_records
@@ -54,6 +55,7 @@ from fedlora.lora import LORA_A
 from fedlora.outputs import client_memory, rss_mb
 from fedlora.secagg.signing import SignatureRejected, UpdateVerifier
 from fedlora.transport import nbytes, pack, pack_correction, unpack
+from fedlora.wire_schema import select_outgoing
 from server.secure_round import SecureOutcome, SecureRound
 
 # capability queries in flight at once: Flower's in-memory SuperLink scans its whole message
@@ -89,6 +91,37 @@ class Accepted:
     heads: dict[str, np.ndarray]
     metrics: dict[str, Any]
     record: ArrayRecord | None
+
+
+@dataclass
+class Outgoing:
+    """A round's train messages, the arrays each node received (by node id), and their size."""
+
+    start_version: int
+    messages: list[Message] = field(default_factory=list)
+    sent: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    bytes_down: int = 0
+
+
+@dataclass
+class Received:
+    """What the per-reply boundary made of a round's replies."""
+
+    accepted: list[Accepted] = field(default_factory=list)
+    rejected: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    bytes_up: int = 0
+
+    def reject(self, reason: str, server_round: int, reply: Message,
+               by_id: Mapping[int, NodeInfo], why: object) -> None:
+        """Count one rejected reply under ``reason`` and log why (the run goes on)."""
+        self.rejected[reason] += 1
+        node = by_id.get(reply.metadata.src_node_id)
+        who = (f"partition {node.partition_id}" if node is not None
+               else f"node {reply.metadata.src_node_id}")
+        log(WARNING, "Round %d: rejected the update of %s (%s): %s", server_round, who, reason,
+            why)
 
 
 @dataclass
@@ -189,6 +222,7 @@ class FederatedLora:
                            if cfg.fl.signing_keys else None)
         self.verifier: UpdateVerifier | None = None  # set by discover() with sign-updates
         self.signing_public_keys: dict[int, bytes] = {}  # node → Ed25519 key, ditto
+        self.dp_samples: dict[int, list[int]] = {}  # DP: each round's drawn partitions
 
     # ------------------------------------------------------------------ discovery
 
@@ -216,23 +250,20 @@ class FederatedLora:
                             dst_node_id=n, message_type="query.capabilities")
                     for n in node_ids[start:start + DISCOVERY_BATCH]]
             for reply in grid.send_and_receive(msgs, timeout=self.cfg.fl.round_timeout):
-                if reply.has_error():
-                    errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                try:  # one boundary per answer: a bad one drops its node, never the run
+                    node, caps = self._capabilities(reply, by_size)
+                except Exception as exc:  # noqa: BLE001
+                    reason = exc.reason if isinstance(exc, PayloadError) else "MALFORMED"
+                    errors.append(f"node {reply.metadata.src_node_id}: [{reason}] "
+                                  f"{_last_line(str(exc))[:300]}")
                     continue
-                caps = reply.content["caps"]
-                nodes.append(NodeInfo(reply.metadata.src_node_id, int(caps["partition-id"]),
-                                      int(caps["lora-rank"]), int(caps.get("num-examples", 0))))
-                announced[reply.metadata.src_node_id] = caps
+                nodes.append(node)
+                announced[node.node_id] = caps
         for err in errors:
-            log(WARNING, "Capability query failed on %s", err)
+            log(WARNING, "Capability query failed on %s; the node takes no part in the run", err)
+        nodes = self.admit(nodes)
         if not nodes:
             raise RuntimeError(f"no node answered the capability query: {errors}")
-        nodes.sort(key=lambda n: (n.partition_id, n.node_id))
-        self.check_ranks(nodes)
-        if by_size and not all(n.num_examples > 0 for n in nodes):
-            empty = [n.partition_id for n in nodes if n.num_examples <= 0][:5]
-            raise RuntimeError(f"sampling = 'data-size' needs every node's example count; "
-                               f"partitions {empty} reported none")
         if self.cfg.fl.sign_updates:
             self.verifier = self._signature_verifier(nodes, announced)
         return nodes
@@ -261,33 +292,99 @@ class FederatedLora:
         if self.verifier is not None:
             signed_wire.verify_reply(self.verifier, content, node_id, server_round)
 
-    def check_ranks(self, nodes: Iterable[NodeInfo]) -> None:
-        ranks = sorted({n.rank for n in nodes})
-        too_big = [r for r in ranks if r > self.cfg.fl.max_rank]
-        if too_big:
-            raise ConfigError(f"node ranks {too_big} exceed max-rank {self.cfg.fl.max_rank}")
-        if len(ranks) > 1 and self.info.equal_ranks:
+    def _capabilities(self, reply: Message, by_size: bool) -> tuple[NodeInfo, dict[str, Any]]:
+        """One node's answer to the capability query, every field type- and range-checked.
+
+        Raises
+        ------
+        PayloadError
+            ``CLIENT_ERROR`` (the node failed), ``MALFORMED`` (no ``caps`` ConfigRecord),
+            ``BAD_CAPS`` (a partition id, rank or example count that is not an int in range).
+        """
+        if reply.has_error():
+            raise PayloadError("CLIENT_ERROR", str(reply.error.reason))
+        caps = reply.content.get("caps")
+        if not isinstance(caps, ConfigRecord):
+            raise PayloadError("MALFORMED", f"the answer carries no 'caps' ConfigRecord "
+                               f"(got {type(caps).__name__})")
+        caps = dict(caps)
+        fields = {"partition-id": (0, 1 << 31), "lora-rank": (1, self.cfg.fl.max_rank)}
+        if by_size:
+            fields["num-examples"] = (1, self.cfg.fl.max_examples)
+        for key, (low, high) in fields.items():
+            value = caps.get(key)
+            if type(value) is not int or not low <= value <= high:
+                raise PayloadError("BAD_CAPS", f"{key} must be an int in {low}..{high} "
+                                   f"(max-rank / max-examples), got {str(value)[:40]!r}")
+        node = NodeInfo(reply.metadata.src_node_id, caps["partition-id"], caps["lora-rank"],
+                        caps.get("num-examples", 0) if by_size else 0)
+        return node, caps
+
+    def admit(self, nodes: Iterable[NodeInfo]) -> list[NodeInfo]:
+        """The nodes a run can use, in partition order; the others are dropped, logged.
+
+        One node per partition (the first by node id). A run config whose rank-by-partition
+        mixes ranks under a rule that needs equal ranks is a ConfigError. Otherwise, under such
+        a rule, the rank most nodes announced (ties: the run config's ``lora.r``, then the smaller):
+        a node announcing another is dropped, not the run.
+        """
+        ordered = sorted(nodes, key=lambda n: (n.partition_id, n.node_id))
+        kept: list[NodeInfo] = []
+        for node in ordered:
+            if kept and kept[-1].partition_id == node.partition_id:
+                log(WARNING, "Node %d announces partition %d, already taken by node %d: "
+                    "dropped (DUPLICATE_PARTITION)", node.node_id, node.partition_id,
+                    kept[-1].node_id)
+                continue
+            kept.append(node)
+        configured = sorted({self.cfg.rank_for_partition(n.partition_id) for n in kept})
+        if len(configured) > 1 and self.info.equal_ranks:  # the run config itself, not a node
             raise ConfigError(
                 f"strategy {self.cfg.fl.strategy!r} needs every client at the same LoRA rank, "
-                f"but the nodes have ranks {ranks}; use one rank or a rule that accepts mixed "
-                f"ranks: {', '.join(mixed_rank_strategies())}"
-            )
+                f"but rank-by-partition gives the nodes ranks {configured}; use one rank or a "
+                f"rule that accepts mixed ranks: {', '.join(mixed_rank_strategies())}")
+        ranks = Counter(n.rank for n in kept)
+        if len(ranks) > 1 and self.info.equal_ranks:
+            rank = max(ranks, key=lambda r: (ranks[r], r == self.cfg.lora.r, -r))
+            for node in kept:
+                if node.rank != rank:
+                    log(WARNING, "Partition %d (node %d) announces LoRA rank %d; strategy %r "
+                        "needs every client at one rank (%d here, or use a rule that accepts "
+                        "mixed ranks: %s): dropped (RANK_MISMATCH)", node.partition_id,
+                        node.node_id, node.rank, self.cfg.fl.strategy, rank,
+                        ", ".join(mixed_rank_strategies()))
+            kept = [n for n in kept if n.rank == rank]
+        return kept
 
     # ------------------------------------------------------------------ rounds
 
     def sample(self, nodes: list[NodeInfo], server_round: int) -> list[NodeInfo]:
-        """The nodes of one round: ``clients_per_round`` of them without replacement, seeded by
-        (seed, round) over nodes in partition order, uniformly or ∝ their example counts."""
+        """The nodes of one round: ``clients_per_round`` of them without replacement over
+        nodes in partition order, uniformly or ∝ their example counts.
+
+        Without DP the draw is seeded by (seed, round): reproducible. Under DP the ε reported
+        is amplified by subsampling, which holds only if nobody can predict the sample, so it
+        is drawn from OS entropy (``secrets``) and recorded (partition ids, by round) in
+        :attr:`dp_samples`, which checkpoints keep: a round asked again, or restored, gets
+        the very sample it drew.
+        """
         k = self.cfg.fl.clients_per_round(len(nodes))
         if k == len(nodes):
             return nodes
-        rng = np.random.default_rng([self.cfg.fl.seed, server_round])
+        if self.dp.enabled and server_round in self.dp_samples:
+            chosen = set(self.dp_samples[server_round])
+            return [n for n in nodes if n.partition_id in chosen]
+        seed = secrets.randbits(128) if self.dp.enabled else [self.cfg.fl.seed, server_round]
+        rng = np.random.default_rng(seed)
         p = None
         if self.cfg.fl.sampling == "data-size":
             sizes = np.array([n.num_examples for n in nodes], dtype=np.float64)
             p = sizes / sizes.sum()
-        picked = sorted(rng.choice(len(nodes), size=k, replace=False, p=p).tolist())
-        return [nodes[i] for i in picked]
+        picked = [nodes[i] for i in sorted(rng.choice(len(nodes), size=k, replace=False,
+                                                      p=p).tolist())]
+        if self.dp.enabled:
+            self.dp_samples[server_round] = [n.partition_id for n in picked]
+        return picked
 
     def _message(self, node: NodeInfo, server_round: int, plan: RoundPlan, message_type: str,
                  encoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]]
@@ -322,21 +419,28 @@ class FederatedLora:
         the metadata and the payload size come before decoding any array. Arrays are read as
         views into the reply's bytes where they allow it; nothing here writes into them.
         """
-        if "arrays" not in reply.content or "metrics" not in reply.content:
-            raise PayloadError("MALFORMED", "reply lacks 'arrays' or 'metrics'")
-        metrics = dict(reply.content["metrics"])
+        content = reply.content
+        record, raw_metrics = content.get("arrays"), content.get("metrics")
+        if not isinstance(record, ArrayRecord) or not isinstance(raw_metrics,
+                                                                  MetricRecord | ConfigRecord):
+            raise PayloadError("MALFORMED", f"a reply carries an ArrayRecord 'arrays' and a "
+                               f"MetricRecord 'metrics'; got {type(record).__name__} and "
+                               f"{type(raw_metrics).__name__}")
+        metrics = dict(raw_metrics)
         n = self.check_metrics(metrics, server_round)
         expected = select_outgoing(sent, send)
         limit = 2 * sum(v.size * 4 for v in expected.values()) + 65_536  # float64 at most
-        size = nbytes(reply.content["arrays"])
+        size = nbytes(record)
         if size > limit:
             raise PayloadError("PAYLOAD_TOO_LARGE", f"{size} bytes of arrays; this node's "
                                f"adapter is at most {limit} bytes")
-        arrays = unpack(reply.content["arrays"], copy=False)
-        extra, missing = sorted(set(arrays) - set(expected)), sorted(set(expected) - set(arrays))
-        if extra or missing:
+        if set(record) != set(expected):
+            extra = sorted(set(record) - set(expected))
+            missing = sorted(set(expected) - set(record))
             raise PayloadError("KEY_MISMATCH", f"expected the {send!r} factors and heads; "
                                f"missing {missing[:3]}, unexpected {extra[:3]}")
+        # every .npy header is parsed and bound-checked (dtype, shape, exact length) first
+        arrays = unpack(record, copy=False)
         if self.dp.mode == "central":  # the sensitivity the noise is calibrated to
             norm = privacy.update_norm(arrays, sent)
             if norm > self.dp.clip_norm * (1 + 1e-4):
@@ -354,48 +458,67 @@ class FederatedLora:
         update = ClientUpdate(factors=factors, num_examples=1 if self.dp.enabled else n)
         validate_update(update, {m: (f.b.shape[0], f.a.shape[1]) for m, f in sent_factors.items()},
                         max_rank=self.cfg.fl.max_rank, declared_rank=node.rank)
-        bounded = self._bound_norm(update, sent_factors)
+        bounded, heads = self._bound_norm(update, heads, sent_factors, sent_heads)
         return Accepted(node, bounded, heads, metrics,
-                        reply.content["arrays"] if bounded is update else None)
+                        record if bounded is update else None)
 
     def check_metrics(self, metrics: Mapping[str, Any], server_round: int | None) -> int:
-        """The reply's example count, after checking its round, count and loss."""
+        """The reply's example count, after checking its round, count and loss, then every
+        other metric against the declared schema (:data:`fedlora.wire_schema.TRAIN_METRICS`:
+        known keys only, each a finite number of its kind)."""
         if server_round is not None and metrics.get("server-round") != server_round:
-            raise PayloadError("WRONG_ROUND", f"reply is for round {metrics.get('server-round')!r}"
-                               f", this is round {server_round}")
+            raise PayloadError("WRONG_ROUND", f"reply is for round "
+                               f"{str(metrics.get('server-round'))[:40]}, this is round "
+                               f"{server_round}")
         n = metrics.get("num-examples")
         if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= self.cfg.fl.max_examples:
             raise PayloadError("BAD_EXAMPLE_COUNT", f"num-examples must be an int in 1.."
-                               f"{self.cfg.fl.max_examples} (max-examples), got {n!r}")
+                               f"{self.cfg.fl.max_examples} (max-examples), got "
+                               f"{str(n)[:40]}")
         loss = metrics.get("train-loss")
         if not isinstance(loss, int | float) or isinstance(loss, bool) or not np.isfinite(loss):
-            raise PayloadError("BAD_METRICS", f"train-loss must be a finite number, got {loss!r}")
+            raise PayloadError("BAD_METRICS", f"train-loss must be a finite number, got "
+                               f"{str(loss)[:40]}")
+        wire_schema.check_metrics(metrics, wire_schema.TRAIN_METRICS, wire_schema.TRAIN_REQUIRED)
         return n
 
-    def _bound_norm(self, update: ClientUpdate, sent: Mapping[str, LoraFactors]) -> ClientUpdate:
+    def _bound_norm(self, update: ClientUpdate, heads: Mapping[str, np.ndarray],
+                    sent: Mapping[str, LoraFactors], sent_heads: Mapping[str, np.ndarray]
+                    ) -> tuple[ClientUpdate, dict[str, np.ndarray]]:
         """Reject absurd moves (``max-update-norm``), clip large ones (``clip-update-norm``, or
-        the adaptive bound tracking the ``clip-quantile`` of the update norms)."""
+        the adaptive bound tracking the ``clip-quantile`` of the update norms).
+
+        The norm is the Frobenius norm of the whole upload's change: every LoRA factor and
+        every head, bias and module to save (``x − x_received``, float64). Clipping moves all
+        of them back towards what was received by one factor. Returns the update and heads,
+        the very objects given when neither bound acts.
+        """
         fl = self.cfg.fl
         bound = self.adaptive_clip.bound if self.adaptive_clip else fl.clip_update_norm
         if not fl.max_update_norm and not bound:
-            return update
+            return update, dict(heads)
         squares = 0.0
         for module, f in update.factors.items():
             g = sent[module]
             squares += float(np.sum((f.a.astype(np.float64) - g.a) ** 2))
             squares += float(np.sum((f.b.astype(np.float64) - g.b) ** 2))
+        for key, value in heads.items():
+            squares += float(np.sum((value.astype(np.float64) - sent_heads[key]) ** 2))
         norm = float(np.sqrt(squares))
-        if fl.max_update_norm and norm > fl.max_update_norm:
-            raise PayloadError("NORM_TOO_LARGE", f"the factors moved by {norm:.3g} (Frobenius); "
-                               f"max-update-norm is {fl.max_update_norm}")
+        if fl.max_update_norm and not norm <= fl.max_update_norm:
+            raise PayloadError("NORM_TOO_LARGE", f"the upload (factors and heads) moved by "
+                               f"{norm:.3g} (Frobenius); max-update-norm is "
+                               f"{fl.max_update_norm}")
         self._round_norms.append(norm)
         if not bound or norm <= bound:
-            return update
+            return update, dict(heads)
         keep = bound / norm
         clipped = {m: LoraFactors(a=(sent[m].a + keep * (f.a - sent[m].a)).astype(f.a.dtype),
                                   b=(sent[m].b + keep * (f.b - sent[m].b)).astype(f.b.dtype),
                                   scale=f.scale) for m, f in update.factors.items()}
-        return ClientUpdate(factors=clipped, num_examples=update.num_examples)
+        clipped_heads = {k: (sent_heads[k] + keep * (v - sent_heads[k])).astype(np.float32)
+                         for k, v in heads.items()}
+        return ClientUpdate(factors=clipped, num_examples=update.num_examples), clipped_heads
 
     def run(self, grid: Grid, start_round: int = 1,
             checkpoint_dir: Path | None = None) -> GlobalAdapter:
@@ -459,13 +582,16 @@ class FederatedLora:
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Everything the next rounds depend on (sampling, aggregation seeds and client
-        training seeds are pure functions of (seed, round, partition): no RNG state)."""
+        training seeds are pure functions of (seed, round, partition): no RNG state; under DP
+        the samples drawn from OS entropy so far are kept instead)."""
         glob_state, glob_arrays = self.glob.state_dict()
         arrays = {f"global/{k}": v for k, v in glob_arrays.items()}
         state: dict[str, Any] = {"global": glob_state, "strategy": self.cfg.fl.strategy,
                                  "config_digest": config_digest(self.cfg)}
         if self.adaptive_clip is not None:
             state["adaptive_clip_bound"] = self.adaptive_clip.bound
+        if self.dp_samples:
+            state["dp_samples"] = {str(r): p for r, p in sorted(self.dp_samples.items())}
         if self.accountant is not None:
             state["dp_population"] = self.accountant.population
             state["dp_events"] = self.accountant.state()
@@ -501,6 +627,8 @@ class FederatedLora:
             self.optimizer.load_state_dict(opt)
         if self.adaptive_clip is not None:
             self.adaptive_clip.bound = float(ck.state["adaptive_clip_bound"])
+        self.dp_samples = {int(r): [int(p) for p in pids]
+                           for r, pids in ck.state.get("dp_samples", {}).items()}
         if "dp_events" in ck.state:
             self.accountant = privacy.Accountant(self.dp, int(ck.state["dp_population"]))
             self.accountant.load(ck.state["dp_events"])
@@ -522,130 +650,165 @@ class FederatedLora:
             len(lost), ck.round, ", ".join(str(a["round"]) for a in lost))
 
     def train_round(self, grid: Grid, nodes: list[NodeInfo], server_round: int) -> dict:
+        """One round as a pipeline of named stages: sample → build messages → (secure round,
+        or) send/receive → per reply: verify signature, validate/decode (one boundary: a
+        reply that raises anything is rejected with a reason, never the run) → central noise
+        → aggregate → adopt → diagnose; the caller evaluates and logs."""
         start = time.perf_counter()
         plan = round_plan(self.cfg, server_round)
         sampled = self.sample(nodes, server_round)
-        by_id = {n.node_id: n for n in sampled}
-        messages, sent = [], {}
+        out = self._build_messages(sampled, server_round, plan)
+        if self.releases is not None:  # before anything leaves: a crash cannot lose it
+            self.releases.append(server_round, len(sampled), len(nodes))
+        if self.secure is not None:
+            return self._secure_round(grid, nodes, sampled, out, plan, server_round, start)
+        replies = list(grid.send_and_receive(out.messages, timeout=self.cfg.fl.round_timeout))
+        received = self._receive(replies, out, sampled, plan, server_round)
+        record = self._round_record(sampled, received, out.bytes_down)
+        needed = self._needed(len(sampled))
+        if len(received.accepted) < needed:
+            log(WARNING, "Round %d: %d accepted update(s), %d needed (min-accepted / "
+                "min-accepted-fraction): round abandoned, the global adapter is unchanged",
+                server_round, len(received.accepted), needed)
+            record["abandoned"] = True
+            record["duration_s"] = time.perf_counter() - start
+            return record
+        aggregating = time.perf_counter()
+        accepted = self._capped(self._noised(received.accepted, plan), record)
+        weights = [item.update.num_examples for item in accepted]
+        # the contributors' metrics are summarised before anything touches the global state
+        record.update(self._client_summary([item.metrics for item in accepted], weights))
+        result, heads = self._aggregate_accepted(accepted, out.sent, plan, server_round)
+        diagnostics = result.diagnostics([item.update for item in accepted])
+        self.glob.apply(result, heads, self.optimizer, rank=accepted[0].node.rank,
+                        frozen="".join(sorted(set("ab") - set(plan.send))))
+        record["aggregate_s"] = time.perf_counter() - aggregating
+        record.update({key: diagnostics[key] for key in (
+            "agg_error", "agg_error_mean", "agg_error_max", "effective_rank_mean")})
+        record["base_version"] = self.glob.version
+        if "phase" in plan.options:
+            record["phase"] = plan.options["phase"]
+        self._account(record, len(sampled), len(nodes))
+        record["duration_s"] = time.perf_counter() - start
+        return record
+
+    def _build_messages(self, sampled: list[NodeInfo], server_round: int, plan: RoundPlan
+                        ) -> Outgoing:
+        """Stage "build messages": one train message per sampled node, and what each got."""
+        out = Outgoing(start_version=self.glob.version)
         encoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
         for node in sampled:
             msg, arrays = self._message(node, server_round, plan, MessageType.TRAIN, encoded)
-            messages.append(msg)
-            sent[node.node_id] = arrays
-        bytes_down = sum(nbytes(m.content["arrays"]) + (nbytes(m.content["correction"]) if
-                         "correction" in m.content else 0) for m in messages)
-        if self.releases is not None:  # before anything leaves: a crash cannot lose it
-            self.releases.append(server_round, len(sampled), len(nodes))
-        start_version = self.glob.version
-        if self.secure is not None:
-            template = select_outgoing(sent[sampled[0].node_id], plan.send)
-            if self.cfg.fl.strategy == "hetlora":  # uploads padded to the round's largest rank
-                gain, pad = secure_hetlora.gain(self.glob.adapter), max(n.rank for n in sampled)
-                for msg in messages:
-                    msg.content["config"]["hetlora-gain"] = gain
-                    msg.content["config"]["hetlora-rank"] = pad
-                template = secure_hetlora.prescale(template, 1, sampled[0].rank, pad,
-                                                   self.glob.lora_alpha, self.glob.rslora)
-            unmask_at_least = 0
-            if self.dp.mode == "distributed":  # each client's share of the noise is 1/m
-                contributors = self.cfg.fl.dp_min_contributors or len(sampled)
-                privacy.check_secure_range(template, self.dp, contributors,
-                                           self.cfg.fl.secagg_clip_range)
-                for msg in messages:
-                    msg.content["config"][privacy.CONTRIBUTORS_KEY] = contributors
-                unmask_at_least = max(contributors, self._needed(len(sampled)))
-            outcome = self.secure.run(
-                grid, server_round, sampled, messages, template,
-                lambda metrics: self.check_metrics(metrics, server_round),
-                lambda content, node_id: self.verify_signature(content, node_id, server_round),
-                min_contributors=unmask_at_least,
-                signing_keys=self.signing_public_keys if self.cfg.fl.sign_updates else None,
-                run_id=self.run_id)
-            for node in outcome.trained:
-                self.base_version[node.partition_id] = start_version
-            released = outcome.mean is not None  # seen by the server, adopted or not
-            record = self._adopt_secure(outcome, sent, plan, server_round, start, bytes_down)
-            if released:
-                self._account(record, len(sampled), len(nodes))
-            return record
-        replies = list(grid.send_and_receive(messages, timeout=self.cfg.fl.round_timeout))
+            out.messages.append(msg)
+            out.sent[node.node_id] = arrays
+        out.bytes_down = sum(nbytes(m.content["arrays"]) + (
+            nbytes(m.content["correction"]) if "correction" in m.content else 0)
+            for m in out.messages)
+        return out
 
-        accepted: list[Accepted] = []
-        rejected: Counter[str] = Counter()
-        errors: list[str] = []
-        seen: set[int] = set()
-        bytes_up = 0
+    def _receive(self, replies: list[Message], out: Outgoing, sampled: list[NodeInfo],
+                 plan: RoundPlan, server_round: int) -> Received:
+        """Stage "receive": every reply through :meth:`_take_reply`, the per-reply boundary.
+
+        Whatever handling one reply raises becomes a rejection with a reason code — its own
+        (``UpdateRejected``, ``PayloadError``, ``SignatureRejected``), else ``MALFORMED`` —
+        and is logged; it never aborts the round, and nothing of that reply is kept.
+        """
+        by_id = {n.node_id: n for n in sampled}
+        received = Received()
         # the SuperLink's own "node unavailable" replies carry its id as sender: replies are
         # matched to the node that was asked through the message they answer
-        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in out.messages
                  if m.metadata.message_id}
-
-        def asked_node(reply: Message) -> int:
-            return asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-
+        answered: set[int] = set()
         for reply in replies:
-            node = by_id.get(reply.metadata.src_node_id)
-            if reply.has_error():
-                rejected["CLIENT_ERROR"] += 1
-                errors.append(_last_line(reply.error.reason))
-                log(WARNING, "Round %d: node %s failed: %s", server_round, asked_node(reply),
-                    reply.error.reason)
-                continue
-            bytes_up += nbytes(reply.content["arrays"]) if "arrays" in reply.content else 0
-            if node is None:
-                rejected["DUPLICATE_OR_UNKNOWN"] += 1
-                continue
-            # the node finished its round, so it now holds every correction it was sent
-            self.base_version[node.partition_id] = start_version
-            try:  # first, so that replayed and duplicate signed replies get their own codes
-                self.verify_signature(reply.content, node.node_id, server_round)
-            except SignatureRejected as exc:
-                rejected[exc.reason] += 1
-                log(WARNING, "Round %d: rejected the signed update of partition %d: %s",
-                    server_round, node.partition_id, exc)
-                continue
-            if node.node_id in seen:
-                rejected["DUPLICATE_OR_UNKNOWN"] += 1
-                continue
-            seen.add(node.node_id)
             try:
-                accepted.append(self.decode(reply, node, sent[node.node_id], plan.send,
-                                            server_round))
-            except (UpdateRejected, PayloadError) as exc:
-                rejected[exc.reason] += 1
-                log(WARNING, "Round %d: rejected update of partition %d: %s", server_round,
-                    node.partition_id, exc)
-        answered = {asked_node(reply) for reply in replies}
-        rejected["NO_REPLY"] += len(set(by_id) - answered)
+                answered.add(asked.get(reply.metadata.reply_to_message_id,
+                                       reply.metadata.src_node_id))
+                item = self._take_reply(reply, by_id, out, received, plan, server_round)
+            except (UpdateRejected, PayloadError, SignatureRejected) as exc:
+                received.reject(exc.reason, server_round, reply, by_id, exc)
+            except Exception as exc:  # noqa: BLE001 — the boundary: one reply, never the run
+                received.reject("MALFORMED", server_round, reply, by_id,
+                                f"{type(exc).__name__}: {str(exc)[:300]}")
+            else:
+                if item is not None:
+                    received.accepted.append(item)
+        received.rejected["NO_REPLY"] += len(set(by_id) - answered)
+        received.accepted.sort(key=lambda item: item.node.partition_id)  # reproducible sums
+        return received
 
-        accepted.sort(key=lambda item: item.node.partition_id)  # fixed order → reproducible sums
+    def _take_reply(self, reply: Message, by_id: Mapping[int, NodeInfo], out: Outgoing,
+                    received: Received, plan: RoundPlan, server_round: int) -> Accepted | None:
+        """One reply: a client error, an unknown or duplicate sender, its signature, then
+        :meth:`decode`. Returns the validated update, or ``None`` when the reply was counted
+        as rejected here; raises (with a reason) when it is rejected."""
+        if reply.has_error():
+            received.rejected["CLIENT_ERROR"] += 1
+            received.errors.append(_last_line(str(reply.error.reason)))
+            log(WARNING, "Round %d: node %s failed: %s", server_round,
+                reply.metadata.src_node_id, str(reply.error.reason)[:2000])
+            return None
+        arrays = reply.content.get("arrays")
+        received.bytes_up += nbytes(arrays) if isinstance(arrays, ArrayRecord) else 0
+        node = by_id.get(reply.metadata.src_node_id)
+        if node is None:
+            received.rejected["DUPLICATE_OR_UNKNOWN"] += 1
+            return None
+        # the node finished its round, so it now holds every correction it was sent
+        self.base_version[node.partition_id] = out.start_version
+        # first, so that replayed and duplicate signed replies get their own codes
+        self.verify_signature(reply.content, node.node_id, server_round)
+        if node.node_id in received.seen:
+            received.rejected["DUPLICATE_OR_UNKNOWN"] += 1
+            return None
+        received.seen.add(node.node_id)
+        return self.decode(reply, node, out.sent[node.node_id], plan.send, server_round)
+
+    def _round_record(self, sampled: list[NodeInfo], received: Received, bytes_down: int
+                      ) -> dict[str, Any]:
+        """The metrics line's counts (and this round's adaptive clip bound, then adapted)."""
         clip_bound = None
         if self.adaptive_clip is not None:  # this round used the old bound; adapt for the next
             clip_bound = self.adaptive_clip.bound
             self.adaptive_clip.update(self._round_norms)
         self._round_norms = []
         record: dict[str, Any] = {
-            "num_sampled": len(sampled), "num_accepted": len(accepted),
-            "clients": [item.node.partition_id for item in accepted],
-            "rejected": {k: v for k, v in sorted(rejected.items()) if v},
-            "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "num_sampled": len(sampled), "num_accepted": len(received.accepted),
+            "clients": [item.node.partition_id for item in received.accepted],
+            "rejected": {k: v for k, v in sorted(received.rejected.items()) if v},
+            "bytes_up": received.bytes_up, "bytes_down": bytes_down,
         }
         if clip_bound is not None:
             record["clip_bound"] = clip_bound
-        if errors:
-            record["errors"] = errors[:5]
-        needed = self._needed(len(sampled))
-        if len(accepted) < needed:
-            log(WARNING, "Round %d: %d accepted update(s), %d needed (min-accepted / "
-                "min-accepted-fraction): round abandoned, the global adapter is unchanged",
-                server_round, len(accepted), needed)
-            record["abandoned"] = True
-            record["duration_s"] = time.perf_counter() - start
-            return record
+        if received.errors:
+            record["errors"] = received.errors[:5]
+        return record
 
-        aggregating = time.perf_counter()
-        if self.dp.mode == "central":
-            accepted[0] = self._with_central_noise(accepted[0], plan.send)
+    def _capped(self, accepted: list[Accepted], record: dict[str, Any]) -> list[Accepted]:
+        """Stage "weights": no reply carries more than ``max-weight-fraction`` of the round's
+        total weight (:func:`~fedlora.aggregation.weighting.cap_weights`); the number of
+        capped replies goes into the metrics line."""
+        counts = [item.update.num_examples for item in accepted]
+        capped = cap_weights(counts, self.cfg.fl.max_weight_fraction)
+        if capped == counts:
+            return accepted
+        limit = self.cfg.fl.max_weight_fraction * sum(counts)
+        record["weight_capped"] = sum(c > limit for c in counts)
+        return [dataclasses.replace(item, update=dataclasses.replace(item.update, num_examples=w))
+                for item, w in zip(accepted, capped, strict=True)]
+
+    def _noised(self, accepted: list[Accepted], plan: RoundPlan) -> list[Accepted]:
+        """Stage "noise": central DP adds the round's Gaussian noise (to one update)."""
+        if self.dp.mode != "central":
+            return accepted
+        return [self._with_central_noise(accepted[0], plan.send), *accepted[1:]]
+
+    def _aggregate_accepted(self, accepted: list[Accepted],
+                            sent: Mapping[int, Mapping[str, np.ndarray]], plan: RoundPlan,
+                            server_round: int) -> tuple[AggregationResult, dict[str, np.ndarray]]:
+        """Stage "aggregate": the rule over the accepted updates (the zero-copy weighted mean
+        of their records where that is the rule) and the example-weighted mean heads."""
         updates = [item.update for item in accepted]
         weights = [u.num_examples for u in updates]
         node = accepted[0].node
@@ -654,25 +817,42 @@ class FederatedLora:
             mean = unpack(weighted_mean_records(records, weights))  # what arrived, as it is
             result, heads, _ = self._adopt_mean(mean, sent[node.node_id], node, sum(weights),
                                                 plan, server_round)
-        else:
-            result = self._aggregate(updates, plan, server_round)
-            heads = aggregate_heads([item.heads for item in accepted], weights)
-        diagnostics = result.diagnostics(updates)
-        self.glob.apply(result, heads, self.optimizer, rank=node.rank,
-                        frozen="".join(sorted(set("ab") - set(plan.send))))
-        record["aggregate_s"] = time.perf_counter() - aggregating
-        record.update(self._client_summary([item.metrics for item in accepted], weights))
-        record.update({
-            "agg_error": diagnostics["agg_error"],
-            "agg_error_mean": diagnostics["agg_error_mean"],
-            "agg_error_max": diagnostics["agg_error_max"],
-            "effective_rank_mean": diagnostics["effective_rank_mean"],
-            "base_version": self.glob.version,
-        })
-        if "phase" in plan.options:
-            record["phase"] = plan.options["phase"]
-        self._account(record, len(sampled), len(nodes))
-        record["duration_s"] = time.perf_counter() - start
+            return result, heads
+        return (self._aggregate(updates, plan, server_round),
+                aggregate_heads([item.heads for item in accepted], weights))
+
+    def _secure_round(self, grid: Grid, nodes: list[NodeInfo], sampled: list[NodeInfo],
+                      out: Outgoing, plan: RoundPlan, server_round: int, start: float) -> dict:
+        """The round's exchange and sum under secure aggregation (:class:`SecureRound`)."""
+        template = select_outgoing(out.sent[sampled[0].node_id], plan.send)
+        if self.cfg.fl.strategy == "hetlora":  # uploads padded to the round's largest rank
+            gain, pad = secure_hetlora.gain(self.glob.adapter), max(n.rank for n in sampled)
+            for msg in out.messages:
+                msg.content["config"]["hetlora-gain"] = gain
+                msg.content["config"]["hetlora-rank"] = pad
+            template = secure_hetlora.prescale(template, 1, sampled[0].rank, pad,
+                                               self.glob.lora_alpha, self.glob.rslora)
+        unmask_at_least = 0
+        if self.dp.mode == "distributed":  # each client's share of the noise is 1/m
+            contributors = self.cfg.fl.dp_min_contributors or len(sampled)
+            privacy.check_secure_range(template, self.dp, contributors,
+                                       self.cfg.fl.secagg_clip_range)
+            for msg in out.messages:
+                msg.content["config"][privacy.CONTRIBUTORS_KEY] = contributors
+            unmask_at_least = max(contributors, self._needed(len(sampled)))
+        outcome = self.secure.run(
+            grid, server_round, sampled, out.messages, template,
+            lambda metrics: self.check_metrics(metrics, server_round),
+            lambda content, node_id: self.verify_signature(content, node_id, server_round),
+            min_contributors=unmask_at_least,
+            signing_keys=self.signing_public_keys if self.cfg.fl.sign_updates else None,
+            run_id=self.run_id)
+        for node in outcome.trained:
+            self.base_version[node.partition_id] = out.start_version
+        released = outcome.mean is not None  # seen by the server, adopted or not
+        record = self._adopt_secure(outcome, out.sent, plan, server_round, start, out.bytes_down)
+        if released:
+            self._account(record, len(sampled), len(nodes))
         return record
 
     def _needed(self, sampled: int) -> int:
@@ -807,6 +987,13 @@ class FederatedLora:
             return record
 
         node = contributors[0][0]
+        clipped = {n.partition_id: int(m.get("secagg-clipped", 0)) for n, m in contributors}
+        if any(clipped.values()):
+            record["secagg_clipped"] = sum(clipped.values())
+            log(WARNING, "Round %d: secure aggregation clipped %d uploaded value(s) to "
+                "±secagg-clip-range %g (by partition: %s); raise secagg-clip-range if the "
+                "adapter's values are that large", server_round, record["secagg_clipped"],
+                self.cfg.fl.secagg_clip_range, {p: c for p, c in clipped.items() if c})
         weights = [int(m["num-examples"]) for _, m in contributors]
         aggregating = time.perf_counter()
         result, heads, update = self._adopt_mean(mean, sent[node.node_id], node,
@@ -846,6 +1033,32 @@ class FederatedLora:
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()})
         self.log_round(line)
 
+    def _eval_metrics(self, reply: Message) -> dict[str, int | float]:
+        """One evaluate reply's metrics, checked against :data:`~fedlora.wire_schema.EVAL_METRICS`
+        (known keys, finite numbers in range, the task's metrics present, ``num-examples`` an
+        int in 1..``max-examples``).
+
+        Raises PayloadError (``CLIENT_ERROR``, ``MALFORMED``, ``BAD_METRICS``,
+        ``BAD_EXAMPLE_COUNT``).
+        """
+        if reply.has_error():
+            raise PayloadError("CLIENT_ERROR", str(reply.error.reason))
+        metrics = reply.content.get("metrics")
+        if not isinstance(metrics, MetricRecord | ConfigRecord):
+            raise PayloadError("MALFORMED", f"an evaluate reply carries a MetricRecord "
+                               f"'metrics', got {type(metrics).__name__}")
+        checked = wire_schema.check_metrics(metrics, wire_schema.EVAL_METRICS,
+                                            wire_schema.eval_required(self.cfg.model.task))
+        n = checked["num-examples"]
+        if not 0 < n <= self.cfg.fl.max_examples:
+            raise PayloadError("BAD_EXAMPLE_COUNT", f"num-examples must be in 1.."
+                               f"{self.cfg.fl.max_examples} (max-examples), got {n}")
+        for key, (low, high) in wire_schema.EVAL_RANGES.items():
+            if key in checked and not low <= checked[key] <= high:
+                raise PayloadError("BAD_METRICS", f"{key} must be in {low}..{high}, got "
+                                   f"{checked[key]}")
+        return checked
+
     def federated_evaluate(self, grid: Grid, nodes: list[NodeInfo], server_round: int
                            ) -> dict[str, float]:
         """Clients evaluate the global adapter (with their personal factors) on local data."""
@@ -860,15 +1073,26 @@ class FederatedLora:
         encoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]] = {}
         msgs = [self._message(n, server_round, plan, MessageType.EVALUATE, encoded)[0]
                 for n in chosen]
-        results = [r.content["metrics"] for r in grid.send_and_receive(
-            msgs, timeout=self.cfg.fl.round_timeout) if not r.has_error()]
+        results, rejected = [], Counter()
+        for reply in grid.send_and_receive(msgs, timeout=self.cfg.fl.round_timeout):
+            try:  # one boundary per answer: a bad one is left out of the mean, never the run
+                results.append(self._eval_metrics(reply))
+            except Exception as exc:  # noqa: BLE001
+                reason = exc.reason if isinstance(exc, PayloadError) else "MALFORMED"
+                rejected[reason] += 1
+                log(WARNING, "Round %d: left out the evaluation of node %s (%s): %s",
+                    server_round, reply.metadata.src_node_id, reason,
+                    _last_line(str(exc))[:300])
+        out: dict[str, float] = {}
+        if rejected:
+            out["fed_eval_rejected"] = dict(sorted(rejected.items()))
         if not results:
-            return {}
-        total = sum(int(m["num-examples"]) for m in results)
-        keys = [k for k in results[0] if k.startswith("eval-")]
-        out = {f"fed_{k.replace('-', '_')}": sum(float(m[k]) * int(m["num-examples"])
-                                                 for m in results) / total for k in keys
-               if k != "eval-examples"}
+            return out
+        total = sum(m["num-examples"] for m in results)
+        keys = wire_schema.eval_required(self.cfg.model.task)  # what every accepted reply has
+        out.update({f"fed_{k.replace('-', '_')}": sum(float(m[k]) * m["num-examples"]
+                                                      for m in results) / total
+                    for k in keys if k.startswith("eval-") and k != "eval-examples"})
         out["fed_eval_clients"] = len(results)
         return out
 

@@ -386,9 +386,12 @@ def test_client_side_clipping_is_the_servers_clip_update_norm():
     outgoing = {"m.lora_A.weight": received["m.lora_A.weight"] + np.float32(3.0),
                 "head": np.full(4, 100.0, np.float32)}
     clipped = clip_update(outgoing, received, max_norm=1.5)
-    moved = np.linalg.norm(clipped["m.lora_A.weight"] - received["m.lora_A.weight"])
-    assert moved == pytest.approx(1.5, rel=1e-6)  # ‖3·1‖ over 6 entries = 7.35 → 1.5
-    assert np.array_equal(clipped["head"], outgoing["head"])  # heads are not in the norm
+    # the norm covers the head too: sqrt(6·3² + 4·100²) = 200.13 → 1.5, one factor for all
+    moved = np.sqrt(sum(np.sum((clipped[k].astype(np.float64) - received[k]) ** 2)
+                        for k in received))
+    assert moved == pytest.approx(1.5, rel=1e-6)
+    keep = 1.5 / np.sqrt(6 * 9.0 + 4 * 100.0**2)
+    np.testing.assert_allclose(clipped["head"], 100.0 * keep, rtol=1e-6)
     assert clip_update(outgoing, received, max_norm=0.0)["m.lora_A.weight"] is \
         outgoing["m.lora_A.weight"]
 

@@ -111,3 +111,33 @@ def folded_weights(factors: Sequence[LoraFactors], weights: np.ndarray, scale: f
     the global one.
     """
     return np.array([w * f.scale / scale for w, f in zip(weights, factors, strict=True)])
+
+
+def cap_weights(counts: Sequence[int], fraction: float, resolution: int = 10**9) -> list[int]:
+    """Example counts with no client's share of the total above ``fraction``.
+
+    Water-filling: the largest counts are lowered to one common cap ``c`` with
+    ``c = fraction · Σ_{uncapped} n / (1 − k · fraction)`` for the ``k`` capped clients, the
+    least change to the counts that gives every capped client the share ``fraction`` exactly
+    and leaves the others' ratios as they were. Deviations: when ``fraction < 1/K`` no such
+    cap exists and every client gets the same weight (share ``1/K``, the nearest); and as
+    :class:`ClientUpdate` weights are integers, capped counts are rescaled to integers of
+    about ``resolution`` (shares exact to ~1/``resolution``). Counts already within the cap
+    are returned unchanged (the same list of ints).
+    """
+    n = [int(c) for c in counts]
+    if not n or fraction >= 1 or max(n) <= fraction * sum(n):
+        return n
+    order = sorted(n, reverse=True)
+    capped: list[float] | None = None
+    for k in range(1, len(order)):
+        if k * fraction >= 1:
+            break
+        cap = fraction * sum(order[k:]) / (1 - k * fraction)
+        if order[k] <= cap:
+            capped = [min(float(c), cap) for c in n]
+            break
+    if capped is None:  # fraction < 1/K: equal weights are as close as the cap allows
+        return [1] * len(n)
+    unit = max(capped) / resolution
+    return [max(1, round(c / unit)) for c in capped]
