@@ -126,7 +126,7 @@ def directory_record(directory: KeyDirectory,
     """The key directory; with ``vouched`` (``node → (Ed25519 key, nonce, signature)``,
     ``sign-updates``) also each node's signature over its keys, for its neighbours to check."""
     ids = sorted(directory.public_keys)
-    record = ConfigRecord({
+    record = _record({
         "server-round": directory.server_round, "graph-seed": directory.graph_seed,
         "vector-size": directory.vector_size, "node-ids": ids,
         "mask-keys": [directory.public_keys[n].mask for n in ids],
@@ -151,7 +151,7 @@ def read_directory(record: Any) -> KeyDirectory:
 
 def relayed_record(relayed: RelayedShares) -> ConfigRecord:
     senders = sorted(relayed.ciphertexts)
-    return ConfigRecord({"server-round": relayed.server_round, "receiver": relayed.receiver,
+    return _record({"server-round": relayed.server_round, "receiver": relayed.receiver,
                          "senders": senders,
                          "ciphertexts": [relayed.ciphertexts[s] for s in senders]})
 
@@ -166,7 +166,7 @@ def read_relayed(record: Any) -> RelayedShares:
 
 
 def unmask_request_record(request: UnmaskRequest) -> ConfigRecord:
-    return ConfigRecord({"server-round": request.server_round, "receiver": request.receiver,
+    return _record({"server-round": request.server_round, "receiver": request.receiver,
                          "survivors": sorted(request.survivors),
                          "dropped": sorted(request.dropped)})
 
@@ -183,7 +183,7 @@ def read_unmask_request(record: Any) -> UnmaskRequest:
 
 
 def advert_record(advert: KeyAdvertisement) -> ConfigRecord:
-    return ConfigRecord({"server-round": advert.server_round, "mask-key": advert.keys.mask,
+    return _record({"server-round": advert.server_round, "mask-key": advert.keys.mask,
                          "encryption-key": advert.keys.encryption})
 
 
@@ -197,7 +197,7 @@ def read_advert(content: RecordDict, sender: int) -> KeyAdvertisement:
 
 def bundle_record(bundle: ShareBundle) -> ConfigRecord:
     receivers = sorted(bundle.ciphertexts)
-    return ConfigRecord({"server-round": bundle.server_round, "receivers": receivers,
+    return _record({"server-round": bundle.server_round, "receivers": receivers,
                          "ciphertexts": [bundle.ciphertexts[r] for r in receivers],
                          "commitment": bundle.commitment})
 
@@ -211,9 +211,16 @@ def read_bundle(content: RecordDict, sender: int) -> ShareBundle:
                        commitment=fields.get_bytes("commitment"))
 
 
+def _record(fields: dict[str, Any]) -> ConfigRecord:
+    """A ConfigRecord without its empty lists: Flower's ``count_bytes`` (which its message-size
+    mods and our byte accounting call) fails on an empty list; a list key that is absent reads
+    as empty (``_Fields.get_ints`` / ``get_bytes_list``)."""
+    return ConfigRecord({k: v for k, v in fields.items() if not (isinstance(v, list) and not v)})
+
+
 def masked_content(masked: MaskedInput) -> RecordDict:
     seeds = sorted(masked.pair_seeds)
-    return RecordDict({SECAGG: ConfigRecord({"server-round": masked.server_round,
+    return RecordDict({SECAGG: _record({"server-round": masked.server_round,
                                              "no-shares-of": sorted(masked.no_shares_of),
                                              "pair-seed-owners": seeds,
                                              "pair-seeds": [masked.pair_seeds[n]
@@ -252,7 +259,7 @@ def read_masked(content: RecordDict, sender: int, vector_size: int) -> MaskedInp
 
 def unmask_record(response: UnmaskResponse) -> ConfigRecord:
     survivors, dropped = sorted(response.self_mask_shares), sorted(response.mask_key_shares)
-    return ConfigRecord({
+    return _record({
         "server-round": response.server_round,
         "self-mask-owners": survivors,
         "self-mask-shares": [response.self_mask_shares[n] for n in survivors],
@@ -334,7 +341,7 @@ class _Fields:
         return value
 
     def get_ints(self, key: str) -> list[int]:
-        value = self._get(key)
+        value = self.record.get(key, [])  # an empty list is left out (see _record)
         if not isinstance(value, list) or not all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise self._bad(key, "a list of ints")
@@ -343,7 +350,7 @@ class _Fields:
         return value
 
     def get_bytes_list(self, key: str) -> list[bytes]:
-        value = self._get(key)
+        value = self.record.get(key, [])  # an empty list is left out (see _record)
         if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
             raise self._bad(key, "a list of bytes")
         return value

@@ -29,6 +29,8 @@ TRAIN_METRICS: dict[str, str] = {
     "train-cpu-s": "float",
     "rss-mb": "float",
     "peak-rss-mb": "float",
+    "round-peak-rss-mb": "float",  # peak RSS of this round's message (train.* memory knobs)
+    "cuda-peak-mb": "float",  # most bytes torch allocated at once on a GPU this round
     "partition-id": "int",
     "lora-rank": "int",
     "base-version": "int",

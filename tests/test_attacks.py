@@ -2,8 +2,8 @@
 really sends the hostile message, and the real ServerApp strategy faces it in process.
 
 Protocol and secure-aggregation attacks: the run survives, the attacker is rejected with a
-reason, and the global adapter equals the honest replies' aggregate computed here (marked
-xfail where today's server cannot survive them yet). Poisoning attacks: plain fedit is
+reason, and the global adapter equals the honest replies' aggregate computed here. Poisoning
+attacks: plain fedit is
 measurably hurt, and the robust settings end within a stated margin of their clean run.
 """
 
@@ -25,8 +25,6 @@ from fedlora.transport import unpack
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora
 from tests.fl_harness import client_app, tiny_config
-
-NEEDS_BOUNDARY = pytest.mark.xfail(strict=True, reason="needs branch boundary")
 
 
 def partition_of(node_id: int) -> int:
@@ -191,10 +189,10 @@ def rejected(record: Mapping) -> int:
 
 
 @pytest.mark.parametrize("attack", [
-    pytest.param("malformed-array", marks=NEEDS_BOUNDARY),
-    pytest.param("huge-header", marks=NEEDS_BOUNDARY),
-    pytest.param("wrong-record-type", marks=NEEDS_BOUNDARY),
-    pytest.param("bad-metrics", marks=NEEDS_BOUNDARY),
+    "malformed-array",
+    "huge-header",
+    "wrong-record-type",
+    "bad-metrics",
 ])
 def test_a_malformed_train_reply_is_rejected_with_a_reason_and_the_round_keeps_the_rest(attack):
     records, grid, glob, replies = run_plain(3, attack=attack, attackers="2,")
@@ -205,7 +203,6 @@ def test_a_malformed_train_reply_is_rejected_with_a_reason_and_the_round_keeps_t
     assert_global_is(glob, honest_mean(replies, {0, 1}))
 
 
-@NEEDS_BOUNDARY
 def test_bad_discovery_answers_drop_those_nodes_and_the_rest_train():
     records, grid, glob, replies = run_plain(5, attack="bad-discovery", attackers="1,2,3")
 
@@ -214,7 +211,6 @@ def test_bad_discovery_answers_drop_those_nodes_and_the_rest_train():
     assert_global_is(glob, honest_mean(replies, {0, 4}))
 
 
-@NEEDS_BOUNDARY
 def test_a_negative_evaluation_count_is_left_out_of_federated_evaluation():
     records, grid, glob, replies = run_plain(3, attack="bad-eval-count", attackers="1,",
                                              **{"fraction-evaluate": 1.0})
@@ -314,7 +310,6 @@ def test_free_rider_sends_back_exactly_what_it_received():
     assert_global_is(glob, honest_mean(replies, {0, 1, 2}))
 
 
-@NEEDS_BOUNDARY
 def test_a_poisoned_head_is_rejected_by_the_norm_bound():
     records, grid, glob, replies = run_plain(3, attack="head-poison", attackers="1,")
 
@@ -458,7 +453,6 @@ def test_weight_inflation_crosses_flower_in_a_real_simulation(tmp_path):
 
 
 @pytest.mark.slow
-@NEEDS_BOUNDARY
 def test_bad_metrics_in_a_real_simulation_are_rejected_and_counted_in_metrics_jsonl(tmp_path):
     from fedlora.outputs import read_metrics
 

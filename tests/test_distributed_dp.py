@@ -101,7 +101,7 @@ def test_with_a_dropout_the_survivors_still_carry_the_whole_noise():
 
 def test_a_sum_of_fewer_than_dp_min_contributors_is_never_unmasked():
     asked: list[str] = []
-    records, glob, grid, error = run(dp_config(), fail=fails_at(2, 1),
+    records, glob, grid, error = run(dp_config(), fail=fails_at(2, 1), expect_error=True,
                                      on_reply=lambda r: asked.append(r.metadata.message_type))
     record = records[1]
     assert record["abandoned"] and "2 masked input(s) arrived, 3 needed" in \
@@ -111,7 +111,7 @@ def test_a_sum_of_fewer_than_dp_min_contributors_is_never_unmasked():
     initial = ServerModel(config.from_flat(dp_config()), 64).initial_global().arrays_for(8)
     for key, value in glob.arrays_for(8).items():
         assert np.array_equal(value, initial[key]), key
-    assert error is not None
+    assert "without enough accepted updates" in str(error)  # the one round was abandoned
 
 
 def test_clip_update_norm_acts_before_the_noise_not_on_it():
@@ -131,8 +131,10 @@ def test_a_dropout_at_the_unmask_stage_keeps_every_input_and_is_accounted():
 def test_a_sum_below_min_accepted_is_not_unmasked_either():
     """Unmasked and then abandoned, a sum would be seen without being accounted for."""
     asked: list[str] = []
-    records, *_ = run(dp_config(dp_min_contributors=2, min_accepted=3), fail=fails_at(2, 1),
-                      on_reply=lambda r: asked.append(r.metadata.message_type))
+    records, _, _, error = run(dp_config(dp_min_contributors=2, min_accepted=3),
+                               fail=fails_at(2, 1), expect_error=True,
+                               on_reply=lambda r: asked.append(r.metadata.message_type))
+    assert "without enough accepted updates" in str(error)  # the one round was abandoned
     assert records[1]["abandoned"] and "[DP_TOO_FEW]" in records[1]["errors"][0]
     assert "lower dp-min-contributors" in records[1]["errors"][0]
     assert UNMASK not in asked and "dp_epsilon" not in records[1]

@@ -161,9 +161,11 @@ def npy_bytes(draw, shape_of: tuple[int, ...]) -> bytes:
 
 
 metric_values = st.one_of(
-    st.integers(min_value=-(1 << 70), max_value=1 << 70), st.floats(allow_nan=True),
+    st.integers(min_value=-(1 << 70), max_value=1 << 70),
+    st.floats(allow_nan=True, allow_subnormal=False),
     st.booleans(), st.text(max_size=8), st.binary(max_size=8),
-    st.lists(st.floats(allow_nan=False), max_size=3), st.lists(st.integers(-5, 5), max_size=3))
+    st.lists(st.floats(allow_nan=False, allow_subnormal=False), max_size=3),
+    st.lists(st.integers(-5, 5), max_size=3))
 metric_keys = st.one_of(st.sampled_from(sorted(TRAIN_METRICS)), st.text(max_size=10))
 
 
@@ -399,7 +401,7 @@ def test_mixed_ranks_partial_participation_one_fuzzed_client(changes):
 # ----------------------------------------------------------------------------- discovery
 
 cap_values = st.one_of(st.integers(-(1 << 40), 1 << 40), st.integers(0, 8), st.text(max_size=4),
-                       st.floats(), st.booleans(), st.binary(max_size=4),
+                       st.floats(allow_subnormal=False), st.booleans(), st.binary(max_size=4),
                        st.lists(st.integers(0, 3), max_size=2))
 
 

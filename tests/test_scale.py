@@ -65,10 +65,11 @@ def test_sixty_clients_only_sampled_ones_train_and_personal_b_survives_skipped_r
         assert records[rnd]["clients"] == sorted(drawn) and records[rnd]["num_accepted"] == SAMPLED
 
     # Assert 2: messages are O(sampled) per round: one capability query per node at start-up,
-    # then per round SAMPLED train messages and SAMPLED personal evaluations (round 0 too)
+    # then per round SAMPLED train messages and SAMPLED personal evaluations (round 0 too),
+    # and once at the end one FedSA personal-adapter export per node (global A for its B)
     kinds = Counter(m.metadata.message_type for m in grid.delivered)
     assert kinds == {"query.capabilities": NODES, "train": ROUNDS * SAMPLED,
-                     "evaluate": (ROUNDS + 1) * SAMPLED}
+                     "evaluate": (ROUNDS + 1) * SAMPLED, "query.personal_export": NODES}
     assert all(r["fed_eval_clients"] == SAMPLED for r in records)
 
     # Assert 3: a node never sampled holds no personal state; a sampled one holds its own B

@@ -107,7 +107,8 @@ def test_failed_run_exits_nonzero_with_the_reason(tmp_path):
      (["-c", "lora.r=eight"], "expects int"),
      (["--preset", "nope"], "available: bbc-minilm"),
      (["-c", "model.name=./no/such/model"], "does not exist"),
-     (["-c", "data.source=files data.path=/no/such.jsonl"], "do not exist"),
+     (["-c", "data.source=files data.path=/no/such-{partition-id}.jsonl model.num-labels=5"],
+      "do not exist"),
      (["-c", "rank-by-partition='4,8'"], "needs equal LoRA ranks"),
      (["-c", "strategy=fedavg"], "available: fedex, fedit")],
 )
