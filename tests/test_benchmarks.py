@@ -151,3 +151,27 @@ def test_select_unknown_lists_valid_names():
 
     with pytest.raises(ValueError, match=r"unknown benchmark\(s\) \['P9'\].*P1 "):
         select(["P9"])
+
+
+def test_p1s_three_paths_equal_an_independent_mean_of_its_replies():
+    """P1's correctness, checked here rather than from the benchmark's own ``correct`` flag:
+    on one layer of its replies, our zero-copy mean, Flower's and the generic FedIT pipeline
+    each equal a float64 example-weighted mean computed in this test, within the derived
+    float32 bound of ``tests/tolerances.py``."""
+    from tolerances import assert_within, weighted_sum_bound
+
+    from benchmarks import aggregation_throughput as p1
+    from fedlora.transport import unpack
+
+    contents = p1.replies(layers=1)
+    arrays = [unpack(c["arrays"]) for c in contents]
+    weights = [int(c["metrics"][p1.WEIGHT_KEY]) for c in contents]
+    p = [w / sum(weights) for w in weights]
+    for name, got in (("ours", p1.ours(contents)), ("flower", p1.peer(contents)),
+                      ("fedit", p1.fedit_pipeline(contents))):
+        got = unpack(got)
+        assert got.keys() == arrays[0].keys(), name
+        for key in got:
+            want = sum(pk * a[key].astype("float64") for pk, a in zip(p, arrays, strict=True))
+            assert_within(got[key], want, weighted_sum_bound([a[key] for a in arrays], weights),
+                          f"{name} {key}")
