@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast test-long lint clean
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
@@ -19,7 +19,10 @@ test: install
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -m "not slow and not long" $(PYTEST_ARGS)
+
+test-long:  # everything, the `long` end-to-end runs included
+	$(PYTHON) -m pytest -q -m "long or not long" $(PYTEST_ARGS)
 
 lint:
 	$(PYTHON) -m ruff check fedlora clients server tests benchmarks

@@ -417,6 +417,7 @@ def test_run_lines_do_not_wrap_when_stderr_is_not_a_terminal(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # minutes of real launches/training: `make test-long` runs it
 @pytest.mark.parametrize("preset", cli.presets())
 def test_load_model_reproduces_each_presets_final_metric(preset, tmp_path):
     """A real one-round ``fedlora run --preset`` (Flower simulation), then

@@ -105,6 +105,7 @@ def _worker_pid(out: Path, index: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # minutes of real launches/training: `make test-long` runs it
 def test_a_warm_worker_killed_mid_run_is_restarted_and_the_run_completes(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fedlora", "launch", "--nodes", "2",
@@ -157,6 +158,7 @@ def test_warm_and_cold_launches_end_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # minutes of real launches/training: `make test-long` runs it
 def test_a_warm_workers_memory_stays_flat_over_20_rounds(tmp_path):
     """The ClientApp runs inside the long-lived worker, so ``client_rss_mb_max`` is the
     worker's resident memory after each round: round 20 within +5 % of round 3."""
