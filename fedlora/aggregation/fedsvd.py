@@ -40,11 +40,10 @@ import numpy as np
 
 from fedlora.aggregation.context import RoundContext
 from fedlora.aggregation.factors import ClientUpdate, LoraFactors
+from fedlora.aggregation.ffa import mean_b_under_shared_a
 from fedlora.aggregation.linalg import factored_svd
 from fedlora.aggregation.registry import register
 from fedlora.aggregation.result import AggregationResult, same_rank_result
-from fedlora.aggregation.validation import check_shared_factor, check_tolerance
-from fedlora.aggregation.weighting import folded_weights, weighted_sum
 
 
 @register("fedsvd", equal_ranks=True, exact=True, linear=True, modifies_base=False,
@@ -59,19 +58,10 @@ def fedsvd(
     frozen_rtol
         Allowed relative deviation of a client's A from the first client's.
     """
-    check_tolerance("frozen_rtol", frozen_rtol)
-    client_ids = [u.client_id for u in updates]
     global_factors = {}
-    for module in context.modules:
-        factors = context.factors_of(updates, module)
-        check_shared_factor(
-            factors, "a", module=module, client_ids=client_ids, rule="fedsvd", rtol=frozen_rtol
-        )
-        rank = factors[0].rank
-        scale = context.scale(rank)
-        b_mean = weighted_sum([f.b for f in factors], folded_weights(factors, context.weights,
-                                                                     scale))  # (m, r)
-        u, sigma, vt = refactor(b_mean, factors[0].a.astype(np.float64))
+    for module, (a, b_mean, scale) in mean_b_under_shared_a(updates, context, "fedsvd",
+                                                            frozen_rtol).items():
+        u, sigma, vt = refactor(b_mean, a.astype(np.float64))
         global_factors[module] = LoraFactors(a=vt, b=u * sigma[None, :], scale=scale).astype(
             context.dtype
         )

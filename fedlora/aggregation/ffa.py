@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from fedlora.aggregation.context import RoundContext
 from fedlora.aggregation.factors import ClientUpdate, LoraFactors
 from fedlora.aggregation.registry import register
@@ -34,16 +36,27 @@ def ffa(
     frozen_rtol
         Allowed relative deviation of a client's A from the first client's.
     """
+    global_factors = {
+        module: LoraFactors(a=a, b=b, scale=scale).astype(context.dtype)
+        for module, (a, b, scale) in mean_b_under_shared_a(updates, context, "ffa",
+                                                           frozen_rtol).items()
+    }
+    return same_rank_result("ffa", global_factors, context, frozen=frozenset("a"))
+
+
+def mean_b_under_shared_a(updates: Sequence[ClientUpdate], context: RoundContext, rule: str,
+                          frozen_rtol: float) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """Per module ``(A, B̄, s)``: every client's A checked equal to the first's (within
+    ``frozen_rtol``), ``B̄ = Σ p_k (s_k/s) B_k`` at the round's scale ``s`` (FFA, FedSVD)."""
     check_tolerance("frozen_rtol", frozen_rtol)
     client_ids = [u.client_id for u in updates]
-    global_factors = {}
+    out = {}
     for module in context.modules:
         factors = context.factors_of(updates, module)
         check_shared_factor(
-            factors, "a", module=module, client_ids=client_ids, rule="ffa", rtol=frozen_rtol
+            factors, "a", module=module, client_ids=client_ids, rule=rule, rtol=frozen_rtol
         )
         scale = context.scale(factors[0].rank)
         fold = folded_weights(factors, context.weights, scale)
-        b = weighted_sum([f.b for f in factors], fold)  # (m, r)
-        global_factors[module] = LoraFactors(a=factors[0].a, b=b, scale=scale).astype(context.dtype)
-    return same_rank_result("ffa", global_factors, context, frozen=frozenset("a"))
+        out[module] = (factors[0].a, weighted_sum([f.b for f in factors], fold), scale)
+    return out
