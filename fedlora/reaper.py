@@ -79,16 +79,36 @@ class Reaper:
                 self.child.returncode = self.child_status  # keep Popen from waiting again
 
     def stop_all(self) -> None:
-        for sig, wait in ((signal.SIGTERM, self.grace), (signal.SIGKILL, 5.0)):
-            for pid in descendants(os.getpid()):
+        """SIGTERM every descendant, SIGKILL what is left after the grace period.
+
+        Each pass re-reads the tree: a process that forks while being stopped (Ray's raylet
+        starts its agents lazily) leaves children that were not in the first snapshot, and a
+        dying parent's children become ours only once it is gone. The SIGKILL pass repeats
+        until nothing is left (or 30 s), so this reaper never exits before its tree does.
+        """
+        signalled: set[int] = set()
+        deadline = time.monotonic() + self.grace
+        while time.monotonic() < deadline:
+            self.reap()
+            alive = descendants(os.getpid())
+            if not alive:
+                return
+            for pid in alive:
+                if pid not in signalled:
+                    signalled.add(pid)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGTERM)
+            time.sleep(0.1)
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            self.reap()
+            alive = descendants(os.getpid())
+            if not alive:
+                return
+            for pid in alive:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                self.reap()
-                if not descendants(os.getpid()):
-                    return
-                time.sleep(0.1)
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
 
     def run(self) -> int:
         while not self.stop_requested.is_set() and self.child_status is None:
@@ -130,7 +150,7 @@ class Guarded:
             with contextlib.suppress(OSError):
                 self.process.stdin.close()  # the reaper's signal to stop everything
         try:
-            self.process.wait(self.grace + 15)
+            self.process.wait(self.grace + 35)  # stop_all: grace + up to 30 s of SIGKILL passes
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)

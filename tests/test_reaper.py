@@ -86,6 +86,36 @@ def test_sigkilled_launcher_leaves_nothing_behind(tmp_path):
         [Path(f"/proc/{p}/cmdline").read_bytes() for p in tree if alive(p)]
 
 
+FORKER = textwrap.dedent("""
+    import signal, subprocess, sys, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a busy raylet that keeps starting agents
+    with open(sys.argv[1], "a") as log:
+        while True:
+            child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+            log.write(f"{child.pid}\\n")
+            log.flush()
+            time.sleep(0.002)
+""")
+
+
+def test_children_forked_while_the_tree_is_being_stopped_are_stopped_too(tmp_path):
+    """A process that ignores SIGTERM and keeps forking: every child it ever started is gone
+    when stop() returns, including those forked after the reaper's first look at the tree."""
+    log = tmp_path / "pids"
+    guarded = Guarded([sys.executable, "-c", FORKER, str(log)], grace=1)
+    assert wait_for(lambda: log.exists() and len(log.read_text().split()) >= 20)
+    try:
+        guarded.stop()
+        assert guarded.poll() is not None
+        started = [int(pid) for pid in log.read_text().split()]
+        assert [pid for pid in started if alive(pid)] == []
+    finally:  # never leave our own children behind, even when the claim fails
+        for pid in (int(p) for p in log.read_text().split()):
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+
+
 def test_usage_error_without_a_command():
     res = subprocess.run([sys.executable, "-m", "fedlora.reaper", "sleep", "1"],
                          capture_output=True, text=True, timeout=30)
