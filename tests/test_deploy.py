@@ -322,6 +322,7 @@ def test_a_supernode_lost_mid_run_is_reported_and_the_run_goes_on(tmp_path):
     assert our_processes(str(out)) == []
 
 
+@pytest.mark.long  # 1-3.5 min on 2 cores: make test-long (CI budget)
 @pytest.mark.slow
 def test_launch_with_signed_updates_from_key_files(tmp_path):
     """sign-updates: each SuperNode signs with its key file from `fedlora certs` (node config
@@ -343,6 +344,7 @@ def test_launch_with_signed_updates_from_key_files(tmp_path):
     assert our_processes(str(out)) == []
 
 
+@pytest.mark.long  # 1-3.5 min on 2 cores: make test-long (CI budget)
 @pytest.mark.slow
 def test_sigkilled_launch_resumes_bit_identically(tmp_path):
     """`fedlora launch` killed with SIGKILL after round 1, then `--resume`: the adapter equals

@@ -222,6 +222,7 @@ def test_fedsvd_runs_through_fedlora_run_with_secure_aggregation_and_distributed
     assert again["eval-loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-3)
 
 
+@pytest.mark.long  # 1-3.5 min on 2 cores: make test-long (CI budget)
 @pytest.mark.slow
 def test_the_new_rules_run_through_fedlora_experiment(tmp_path):
     """fedsvd and lora-fair at equal ranks, raflora with ranks 4/8/16: every cell finishes

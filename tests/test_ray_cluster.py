@@ -23,6 +23,7 @@ def _actors_on(node_dir: Path) -> int:
                for f in logs.glob("worker-*.out"))
 
 
+@pytest.mark.long  # 1-3.5 min on 2 cores: make test-long (CI budget)
 @pytest.mark.slow
 def test_simulation_runs_on_a_two_node_ray_cluster(tmp_path):
     # Prepare: a head and a worker node (separate raylets on 127.0.0.1), one CPU each, so

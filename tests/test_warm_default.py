@@ -135,6 +135,7 @@ def test_a_warm_worker_killed_mid_run_is_restarted_and_the_run_completes(tmp_pat
     assert our_processes(str(out)) == []
 
 
+@pytest.mark.long  # 1-3.5 min on 2 cores: make test-long (CI budget)
 @pytest.mark.slow
 def test_warm_and_cold_launches_end_bit_identical(tmp_path):
     """The same 2-node, 2-round launch: default (warm: one `fedlora worker` per node) and
