@@ -106,10 +106,8 @@ class Spec:
         return not any(word in self.metric for word in ("loss", "perplexity", "error"))
 
     def cells(self) -> list[Cell]:
-        # seed-major: a sweep cut short still holds complete paired comparisons (every rule
-        # of a seed, its baselines included) for the seeds it reached
         return [Cell(setting, strategy, seed) for setting in self.settings
-                for seed in self.seeds for strategy in self.strategies]
+                for strategy in self.strategies for seed in self.seeds]
 
     def flat_config(self, setting: Arm, strategy: Arm | None, seed: int, out: Path
                     ) -> tuple[dict[str, Any], int]:
@@ -414,12 +412,12 @@ class Runner:
             for seed in self.spec.seeds:
                 self.progress("baselines", {"setting": setting.label, "seed": seed})
                 self.run_baselines(setting, seed)
-                for cell in [c for c in todo if c.setting == setting and c.seed == seed]:
-                    self.progress("cell-start", {"cell": cell})
-                    status = self.run_cell(cell)
-                    results.append(status)
-                    self.progress("cell-end", {"cell": cell, "status": status})
-                    write_report()
+            for cell in [c for c in todo if c.setting == setting]:
+                self.progress("cell-start", {"cell": cell})
+                status = self.run_cell(cell)
+                results.append(status)
+                self.progress("cell-end", {"cell": cell, "status": status})
+                write_report()
         write_report()
         timing = {"wall_s": round(time.perf_counter() - started, 2),
                   "report_s": round(reporting, 2), "cells_run": len(results)}
