@@ -2,9 +2,10 @@
 
 For every registered rule × {plain, DP, secure, signed} × {classifier, causal LM} × {with,
 without ``lora.modules-to-save``}: when the server's start-up checks accept the combination, one
-round of the real ServerApp strategy runs against the real ClientApp handlers in process
-(3 nodes, 2 sampled: partial participation; mixed ranks for the rules that allow them), and
-every reply a node sends is checked against an allow list written out here:
+round of the real ServerApp strategy (RoLoRA: two, one per phase) and a federated evaluation run
+against the real ClientApp handlers in process (3 nodes, 2 sampled: partial participation;
+mixed ranks for the rules that allow them), and every reply a node sends is checked against an
+allow list written out here:
 
 * capability replies: the node's partition, partition count and rank (and its signing key
   with ``sign-updates``);
@@ -12,7 +13,8 @@ every reply a node sends is checked against an allow list written out here:
   tier rank (the shapes it received), and the declared heads (the classifier for seq-cls, each
   module to save); each a float32 ``.npy`` whose bytes end where the array does; nothing else —
   no base weights, no token ids or labels, no optimizer state;
-* metrics: keys from the declared train list only, each a number (no strings, no lists);
+* metrics: keys from the declared train (evaluate) list only, each a number (no strings, no
+  lists); an evaluate reply carries nothing else;
 * secure rounds: public keys, the commitment, encrypted shares and seeds in their declared
   fields, and one uint32 masked vector exactly as long as the update the node would send;
 * signed replies: the envelope's six fields.
@@ -39,7 +41,7 @@ from fedlora.aggregation import available_strategies, strategy_info
 from fedlora.errors import ConfigError
 from fedlora.evaluator import ServerModel
 from fedlora.secure_wire import check_secure_aggregation
-from fedlora.wire_schema import TRAIN_METRICS
+from fedlora.wire_schema import EVAL_METRICS, TRAIN_METRICS
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora
 
@@ -119,9 +121,9 @@ def model_key(flat: dict) -> tuple:
                                  "data.max-length", "data.partitioner")))
 
 
-def run_one_round(flat: dict, cfg: config.RunConfig):
-    """Discovery and round 1 of the real strategy on the real ClientApp; every message each
-    way."""
+def run_rounds(flat: dict, cfg: config.RunConfig):
+    """Discovery, round 1 (RoLoRA: rounds 1 and 2, one per phase) and a federated evaluation
+    of the real strategy on the real ClientApp; every message each way."""
     replies = []
     grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": 3}
                                       for i in range(3)], flat, on_reply=replies.append)
@@ -129,9 +131,12 @@ def run_one_round(flat: dict, cfg: config.RunConfig):
     glob = server_model(model_key(flat)).initial_global()
     strategy = FederatedLora(cfg, glob, lambda _: None, lambda _: None, run_id=grid.run_id)
     nodes = strategy.discover(grid)
-    record = strategy.train_round(grid, nodes, 1)
+    records = [strategy.train_round(grid, nodes, server_round) for server_round in
+               ((1, 2) if cfg.fl.strategy == "rolora" else (1,))]  # RoLoRA: B, then A
+    evaluation = strategy.federated_evaluate(grid, nodes, len(records))
+    assert evaluation["fed_eval_clients"] == 2 and "fed_eval_rejected" not in evaluation
     sent = {m.metadata.message_id: m for m in grid.delivered}
-    return record, [(sent[r.metadata.reply_to_message_id], r) for r in replies], base
+    return records, [(sent[r.metadata.reply_to_message_id], r) for r in replies], base
 
 
 def declared_heads(task: str, saved: bool, base: dict) -> set[str]:
@@ -201,6 +206,12 @@ def check_reply(msg, reply, *, mode: str, rank: int, heads: set[str], size: int)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     content, kind = reply.content, msg.metadata.message_type
     signed = mode == "signed"
+    if kind == "evaluate":  # held-out metrics of the declared evaluate list only
+        assert set(content) == {"metrics"} and isinstance(content["metrics"], MetricRecord)
+        assert set(content["metrics"]) <= set(EVAL_METRICS)
+        assert all(isinstance(v, int | float) and not isinstance(v, bool)
+                   for v in content["metrics"].values())
+        return
     if kind == "query.capabilities":
         assert set(content) == {"caps"}
         assert set(content["caps"]) == CAPS | (SIGNING_CAPS if signed else set())
@@ -258,7 +269,7 @@ def test_every_reply_holds_only_the_declared_schema(rule, mode, task, saved, tin
         return
     cfg = start_up(flat)
 
-    record, exchanges, base = run_one_round(flat, cfg)
+    records, exchanges, base = run_rounds(flat, cfg)
 
     heads = declared_heads(task, saved, base)
     ranks = RANKS if cfg.fl.rank_by_partition else (cfg.lora.r,) * 3
@@ -267,11 +278,16 @@ def test_every_reply_holds_only_the_declared_schema(rule, mode, task, saved, tin
     size = {m.metadata.dst_node_id: update_size(m, heads)
             for m, _ in exchanges if m.metadata.message_type == "train"}
     kinds = {msg.metadata.message_type for msg, _ in exchanges}
-    assert kinds == ({"query.capabilities", *SECURE_FIELDS} if mode == "secure" else
-                     {"query.capabilities", "train"})
+    assert kinds == ({"query.capabilities", "evaluate", *SECURE_FIELDS} if mode == "secure"
+                     else {"query.capabilities", "train", "evaluate"})
     for msg, reply in exchanges:
         node = msg.metadata.dst_node_id
         check_reply(msg, reply, mode=mode, rank=ranks[partition[node]], heads=heads,
                     size=size.get(node, -1))
-    assert record["num_sampled"] == 2 and not record.get("abandoned")
-    assert not record.get("rejected"), record["rejected"]
+    for record in records:
+        assert record["num_sampled"] == 2 and not record.get("abandoned")
+        assert not record.get("rejected"), record["rejected"]
+    if rule == "rolora":  # both phases ran: B only, then A only
+        sends = [m.content["config"]["send"] for m, _ in exchanges
+                 if m.metadata.message_type == "train"]
+        assert sends == ["b", "b", "a", "a"]
