@@ -127,8 +127,8 @@ def run_rounds(flat: dict, cfg: config.RunConfig):
     replies = []
     grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": 3}
                                       for i in range(3)], flat, on_reply=replies.append)
-    base = dict(server_model(model_key(flat)).initial_global().arrays_for(cfg.fl.max_rank))
     glob = server_model(model_key(flat)).initial_global()
+    base = glob.arrays_for(cfg.fl.max_rank)  # the server's adapter before the round
     strategy = FederatedLora(cfg, glob, lambda _: None, lambda _: None, run_id=grid.run_id)
     nodes = strategy.discover(grid)
     records = [strategy.train_round(grid, nodes, server_round) for server_round in
