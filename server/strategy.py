@@ -46,6 +46,7 @@ from fedlora.aggregation import (
 )
 from fedlora.aggregation.clipping import AdaptiveClip
 from fedlora.aggregation.diagnostics import tier_diagnostics
+from fedlora.aggregation.robust import robust_heads
 from fedlora.aggregation.weighting import cap_weights
 from fedlora.config import RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
@@ -808,7 +809,9 @@ class FederatedLora:
                             sent: Mapping[int, Mapping[str, np.ndarray]], plan: RoundPlan,
                             server_round: int) -> tuple[AggregationResult, dict[str, np.ndarray]]:
         """Stage "aggregate": the rule over the accepted updates (the zero-copy weighted mean
-        of their records where that is the rule) and the example-weighted mean heads."""
+        of their records where that is the rule) and the example-weighted mean heads — under
+        ``robust`` the heads go through the rule's own clipping and reducer instead
+        (:func:`fedlora.aggregation.robust.robust_heads`), against what each node was sent."""
         updates = [item.update for item in accepted]
         weights = [u.num_examples for u in updates]
         node = accepted[0].node
@@ -818,8 +821,14 @@ class FederatedLora:
             result, heads, _ = self._adopt_mean(mean, sent[node.node_id], node, sum(weights),
                                                 plan, server_round)
             return result, heads
-        return (self._aggregate(updates, plan, server_round),
-                aggregate_heads([item.heads for item in accepted], weights))
+        if self.cfg.fl.strategy == "robust":
+            received = [{k: v for k, v in sent[item.node.node_id].items() if k in item.heads}
+                        for item in accepted]
+            heads = robust_heads([item.heads for item in accepted], received,
+                                 **plan.options)
+        else:
+            heads = aggregate_heads([item.heads for item in accepted], weights)
+        return self._aggregate(updates, plan, server_round), heads
 
     def _secure_round(self, grid: Grid, nodes: list[NodeInfo], sampled: list[NodeInfo],
                       out: Outgoing, plan: RoundPlan, server_round: int, start: float) -> dict:

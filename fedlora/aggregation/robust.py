@@ -22,6 +22,13 @@ statistics on what the clients' adapters *do* bound its influence:
 3. The robust ``ΔW`` is factored by SVD (singular values descending) and each client gets its
    best rank-``r`` approximation, as in FlexLoRA.
 
+The declared tensors outside LoRA (classifier head, bias, modules to save) go through the same
+two steps in :func:`robust_heads`: each tensor ``H_k``'s change ``H_k − H_received`` is clipped
+to ``clip_multiplier × median_k ‖H_k − H_received‖_F`` (one bound per tensor, as per module
+above), then reduced coordinate-wise, unweighted, by the same reducer. A plain mean of heads
+would let one client move the head arbitrarily while the factors stay robust. Heads have no
+rank, so step 3 does not apply to them.
+
 The reducer needs the dense ``ΔW_k`` of every client for one module at a time
 (``K × m × n`` floats: 8 clients × 4096² × 8 bytes ≈ 1 GB for a 7B model's projection), so it
 suits cross-silo rounds with few clients per round. Rule options: ``reducer``, ``trim``,
@@ -73,6 +80,51 @@ def reduce(stack: np.ndarray, reducer: str, trim: float) -> np.ndarray:
                          f"{0.5:.1f} with enough clients, or the median")
     ordered = np.sort(stack, axis=0)
     return ordered[cut:k - cut].mean(axis=0)
+
+
+def robust_heads(heads: Sequence[Mapping[str, np.ndarray]],
+                 received: Sequence[Mapping[str, np.ndarray]], *, reducer: str = "median",
+                 trim: float = 0.1, clip_multiplier: float = 0.0) -> dict[str, np.ndarray]:
+    """The declared heads of one round, aggregated like the factors (see module docstring).
+
+    Parameters
+    ----------
+    heads
+        One ``name -> array`` per accepted update (same names and shapes in each).
+    received
+        What each update's client was sent, in the same order (the clipping reference).
+    reducer, trim, clip_multiplier
+        As for :func:`robust`.
+
+    Returns
+    -------
+    dict
+        ``name -> float32 array``: clipped, then reduced coordinate-wise over the clients.
+    """
+    if reducer not in REDUCERS:
+        raise ValueError(f"reducer must be one of {', '.join(REDUCERS)}; got {reducer!r}")
+    if len(received) != len(heads):
+        raise ValueError(f"robust_heads needs what each of the {len(heads)} clients was sent; "
+                         f"got {len(received)} received head sets")
+    if not heads or not heads[0]:
+        return {}
+    names = sorted(heads[0])
+    for k, (h, r) in enumerate(zip(heads, received, strict=True)):
+        if sorted(h) != names or not set(names) <= set(r):
+            raise ValueError(f"update {k} has heads {sorted(h)[:3]}… (received "
+                             f"{sorted(r)[:3]}…); every update needs the heads {names[:3]}…")
+    out = {}
+    for name in names:
+        base = [np.asarray(r[name], dtype=np.float64) for r in received]
+        values = [np.asarray(h[name], dtype=np.float64) for h in heads]
+        if any(v.shape != b.shape for v, b in zip(values, base, strict=True)):
+            raise ValueError(f"head {name!r}: an update's shape differs from what it was sent")
+        if clip_multiplier > 0:
+            changes = [v - b for v, b in zip(values, base, strict=True)]
+            keep = clip_norms(np.array([np.linalg.norm(c) for c in changes]), clip_multiplier)
+            values = [b + c * d for b, c, d in zip(base, keep, changes, strict=True)]
+        out[name] = reduce(np.stack(values), reducer, trim).astype(np.float32)
+    return out
 
 
 @register("robust", equal_ranks=False, exact=False, linear=False, modifies_base=False)
