@@ -168,7 +168,8 @@ def train(msg: Message, context: Context) -> Message:
         outgoing = _self_prune(cfg, context, node, trained, outgoing, metrics)
     # the declared outgoing schema, enforced here: nothing else leaves the node
     wire_schema.check_outgoing(outgoing, arrays, str(instructions.get("send", "ab")), metrics,
-                               rank=int(metrics.get("pruned-rank", node.rank)))
+                               rank=int(metrics["pruned-rank"]) if cfg.fl.hetlora_prune
+                               else None)
     if secure:
         if cfg.fl.strategy == "hetlora":  # norm weights and padding applied here, summed there
             outgoing = secure_hetlora.prescale(
