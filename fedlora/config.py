@@ -65,7 +65,7 @@ class FederationConfig:
     server_optimizer: str = _f("none", "server optimizer on the pseudo-gradient: "
                                + ", ".join(SERVER_OPTIMIZERS))
     server_lr: float = _f(0.0, "server learning rate (0 = the optimizer's default: fedavgm 1.0, "
-                          "fedadam 0.1, fedyogi 0.01, fedadagrad 0.1)")
+                          "fedadam 0.03, fedyogi 0.01, fedadagrad 0.1)")
     server_momentum: float = _f(0.0, "FedAvgM momentum")
     server_beta_1: float = _f(0.9, "FedAdam/FedYogi first-moment decay")
     server_beta_2: float = _f(0.99, "FedAdam/FedYogi second-moment decay")
