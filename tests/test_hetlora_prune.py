@@ -135,3 +135,24 @@ def test_mixed_rank_sampled_run_prunes_by_the_rule_and_rejects_a_bad_claim():
         assert f.rank == 16
         live = np.abs(f.a).sum(axis=1) + np.abs(f.b).sum(axis=0)
         assert np.all(live > 0)
+
+
+def test_pruned_ranks_survive_a_checkpoint(tmp_path):
+    """A resumed server sends each node the rank it pruned to, not its tier rank again."""
+    from fl_harness import tiny_config
+
+    from fedlora import checkpoint
+    from fedlora.evaluator import ServerModel
+    from server.strategy import FederatedLora, NodeInfo
+
+    flat = tiny_config(strategy="hetlora", rank_by_partition="4,8,16", hetlora_prune=True)
+    cfg = config.from_flat(flat)
+    model = ServerModel(cfg, cfg.fl.max_rank)
+    first = FederatedLora(cfg, model.initial_global(), model.evaluate, lambda rec: None)
+    first.pruned_ranks = {2: 15, 1: 7}
+    first.save_checkpoint(tmp_path, 1)
+    second = FederatedLora(cfg, model.initial_global(), model.evaluate, lambda rec: None)
+    second.restore(checkpoint.load_latest(tmp_path))
+    assert second.pruned_ranks == {2: 15, 1: 7}
+    assert second._current_rank(NodeInfo(9, 2, 16)).rank == 15
+    assert second._current_rank(NodeInfo(8, 0, 4)).rank == 4
