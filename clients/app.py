@@ -26,6 +26,7 @@ the attacking partitions after these handlers built them (honest nodes pass thro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from fedlora import (
     client,
     config,
     ddp,
+    hetlora_prune,
     lora,
     outputs,
     privacy,
@@ -59,6 +61,7 @@ app = ClientApp(mods=[attacks.mod])  # attack simulation: rewrites an attacker's
 PERSONAL = "fedlora.personal"
 BASE = "fedlora.base"
 BASE_META = "fedlora.base-meta"
+PRUNE = "fedlora.hetlora-prune"  # this node's last tail norm and the rank it was measured at
 
 
 def _base_state(context: Context) -> client.BaseState:
@@ -74,8 +77,14 @@ def _prepare(msg: Message, context: Context):
     """Parse config, load the cached model, catch the base up, assemble the incoming adapter."""
     cfg = config.from_flat(context.run_config)
     node = client.Node.from_configs(cfg, context.node_config)
-    model, tokenizer = client.load_model(cfg, node)
     instructions = msg.content["config"]
+    if cfg.fl.hetlora_prune and "lora-rank" in instructions:  # the rank this node pruned to
+        now = int(instructions["lora-rank"])
+        if not 0 < now <= node.rank:
+            raise ConfigError(f"the server sent lora-rank {now}; this node's rank is "
+                              f"{node.rank} and self-pruning only lowers it")
+        node = dataclasses.replace(node, rank=now)
+    model, tokenizer = client.load_model(cfg, node)
     base = _base_state(context)
     if "correction" in msg.content:
         base = base.advance(unpack_correction(msg.content["correction"]),
@@ -155,8 +164,12 @@ def train(msg: Message, context: Context) -> Message:
         outgoing, dp_metrics = privacy.privatize(outgoing, arrays, dp,
                                                  contributors=contributors)
         privacy.withhold_metrics(dp, metrics, dp_metrics)
+    if cfg.fl.hetlora_prune:  # HetLoRA's local rank self-pruning, decided on this node
+        outgoing = _self_prune(cfg, context, node, trained, outgoing, metrics)
     # the declared outgoing schema, enforced here: nothing else leaves the node
-    wire_schema.check_outgoing(outgoing, arrays, str(instructions.get("send", "ab")), metrics)
+    wire_schema.check_outgoing(outgoing, arrays, str(instructions.get("send", "ab")), metrics,
+                               rank=int(metrics["pruned-rank"]) if cfg.fl.hetlora_prune
+                               else None)
     if secure:
         if cfg.fl.strategy == "hetlora":  # norm weights and padding applied here, summed there
             outgoing = secure_hetlora.prescale(
@@ -184,6 +197,21 @@ def train(msg: Message, context: Context) -> Message:
         signed_wire.sign_reply(reply, signed_wire.node_key(context), context.run_id,
                                context.node_id, int(instructions["server-round"]))
     return Message(reply, reply_to=msg)
+
+
+def _self_prune(cfg: config.RunConfig, context: Context, node: client.Node,
+                trained: dict[str, np.ndarray], outgoing: dict[str, np.ndarray],
+                metrics: dict) -> dict[str, np.ndarray]:
+    """HetLoRA's rank self-pruning (:mod:`fedlora.hetlora_prune`): the tail norm after this
+    round against this node's previous one at the same rank; on a fall, the upload keeps the
+    first ``max(1, floor(γ r))`` components. The norm is kept in ``context.state``."""
+    gamma = cfg.fl.hetlora_prune_gamma
+    norm = hetlora_prune.tail_norm(trained, gamma)
+    previous = dict(context.state[PRUNE]) if PRUNE in context.state else None
+    rank = hetlora_prune.decide(node.rank, norm, previous, gamma)
+    context.state[PRUNE] = ConfigRecord({"rank": node.rank, "norm": norm})
+    metrics.update({"tail-norm": norm, "pruned-rank": rank})
+    return outgoing if rank == node.rank else hetlora_prune.truncate(outgoing, rank)
 
 
 def _dp_contributors(cfg: config.RunConfig, dp: privacy.DPSpec, instructions: ConfigRecord

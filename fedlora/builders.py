@@ -81,4 +81,6 @@ def train_spec(cfg: RunConfig, server_round: int, partition_id: int) -> TrainSpe
     return TrainSpec(steps=t.local_steps, batch_size=t.batch_size, lr=t.lr,
                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
                      proximal_mu=t.proximal_mu, seed=seed, grad_accum_steps=t.grad_accum_steps,
-                     optimizer=t.optimizer, autocast=t.autocast)
+                     optimizer=t.optimizer, autocast=t.autocast,
+                     prune_lambda=cfg.fl.hetlora_prune_lambda if cfg.fl.hetlora_prune else 0.0,
+                     prune_gamma=cfg.fl.hetlora_prune_gamma)

@@ -64,7 +64,8 @@ class FederationConfig:
     strategy: str = _f("fedit", "aggregation rule (see `fedlora strategies`)")
     server_optimizer: str = _f("none", "server optimizer on the pseudo-gradient: "
                                + ", ".join(SERVER_OPTIMIZERS))
-    server_lr: float = _f(0.0, "server learning rate (0 = the optimizer's default)")
+    server_lr: float = _f(0.0, "server learning rate (0 = the optimizer's default: fedavgm 1.0, "
+                          "fedadam 0.03, fedyogi 0.01, fedadagrad 0.1)")
     server_momentum: float = _f(0.0, "FedAvgM momentum")
     server_beta_1: float = _f(0.9, "FedAdam/FedYogi first-moment decay")
     server_beta_2: float = _f(0.99, "FedAdam/FedYogi second-moment decay")
@@ -84,6 +85,13 @@ class FederationConfig:
                                 "('' = lora.r for all; deployment nodes set lora-rank)")
     max_rank: int = _f(64, "largest LoRA rank the server accepts from a client")
     hetlora_weight_by_examples: bool = _f(False, "hetlora: multiply norm weights by examples")
+    hetlora_prune: bool = _f(False, "hetlora: local rank self-pruning (Cho et al. 2024): each "
+                             "client penalises its tail components and drops them once their "
+                             "norm falls (false = every client trains its full rank)")
+    hetlora_prune_gamma: float = _f(0.99, "hetlora-prune: decay factor γ; the tail is "
+                                    "components floor(γ r)..r-1, a prune leaves floor(γ r)")
+    hetlora_prune_lambda: float = _f(1e-3, "hetlora-prune: weight λ of the tail-norm "
+                                     "regulariser in the local loss")
     personal_adapter_dir: str = _f("", "fedsa: each node saves its personal adapter (global "
                                    "A + its own B, PEFT format) at the end of the run in "
                                    "<dir>/<partition-id>/; a node config personal-adapter-dir "
@@ -195,6 +203,7 @@ class FederationConfig:
         _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _choice("rolora-first-phase", self.rolora_first_phase, ("a", "b"))
         _positive("lora-fair-lambda", self.lora_fair_lambda, zero_ok=True)
+        self._check_hetlora_prune()
         _choice("flexlora-split", self.flexlora_split, ("balanced", "init-a"))
         _choice("robust-reducer", self.robust_reducer, ("median", "trimmed-mean", "mean"))
         if not 0 <= self.robust_trim < 0.5:
@@ -250,6 +259,23 @@ class FederationConfig:
                               "sign-updates = true to verify signed updates, or drop "
                               "signing-keys")
         self.dp_spec()  # validates the DP keys
+
+    def _check_hetlora_prune(self) -> None:
+        if not 0 < self.hetlora_prune_gamma < 1:
+            raise ConfigError(f"hetlora-prune-gamma must be in (0, 1) (the paper uses 0.99); "
+                              f"got {self.hetlora_prune_gamma}")
+        _positive("hetlora-prune-lambda", self.hetlora_prune_lambda, zero_ok=True)
+        if not self.hetlora_prune:
+            return
+        if self.strategy != "hetlora":
+            raise ConfigError(f"hetlora-prune is HetLoRA's client-side rank pruning; strategy "
+                              f"is {self.strategy!r}: set strategy = 'hetlora' or "
+                              "hetlora-prune = false")
+        if self.secure_aggregation or self.dp_mode != "off":
+            raise ConfigError("hetlora-prune changes a client's upload shape, which a masked "
+                              "sum cannot show and DP's sensitivity does not cover; set "
+                              "hetlora-prune = false, or secure-aggregation = false and "
+                              "dp-mode = 'off'")
 
     def clients_per_round(self, available: int) -> int:
         """How many of ``available`` nodes a round samples: ``num-train-nodes`` (or

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedlora import hetlora_prune
 from fedlora.data import collate
 from fedlora.errors import ConfigError
 
@@ -35,6 +36,8 @@ class TrainSpec:
     grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step
     optimizer: str = "adamw"  # or a key of BNB_OPTIMIZERS
     autocast: str = "none"  # "bf16" / "fp16"
+    prune_lambda: float = 0.0  # HetLoRA self-pruning: λ of the tail-norm regulariser (0 = off)
+    prune_gamma: float = 0.99  # its decay factor γ (fedlora.hetlora_prune)
 
 
 def check_support(spec: TrainSpec, device: torch.device | str) -> None:
@@ -153,7 +156,10 @@ def train(model: Any, examples: Sequence[dict], spec: TrainSpec, pad_token_id: i
 
     With ``proximal_mu > 0`` (FedProx) the loss adds mu/2 * ||theta - theta_global||^2 over the
     trainable parameters once per step, ``global_params`` holding theta_global by parameter
-    name. ``autocast`` runs forward and backward under :func:`torch.autocast` (fp16 with a
+    name. With ``prune_lambda > 0`` (HetLoRA's rank self-pruning) it adds
+    ``prune_lambda * Σ_modules ‖B[:, tail] A[tail]‖_F`` once per step
+    (:func:`fedlora.hetlora_prune.tail_penalty`). ``autocast`` runs forward and backward
+    under :func:`torch.autocast` (fp16 with a
     dynamic loss scale: a step whose gradients overflow is skipped and the scale halved).
     Returns the mean training loss, the number of examples and the wall time.
     """
@@ -185,6 +191,7 @@ def train(model: Any, examples: Sequence[dict], spec: TrainSpec, pad_token_id: i
             items = [_loss_items(part) for part in parts]
         optimizer.zero_grad(set_to_none=True)
         step_loss, proximal = 0.0, anchors is not None
+        prune = spec.prune_lambda > 0
         for index, (part, n) in enumerate(zip(parts, items, strict=True)):
             if world == 1 and k > 1 and n == 0:
                 continue  # nothing to predict (its mean loss would be 0/0)
@@ -204,6 +211,11 @@ def train(model: Any, examples: Sequence[dict], spec: TrainSpec, pad_token_id: i
                     prox = sum(((p - anchors[name]) ** 2).sum() for name, p in params.items())
                     loss = loss + 0.5 * spec.proximal_mu * prox * world
                     proximal = False
+                if prune and rank == 0:  # once per step, like the proximal term
+                    penalty = hetlora_prune.tail_penalty(params, spec.prune_gamma)
+                    if penalty is not None:
+                        loss = loss + spec.prune_lambda * penalty * world
+                    prune = False
                 scaler.scale(loss).backward()
         losses.append(step_loss)
         if spec.max_grad_norm > 0:

@@ -37,6 +37,8 @@ TRAIN_METRICS: dict[str, str] = {
     "dp-norm": "float",  # central DP only: the update norm before clipping
     "dp-clip-factor": "float",
     "secagg-clipped": "int",  # secure aggregation: coordinates clipped to ±secagg-clip-range
+    "tail-norm": "float",  # hetlora-prune: Σ ‖B_tail A_tail‖_F after local training
+    "pruned-rank": "int",  # hetlora-prune: the rank of this upload (lower after a prune)
 }
 TRAIN_REQUIRED = ("server-round", "num-examples", "train-loss")
 
@@ -105,9 +107,11 @@ def check_metrics(metrics: Mapping[str, Any], schema: Mapping[str, str],
 
 
 def check_outgoing(arrays: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray],
-                   send: str, metrics: Mapping[str, Any]) -> None:
+                   send: str, metrics: Mapping[str, Any], rank: int | None = None) -> None:
     """Client side, before a train reply leaves the node: exactly the trainable state of
     ``send``, each array float32 of the shape received, and metrics of :data:`TRAIN_METRICS`.
+    With ``rank`` (HetLoRA self-pruning) the LoRA factors have the received shapes truncated
+    to their first ``rank`` components (``A[:rank]``, ``B[:, :rank]``).
 
     Raises
     ------
@@ -116,6 +120,10 @@ def check_outgoing(arrays: Mapping[str, np.ndarray], received: Mapping[str, np.n
         send something the schema does not allow (a bug on this node; nothing was sent).
     """
     expected = select_outgoing(received, send)
+    if rank is not None:
+        from fedlora.hetlora_prune import truncate
+
+        expected = truncate(expected, rank)
     if set(arrays) != set(expected):
         odd = sorted(set(arrays) ^ set(expected))[:3]
         raise PayloadError("KEY_MISMATCH", f"the node would send {sorted(arrays)[:3]}…; the "

@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedlora import checkpoint, privacy, secure_hetlora, signed_wire, wire_schema
+from fedlora import checkpoint, hetlora_prune, privacy, secure_hetlora, signed_wire, wire_schema
 from fedlora.aggregation import (
     AggregationResult,
     ClientUpdate,
@@ -224,6 +224,7 @@ class FederatedLora:
         self.verifier: UpdateVerifier | None = None  # set by discover() with sign-updates
         self.signing_public_keys: dict[int, bytes] = {}  # node → Ed25519 key, ditto
         self.dp_samples: dict[int, list[int]] = {}  # DP: each round's drawn partitions
+        self.pruned_ranks: dict[int, int] = {}  # hetlora-prune: partition -> its current rank
 
     # ------------------------------------------------------------------ discovery
 
@@ -387,6 +388,30 @@ class FederatedLora:
             self.dp_samples[server_round] = [n.partition_id for n in picked]
         return picked
 
+    def _current_rank(self, node: NodeInfo) -> NodeInfo:
+        """``node`` at the rank it pruned to (hetlora-prune), else as it announced itself."""
+        rank = self.pruned_ranks.get(node.partition_id, node.rank)
+        return node if rank == node.rank else dataclasses.replace(node, rank=rank)
+
+    def _pruned_reply(self, node: NodeInfo, arrays: Mapping[str, np.ndarray],
+                      sent: Mapping[str, np.ndarray]) -> tuple[NodeInfo, dict[str, np.ndarray]]:
+        """hetlora-prune: a reply at the rank sent, or at exactly ``max(1, floor(γ r))`` (one
+        prune); anything else is ``RANK_MISMATCH``. Returns the node at the reply's rank and
+        what it received truncated to that rank (for the shape checks and update norms)."""
+        try:
+            got = hetlora_prune.adapter_rank(arrays)
+        except (ValueError, KeyError) as exc:
+            raise UpdateRejected("RANK_MISMATCH", f"hetlora-prune: {exc}") from None
+        if got == node.rank:
+            return node, dict(sent)
+        allowed = hetlora_prune.pruned_rank(node.rank, self.cfg.fl.hetlora_prune_gamma)
+        if got != allowed:
+            raise UpdateRejected("RANK_MISMATCH", f"hetlora-prune: the node was sent rank "
+                                 f"{node.rank} and replied at rank {got}; a reply keeps that "
+                                 f"rank or prunes once to {allowed} (gamma "
+                                 f"{self.cfg.fl.hetlora_prune_gamma})")
+        return dataclasses.replace(node, rank=got), hetlora_prune.truncate(sent, got)
+
     def _message(self, node: NodeInfo, server_round: int, plan: RoundPlan, message_type: str,
                  encoded: dict[int, tuple[ArrayRecord, dict[str, np.ndarray]]]
                  ) -> tuple[Message, dict[str, np.ndarray]]:
@@ -404,6 +429,8 @@ class FederatedLora:
         content = RecordDict({"arrays": record})
         config = ConfigRecord({"server-round": server_round, "trainable": plan.trainable,
                                "send": plan.send, "personal": plan.personal})
+        if self.cfg.fl.hetlora_prune:  # the rank this node trains at (it may have pruned)
+            config["lora-rank"] = node.rank
         have = self.base_version.get(node.partition_id, 0)
         if have < self.glob.version:
             content["correction"] = pack_correction(self.glob.correction_since(have))
@@ -447,6 +474,8 @@ class FederatedLora:
             if norm > self.dp.clip_norm * (1 + 1e-4):
                 raise PayloadError("DP_NORM_EXCEEDED", f"update norm {norm:.4g} exceeds "
                                    f"dp-clip-norm {self.dp.clip_norm}; the client must clip")
+        if self.cfg.fl.hetlora_prune:
+            node, sent = self._pruned_reply(node, arrays, sent)
         # frozen or personal factors were not sent back: they are what this node received
         full = {**sent, **arrays}
         scale = scale_for_rank(node.rank, self.glob.lora_alpha, self.glob.rslora)
@@ -591,6 +620,8 @@ class FederatedLora:
                                  "config_digest": config_digest(self.cfg)}
         if self.adaptive_clip is not None:
             state["adaptive_clip_bound"] = self.adaptive_clip.bound
+        if self.pruned_ranks:
+            state["pruned_ranks"] = {str(p): r for p, r in sorted(self.pruned_ranks.items())}
         if self.dp_samples:
             state["dp_samples"] = {str(r): p for r, p in sorted(self.dp_samples.items())}
         if self.accountant is not None:
@@ -628,6 +659,8 @@ class FederatedLora:
             self.optimizer.load_state_dict(opt)
         if self.adaptive_clip is not None:
             self.adaptive_clip.bound = float(ck.state["adaptive_clip_bound"])
+        self.pruned_ranks = {int(p): int(r)
+                             for p, r in ck.state.get("pruned_ranks", {}).items()}
         self.dp_samples = {int(r): [int(p) for p in pids]
                            for r, pids in ck.state.get("dp_samples", {}).items()}
         if "dp_events" in ck.state:
@@ -657,7 +690,7 @@ class FederatedLora:
         → aggregate → adopt → diagnose; the caller evaluates and logs."""
         start = time.perf_counter()
         plan = round_plan(self.cfg, server_round)
-        sampled = self.sample(nodes, server_round)
+        sampled = [self._current_rank(n) for n in self.sample(nodes, server_round)]
         out = self._build_messages(sampled, server_round, plan)
         if self.releases is not None:  # before anything leaves: a crash cannot lose it
             self.releases.append(server_round, len(sampled), len(nodes))
@@ -683,6 +716,12 @@ class FederatedLora:
         diagnostics = result.diagnostics([item.update for item in accepted])
         self.glob.apply(result, heads, self.optimizer, rank=accepted[0].node.rank,
                         frozen="".join(sorted(set("ab") - set(plan.send))))
+        if self.cfg.fl.hetlora_prune:  # an accepted pruned upload sets the node's rank
+            was = {n.node_id: n.rank for n in sampled}
+            pruned = {i.node.partition_id: i.node.rank for i in accepted
+                      if i.node.rank < was[i.node.node_id]}
+            self.pruned_ranks.update(pruned)
+            record["pruned"] = len(pruned)
         record["aggregate_s"] = time.perf_counter() - aggregating
         record.update({key: diagnostics[key] for key in (
             "agg_error", "agg_error_mean", "agg_error_max", "effective_rank_mean")})

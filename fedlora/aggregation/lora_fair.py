@@ -32,6 +32,12 @@ Deviations from the paper (as far as its published summary states it):
   ``Ā Āᵀ``, whose diagonal is about 1/3 for PEFT's default init;
 * not available under secure aggregation or DP: ``T`` needs each client's ``A_k`` next to
   its own ``B_k``, which a sum of uploads hides.
+
+Paper check (branch hetprune): the project's search tools return the paper's abstract and
+third-party summaries, not its method section. What they state matches this rule: ``Ā`` and
+``B̄`` are kept, a server-side residual correction ``ΔB`` gives ``B̄' = B̄ + ΔB``, clients start
+from the corrected global ("Avg-Initial"), no extra communication. The similarity ``S`` and
+the default ``λ`` remain unchecked (see the first deviation): no behaviour was changed.
 """
 
 from __future__ import annotations

@@ -45,6 +45,14 @@ Deviations from the paper and choices of ours:
   PEFT's default init, and B carries the rest (FlexLoRA's even split gives A rows of norm
   ``sqrt(σ_i / s_r)``, far smaller, which slows B's learning);
 * not available under secure aggregation or DP: the SVD needs each client's product.
+
+Paper check (branch hetprune): the project's search tools return the paper's abstract and
+summaries (arXiv 2602.13486v2), not section 5. They state: heterogeneous FedLoRA *with
+SVD-based allocation*; local updates decomposed into rank partitions; each partition
+aggregated "weighted by its effective client contributions". The SVD allocation and the
+per-partition weights over the clients holding the partition match; whether "effective
+contribution" means more than re-normalising ``p_k`` over the holders (the first deviation
+above) could not be read: no behaviour was changed.
 """
 
 from __future__ import annotations
