@@ -77,6 +77,7 @@ class AdapterSpec:
     bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
     use_rslora: bool = False
+    use_dora: bool = False  # M.lora_magnitude_vector (out,) travels as a head
     init: str = "default"
 
     def with_rank(self, r: int) -> AdapterSpec:
@@ -239,6 +240,7 @@ def peft_config(spec: AdapterSpec, task: str) -> Any:
         bias=spec.bias,
         modules_to_save=list(spec.modules_to_save) or None,
         use_rslora=spec.use_rslora,
+        use_dora=spec.use_dora,
         init_lora_weights=True if spec.init == "default" else spec.init,
     )
 

@@ -149,3 +149,49 @@ def test_embedding_lora_every_rule_family_and_export(tmp_path, strategy, ranks):
     assert any(m.endswith("word_embeddings") for m in moved)  # the embedding trained
     assert _reload_metric(flat, glob, server_model, tmp_path) == pytest.approx(
         records[-1]["eval_accuracy"], abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- DoRA
+
+
+def test_dora_magnitude_travels_trains_and_the_export_loads_as_dora(tmp_path):
+    """fedit with DoRA, two of four clients sampled per round: each module's magnitude vector
+    is a head (aggregated like every head: example-weighted mean) that trains, and the exported
+    adapter is a DoRA adapter that reproduces the final accuracy."""
+    flat = tiny_config(**{"lora.use-dora": True, "strategy": "fedit", "train.lr": 0.01,
+                          "fraction-train": 0.5, "min-train-nodes": 2, "num-server-rounds": 2})
+    records, _, glob, server_model = run_rounds(flat, num_nodes=4)
+    assert [r["num_accepted"] for r in records[1:]] == [2, 2]
+    cfg = config.from_flat(flat)
+    fresh, _ = lora.build_peft_model(builders.model_spec(cfg), builders.adapter_spec(cfg, 8))
+    initial = lora.adapter_arrays(fresh)  # magnitude = row norms of W0
+    magnitudes = [k for k in glob.heads if k.endswith(".lora_magnitude_vector")]
+    assert len(magnitudes) == 2  # query and value of the one layer
+    assert all(not np.array_equal(glob.heads[k], initial[k]) for k in magnitudes)
+
+    server_model.export(glob, tmp_path / "adapter")
+    model, tokenizer = load_exported(tmp_path / "adapter", cfg)
+    assert model.peft_config["default"].use_dora
+    layer = model.get_submodule("base_model.model.bert.encoder.layer.0.attention.self.query")
+    key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_magnitude_vector"
+    np.testing.assert_array_equal(
+        layer.lora_magnitude_vector["default"].weight.detach().numpy(), glob.heads[key])
+    examples = data.tokenize(data.heldout(builders.data_spec(cfg)), tokenizer, "seq-cls",
+                             cfg.data.max_length)
+    again = training.evaluate(model, examples, 16, tokenizer.pad_token_id, "seq-cls")
+    assert again["eval-accuracy"] == pytest.approx(records[-1]["eval_accuracy"], abs=1e-9)
+    assert again["eval-loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["flexlora", "hetlora", "flora", "fedex", "fedsvd"])
+def test_dora_refused_at_start_up_with_the_rules_that_accept_it(strategy):
+    flat = tiny_config(**{"lora.use-dora": True, "strategy": strategy})
+    with pytest.raises(config.ConfigError, match=r"lora.use-dora: strategy .*use one of "
+                       r"fedit, .*set lora.use-dora = false"):
+        config.from_flat(flat)
+
+
+def test_dora_refused_on_a_half_precision_base():
+    flat = tiny_config(**{"lora.use-dora": True, "model.dtype": "bfloat16"})
+    with pytest.raises(config.ConfigError, match="float32 unquantized base"):
+        config.from_flat(flat)
