@@ -264,7 +264,9 @@ class ModelCache:
     In Flower's simulation one Ray actor serves many virtual clients, possibly of different
     LoRA ranks. Each base model is loaded once; each :class:`AdapterSpec` (a rank) adds a named
     PEFT adapter to it, and :meth:`get` activates the one asked for, so clients of three ranks
-    share one copy of the frozen weights. The model is shared by all clients: callers must
+    share one copy of the frozen weights (not with ``lora.bias`` other than ``none``: trained
+    biases belong to the base, so each adapter shape then gets its own model, rebuilt when the
+    shape asked for changes). The model is shared by all clients: callers must
     overwrite every adapter array from the incoming message before training. Only frozen
     weights are worth caching; adapter and optimizer state never live here.
     """
@@ -288,12 +290,19 @@ class ModelCache:
             model, tokenizer = build_peft_model(model_spec, adapter)
             self._models[model_spec] = (model, tokenizer, {adapter: "default"})
         model, tokenizer, names = self._models[model_spec]
+        if adapter not in names and (adapter.bias != "none" or
+                                     any(a.bias != "none" for a in names)):
+            # trained biases are the base layers' own parameters, shared by every adapter, so
+            # peft allows one adapter per model then: a new shape gets a fresh model
+            del self._models[model_spec]
+            return self.get(model_spec, adapter)
         if adapter not in names:
             _check_targets(model, adapter)
-            names[adapter] = f"adapter-{len(names)}"
+            name = f"adapter-{len(names)}"
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                model.add_adapter(names[adapter], peft_config(adapter, model_spec.task))
+                model.add_adapter(name, peft_config(adapter, model_spec.task))
+            names[adapter] = name  # only once it exists
         model.set_adapter(names[adapter])
         return model, tokenizer
 

@@ -195,3 +195,28 @@ def test_dora_refused_on_a_half_precision_base():
     flat = tiny_config(**{"lora.use-dora": True, "model.dtype": "bfloat16"})
     with pytest.raises(config.ConfigError, match="float32 unquantized base"):
         config.from_flat(flat)
+
+
+# ----------------------------------------------------------------------------- lora.bias
+
+
+@pytest.mark.parametrize(("bias", "strategy", "ranks"), [
+    ("all", "fedit", ""), ("lora_only", "flexlora", "2,4,8"), ("all", "flora", "2,4,8"),
+])
+def test_lora_bias_travels_as_heads_trains_and_is_exported(tmp_path, bias, strategy, ranks):
+    flat = tiny_config(**{"lora.bias": bias, "strategy": strategy, "rank-by-partition": ranks,
+                          "train.lr": 0.01})
+    records, _, glob, server_model = run_rounds(flat, num_nodes=3)
+    assert all(r["num_accepted"] == 3 for r in records[1:]), records
+    cfg = config.from_flat(flat)
+    fresh, _ = lora.build_peft_model(builders.model_spec(cfg), builders.adapter_spec(cfg, 8))
+    initial = lora.adapter_arrays(fresh)
+    biases = [k for k in glob.heads if k.endswith(".bias") and "classifier" not in k]
+    if bias == "lora_only":  # the adapted layers' biases only
+        assert biases and all(k.endswith(("query.base_layer.bias",
+                                                    "value.base_layer.bias")) for k in biases)
+    else:  # every bias of the model, e.g. the LayerNorms'
+        assert any("LayerNorm" in k for k in biases)
+    assert any(not np.array_equal(glob.heads[k], initial[k]) for k in biases)  # they train
+    assert _reload_metric(flat, glob, server_model, tmp_path) == pytest.approx(
+        records[-1]["eval_accuracy"], abs=1e-9)
