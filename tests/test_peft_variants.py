@@ -154,11 +154,12 @@ def test_embedding_lora_every_rule_family_and_export(tmp_path, strategy, ranks):
 # ----------------------------------------------------------------------------- DoRA
 
 
-def test_dora_magnitude_travels_trains_and_the_export_loads_as_dora(tmp_path):
+@pytest.mark.parametrize("strategy", ["fedit", "ffa"])
+def test_dora_magnitude_travels_trains_and_the_export_loads_as_dora(tmp_path, strategy):
     """fedit with DoRA, two of four clients sampled per round: each module's magnitude vector
     is a head (aggregated like every head: example-weighted mean) that trains, and the exported
     adapter is a DoRA adapter that reproduces the final accuracy."""
-    flat = tiny_config(**{"lora.use-dora": True, "strategy": "fedit", "train.lr": 0.01,
+    flat = tiny_config(**{"lora.use-dora": True, "strategy": strategy, "train.lr": 0.01,
                           "fraction-train": 0.5, "min-train-nodes": 2, "num-server-rounds": 2})
     records, _, glob, server_model = run_rounds(flat, num_nodes=4)
     assert [r["num_accepted"] for r in records[1:]] == [2, 2]
