@@ -68,7 +68,7 @@ def adapter_spec(cfg: RunConfig, rank: int) -> AdapterSpec:
         target_modules=lo.target_module_list if isinstance(lo.target_module_list, str)
         else tuple(lo.target_module_list),
         bias=lo.bias, modules_to_save=tuple(lo.modules_to_save_list),
-        use_rslora=lo.use_rslora, init=lo.init,
+        use_rslora=lo.use_rslora, use_dora=lo.use_dora, init=lo.init,
     )
 
 

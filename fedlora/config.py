@@ -338,6 +338,9 @@ class LoraConfig:
     modules_to_save: str = _f("", "comma-separated extra modules trained and sent in full "
                               "(the classification head is added for seq-cls)")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha/sqrt(r)")
+    use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA): each module's magnitude vector "
+                        "travels as a head, averaged by examples; equal-rank linear rules, "
+                        "float32 unquantized base only")
     init: str = _f("default", "init of lora_A: default (kaiming-uniform) or gaussian")
 
     def __post_init__(self) -> None:
@@ -465,6 +468,8 @@ class RunConfig:
         ranks = self.fl.ranks() or (self.lora.r,)
         if max(ranks) > self.fl.max_rank:
             raise ConfigError(f"lora.r {self.lora.r} exceeds max-rank {self.fl.max_rank}")
+        if self.lora.use_dora:
+            _check_dora(self)
         from fedlora import attacks
 
         attacks.check(self)
@@ -503,6 +508,41 @@ def schema() -> dict[str, tuple[type, Any, str]]:
 def defaults() -> dict[str, Any]:
     """The flat default configuration (what ``[tool.flwr.app.config]`` must declare)."""
     return {key: default for key, (_, default, _) in schema().items()}
+
+
+def dora_strategies() -> tuple[str, ...]:
+    """The rules that accept ``lora.use-dora``: equal-rank, linear, base-preserving ones (the
+    magnitude vector is a per-module head, averaged by examples like every head)."""
+    from fedlora.aggregation import available_strategies, strategy_info
+
+    return tuple(n for n in available_strategies() if (info := strategy_info(n)).linear
+                 and info.equal_ranks and not info.modifies_base and not info.refactors)
+
+
+def _check_dora(cfg: RunConfig) -> None:
+    """Refuse the combinations whose DoRA aggregate would not be the model the clients train.
+
+    DoRA (Liu et al. 2024, arXiv 2402.09353) computes ``m ⊙ (W0 + sBA) / ‖W0 + sBA‖`` per
+    output row. Averaging ``m``, A and B separately is FedIT's approximation applied to one
+    more factor; a rule that re-factorises or truncates ΔW (mixed ranks, fedsvd) or moves it
+    into the base (flora, fedex) changes the norm that ``m`` was trained against, so those are
+    refused. The server evaluates by merging ΔW into a float32 copy of the base; a half-
+    precision or quantized base keeps ΔW in a side buffer that DoRA's norm does not see.
+    """
+    accepted = dora_strategies()
+    if cfg.fl.strategy not in accepted:
+        raise ConfigError(
+            f"lora.use-dora: strategy {cfg.fl.strategy!r} re-factorises, truncates or merges "
+            f"ΔW into the base, which changes the weight norm DoRA's magnitude vector was "
+            f"trained against; use one of {', '.join(accepted)} or set lora.use-dora = false")
+    if cfg.model.quantization != "none" or cfg.model.dtype != "float32":
+        raise ConfigError(
+            f"lora.use-dora needs a float32 unquantized base (got model.dtype = "
+            f"{cfg.model.dtype!r}, model.quantization = {cfg.model.quantization!r}): the "
+            f"server merges ΔW into the base weights to evaluate, and a half-precision or "
+            f"quantized weight keeps it in a side buffer that DoRA's weight norm does not "
+            f"see; set model.dtype = 'float32' and model.quantization = 'none', or "
+            f"lora.use-dora = false")
 
 
 def _check_type(key: str, value: Any, expected: type) -> Any:

@@ -3,6 +3,22 @@
 Wire names are peft's state-dict names (``get_peft_model_state_dict``): a LoRA module
 ``M`` contributes ``M.lora_A.weight`` (r, in) and ``M.lora_B.weight`` (out, r); every other key
 is a declared head (``modules_to_save``, e.g. the classifier) sent in full.
+
+Every adapted layer is seen as a linear map ``x -> W x`` of shape ``(out, in)``, whatever the
+layer stores (:func:`base_shape`):
+
+* ``nn.Linear`` (and bitsandbytes' quantized linears): ``W`` is the weight, ``(out, in)``.
+* transformers' ``Conv1D`` (GPT-2's fused ``c_attn``, ``c_proj``, ``c_fc``): the weight is
+  stored ``(in, out)`` (``fan_in_fan_out``); peft still keeps ``lora_A`` (r, in) and
+  ``lora_B`` (out, r) and adds ``(B A)ᵀ`` to the stored weight. Phi-3's ``qkv_proj`` is a plain
+  ``nn.Linear``. peft adapts a fused projection as one layer (q, k and v share A and B).
+* ``nn.Embedding`` (peft's ``lora_embedding_A`` (r, vocab), ``lora_embedding_B`` (dim, r)):
+  a lookup is the product with a one-hot vector, so the layer is the linear map
+  ``(dim, vocab)``, stored transposed as ``(vocab, dim)``; the adapter adds
+  ``(B A)ᵀ`` and computes ``B A[:, ids]``. Its factors travel under the linear names
+  ``M.lora_A.weight`` / ``M.lora_B.weight`` (:func:`adapter_arrays` renames them,
+  :func:`load_adapter_arrays` renames them back), so every aggregation rule, view and
+  base correction applies to them unchanged with ``in = vocab`` and ``out = dim``.
 """
 
 from __future__ import annotations
@@ -24,9 +40,15 @@ from fedlora.errors import ConfigError, PayloadError
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # peft 0.21 calls a transformers 5 method deprecated in favour of a new name: noise for users
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+# peft sets fan_in_fan_out itself for transformers' Conv1D (GPT-2's c_attn), which is what we
+# want: the weight is stored (in, out); see base_shape
+warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False but the target "
+                        r"module is `Conv1D`", category=UserWarning)
 
 LORA_A = ".lora_A.weight"
 LORA_B = ".lora_B.weight"
+EMB_A = ".lora_embedding_A"  # peft's names for an embedding's factors (ParameterDict entries)
+EMB_B = ".lora_embedding_B"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,6 +77,7 @@ class AdapterSpec:
     bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
     use_rslora: bool = False
+    use_dora: bool = False  # M.lora_magnitude_vector (out,) travels as a head
     init: str = "default"
 
     def with_rank(self, r: int) -> AdapterSpec:
@@ -217,6 +240,7 @@ def peft_config(spec: AdapterSpec, task: str) -> Any:
         bias=spec.bias,
         modules_to_save=list(spec.modules_to_save) or None,
         use_rslora=spec.use_rslora,
+        use_dora=spec.use_dora,
         init_lora_weights=True if spec.init == "default" else spec.init,
     )
 
@@ -240,7 +264,9 @@ class ModelCache:
     In Flower's simulation one Ray actor serves many virtual clients, possibly of different
     LoRA ranks. Each base model is loaded once; each :class:`AdapterSpec` (a rank) adds a named
     PEFT adapter to it, and :meth:`get` activates the one asked for, so clients of three ranks
-    share one copy of the frozen weights. The model is shared by all clients: callers must
+    share one copy of the frozen weights (not with ``lora.bias`` other than ``none``: trained
+    biases belong to the base, so each adapter shape then gets its own model, rebuilt when the
+    shape asked for changes). The model is shared by all clients: callers must
     overwrite every adapter array from the incoming message before training. Only frozen
     weights are worth caching; adapter and optimizer state never live here.
     """
@@ -264,12 +290,19 @@ class ModelCache:
             model, tokenizer = build_peft_model(model_spec, adapter)
             self._models[model_spec] = (model, tokenizer, {adapter: "default"})
         model, tokenizer, names = self._models[model_spec]
+        if adapter not in names and (adapter.bias != "none" or
+                                     any(a.bias != "none" for a in names)):
+            # trained biases are the base layers' own parameters, shared by every adapter, so
+            # peft allows one adapter per model then: a new shape gets a fresh model
+            del self._models[model_spec]
+            return self.get(model_spec, adapter)
         if adapter not in names:
             _check_targets(model, adapter)
-            names[adapter] = f"adapter-{len(names)}"
+            name = f"adapter-{len(names)}"
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                model.add_adapter(names[adapter], peft_config(adapter, model_spec.task))
+                model.add_adapter(name, peft_config(adapter, model_spec.task))
+            names[adapter] = name  # only once it exists
         model.set_adapter(names[adapter])
         return model, tokenizer
 
@@ -280,15 +313,26 @@ class ModelCache:
 def adapter_arrays(model: Any) -> dict[str, np.ndarray]:
     """The active adapter (LoRA factors + declared heads) as float32 numpy arrays, peft key
     names (the same for every adapter name)."""
-    return {k: v.detach().to("cpu", torch.float32).numpy().copy()
+    return {_wire_name(k): v.detach().to("cpu", torch.float32).numpy().copy()
             for k, v in _adapter_tensors(model).items()}
+
+
+def _wire_name(key: str) -> str:
+    """peft's state-dict key → the wire key (embedding factors under the linear names)."""
+    if key.endswith(EMB_A):
+        return key[: -len(EMB_A)] + LORA_A
+    if key.endswith(EMB_B):
+        return key[: -len(EMB_B)] + LORA_B
+    return key
 
 
 def load_adapter_arrays(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
     """Overwrite every adapter array of ``model``; the key sets and shapes must match exactly."""
     from peft import set_peft_model_state_dict
 
-    expected = {k: tuple(v.shape) for k, v in _adapter_tensors(model).items()}
+    tensors = _adapter_tensors(model)
+    peft_name = {_wire_name(k): k for k in tensors}
+    expected = {_wire_name(k): tuple(v.shape) for k, v in tensors.items()}
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
@@ -303,8 +347,8 @@ def load_adapter_arrays(model: Any, arrays: Mapping[str, np.ndarray]) -> None:
             raise PayloadError("SHAPE_MISMATCH", f"{key}: expected shape {shape}, got {got}")
         if not np.all(np.isfinite(arrays[key])):
             raise PayloadError("NON_FINITE", f"{key} holds NaN or Inf")
-    state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in
-             arrays.items()}
+    state = {peft_name[k]: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+             for k, v in arrays.items()}
     set_peft_model_state_dict(model, state, adapter_name=model.active_adapter)
 
 
@@ -323,9 +367,9 @@ def set_trainable(model: Any, train_a: bool = True, train_b: bool = True) -> Non
     alternates); other adapters stay frozen."""
     active = model.active_adapter
     for name, param in model.named_parameters():
-        if f".lora_A.{active}." in name:
+        if f".lora_A.{active}." in name or name.endswith(f"{EMB_A}.{active}"):
             param.requires_grad_(train_a)
-        elif f".lora_B.{active}." in name:
+        elif f".lora_B.{active}." in name or name.endswith(f"{EMB_B}.{active}"):
             param.requires_grad_(train_b)
 
 
@@ -338,17 +382,38 @@ def save_adapter(model: Any, directory: str | Path) -> Path:
     return directory
 
 
+def base_shape(layer: torch.nn.Module) -> tuple[int, int, bool]:
+    """``(out, in, transposed)`` of the linear map ``layer`` computes (see the module
+    docstring): ``transposed`` when the weight is stored ``(in, out)`` (``Conv1D``,
+    ``nn.Embedding``), so a correction ``ΔW`` (out, in) is added to it as ``ΔWᵀ``."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(layer, torch.nn.Embedding):
+        return layer.embedding_dim, layer.num_embeddings, True
+    if isinstance(layer, Conv1D):
+        return layer.nf, layer.weight.shape[0], True
+    if hasattr(layer, "out_features") and hasattr(layer, "in_features"):
+        return layer.out_features, layer.in_features, False
+    raise ConfigError(f"LoRA on a {type(layer).__name__} layer is not supported by fedlora "
+                      f"(only nn.Linear, transformers' Conv1D and nn.Embedding); take it out "
+                      f"of lora.target-modules")
+
+
 def set_base_delta(model: Any, deltas: Mapping[str, tuple[np.ndarray, np.ndarray]],
                    tag: Any) -> None:
     """Make each adapted module compute with ``W0 + B @ A`` (FLoRA/FedEx base corrections).
 
-    ``deltas`` maps a LoRA module name to scale-1 factors ``(B (out, R), A (R, in))``. A float32
-    weight takes the correction in place (its original is kept on the model the first time, so
-    the call is idempotent and a cached model shared by several virtual clients can move to any
-    correction). A quantized (QLoRA) or half-precision weight cannot hold it — a 4-bit weight has
-    no room for it and bfloat16 rounds small corrections away — so those layers keep the factors
-    in a separate float32 buffer, added to the layer's output as ``x Aᵀ Bᵀ``. ``tag`` names the
-    correction applied (nothing is recomputed when it is unchanged).
+    ``deltas`` maps a LoRA module name to scale-1 factors ``(B (out, R), A (R, in))`` of the
+    layer's linear map (:func:`base_shape`; a weight stored ``(in, out)`` takes ``(B A)ᵀ``). A
+    float32 ``nn.Linear`` / ``Conv1D`` weight takes the correction in place (its original is
+    kept on the model the first time, so the call is idempotent and a cached model shared by
+    several virtual clients can move to any correction). A quantized (QLoRA) or
+    half-precision weight cannot hold it — a 4-bit weight has no room for it and bfloat16
+    rounds small corrections away — so those layers keep the factors in a separate float32
+    buffer, added to the layer's output as ``x Aᵀ Bᵀ``. So do embeddings, whatever their
+    dtype: an input embedding is often tied to the output head (GPT-2, small Llamas), and
+    peft's embedding LoRA changes only the lookup, so the shared weight must stay as it is.
+    ``tag`` names the correction applied (nothing is recomputed when it is unchanged).
     """
     if getattr(model, "_fedlora_base_tag", None) == tag:
         return
@@ -357,14 +422,18 @@ def set_base_delta(model: Any, deltas: Mapping[str, tuple[np.ndarray, np.ndarray
     with torch.no_grad():
         for module, (b, a) in deltas.items():
             layer = model.get_submodule(module).base_layer
-            expected = (layer.out_features, layer.in_features)
+            out_features, in_features, transposed = base_shape(layer)
+            expected = (out_features, in_features)
             if (np.shape(b)[0], np.shape(a)[-1]) != expected or np.shape(b)[1] != np.shape(a)[0]:
                 raise PayloadError("SHAPE_MISMATCH", f"base correction of {module}: expected "
                                    f"{expected}, got B {np.shape(b)} @ A {np.shape(a)}")
-            if layer.weight.dtype == torch.float32:
+            if (layer.weight.dtype == torch.float32
+                    and not isinstance(layer, torch.nn.Embedding)):
                 if module not in originals:
                     originals[module] = layer.weight.detach().clone()
                 delta = torch.from_numpy(np.asarray(b, np.float32) @ np.asarray(a, np.float32))
+                if transposed:
+                    delta = delta.T
                 layer.weight.copy_(originals[module] + delta.to(layer.weight.device))
             else:
                 set_correction_buffer(layer, b, a)
@@ -380,12 +449,15 @@ def set_base_delta(model: Any, deltas: Mapping[str, tuple[np.ndarray, np.ndarray
 
 def _add_correction(layer: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
     b, a = layer._fedlora_correction
+    if isinstance(layer, torch.nn.Embedding):  # token ids: row lookup of Aᵀ (vocab, R)
+        return output + (torch.nn.functional.embedding(inputs[0], a.T) @ b.T).to(output.dtype)
     return output + ((inputs[0].to(a.dtype) @ a.T) @ b.T).to(output.dtype)
 
 
 def set_correction_buffer(layer: torch.nn.Module, b: np.ndarray | None,
                           a: np.ndarray | None) -> None:
-    """Add ``x Aᵀ Bᵀ`` (float32) to ``layer``'s output; ``None`` removes the correction."""
+    """Add ``x Aᵀ Bᵀ`` (float32; an embedding adds ``Aᵀ[ids] Bᵀ``) to ``layer``'s output;
+    ``None`` removes the correction."""
     handle = layer.__dict__.pop("_fedlora_hook", None)
     if handle is not None:
         handle.remove()
