@@ -490,6 +490,14 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedlora.export import export_merged
+
+    out = export_merged(args.run_dir, args.merged, args.dtype)
+    print(f"merged model: {out} (load it with AutoModelFor....from_pretrained({str(out)!r}))")
+    return 0
+
+
 def add_tracker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracker", choices=["mlflow", "tensorboard"], action="append",
                         help="also log the config, every metrics record as it arrives and the "
@@ -552,6 +560,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--reference", help="compare the rules with this strategy label instead "
                      "of the spec's reference")
     rep.set_defaults(func=cmd_report)
+    exp_m = sub.add_parser("export", help="merge a run's adapter into its base and save a plain "
+                           "transformers model with its tokenizer")
+    exp_m.add_argument("run_dir", metavar="RUN_DIR", help="the run's --out (or its adapter/)")
+    exp_m.add_argument("--merged", metavar="OUT", required=True,
+                       help="new directory for the merged model")
+    exp_m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="weights' dtype (default: the run's model.dtype; a QLoRA base is "
+                            "dequantized into it)")
+    exp_m.set_defaults(func=cmd_export)
     sub.add_parser("config", help="list every config key").set_defaults(func=cmd_config)
     sub.add_parser("strategies", help="list aggregation rules").set_defaults(func=cmd_strategies)
     sub.add_parser("attacks", help="list the simulated attacks (config keys attack, attackers, "
