@@ -125,3 +125,24 @@ def test_export_refuses_a_non_empty_target_and_a_non_run(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("")
     assert main(["export", str(tmp_path), "--merged", str(tmp_path / "out")]) == 2
     assert "neither a run's output directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("bitsandbytes") is None,
+                    reason="bitsandbytes is not installed (pip install 'fedlora[qlora]')")
+def test_a_qlora_run_merges_into_its_dequantized_base(tmp_path):
+    """The merged weights are dequant(Q(W0)) + ΔW in model.dtype: the model the QLoRA run
+    evaluated (bitsandbytes dequantizes NF4 to the float32 compute dtype for each matmul, so
+    only the reassociation of the merge separates the two), not the original W0 + ΔW."""
+    flat = tiny_config(strategy="fedex", **{"model.quantization": "nf4", "train.lr": 0.01,
+                                            "num-server-rounds": 1})
+    _, _, glob, server_model = run_rounds(flat)
+    run = tmp_path / "run"
+    server_model.export(glob, run / "adapter")
+    assert main(["export", str(run), "--merged", str(tmp_path / "m")]) == 0
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    assert getattr(merged.config, "quantization_config", None) is None
+    adapted, tokenizer = load_model(run, device="cpu")
+    batch = _heldout_batch(flat, tokenizer)
+    want, got = _logits(adapted, batch), _logits(merged, batch)
+    assert float((got - want).abs().max()) <= _tolerance(want, width=384, layers=1)
