@@ -102,7 +102,9 @@ def evaluate(model: Any, tokenizer: Any, tokenizer_dir: str, tasks: list[str],
     results = {}
     for task in tasks:
         metrics = {k.split(",")[0]: v for k, v in out["results"][task].items()
-                   if k != "alias" and not k.split(",")[0].endswith("_stderr")}
+                   if isinstance(v, int | float) and not isinstance(v, bool)
+                   and k.split(",")[0] not in ("sample_len",)
+                   and not k.split(",")[0].endswith("_stderr")}
         metrics["n-samples"] = out.get("n-samples", {}).get(task, {}).get("effective")
         results[task] = metrics
     return results
