@@ -162,6 +162,10 @@ def preflight(cfg: config.RunConfig, clients: int, node_paths: list[str] | None 
     from fedlora.privacy import check_config
 
     check_config(cfg, clients)  # DP needs a mean of equal-shape updates
+    if cfg.eval.task_list():
+        from fedlora import lmeval
+
+        lmeval._require()  # eval.tasks: lm-eval must be there before the rounds, not after
     if cfg.model.name not in assets.MODEL_ALIASES:
         assets.resolve_model(cfg.model.name)
     ranks = sorted({cfg.rank_for_partition(i) for i in range(clients)})
@@ -490,6 +494,39 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedlora.export import export_merged
+
+    out = export_merged(args.run_dir, args.merged, args.dtype)
+    print(f"merged model: {out} (load it with AutoModelFor....from_pretrained({str(out)!r}))")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fedlora import lmeval
+
+    if args.list_tasks:
+        for name in lmeval.shipped_tasks():
+            print(name)
+        print("(and lm-eval's hub tasks, e.g. mmlu, gsm8k, where the hub is reachable)")
+        return 0
+    if not args.path or not args.tasks:
+        raise FedLoraError("fedlora eval needs RUN_DIR_OR_ADAPTER and --tasks T1,T2 (see "
+                           "--list-tasks)")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    model, tokenizer, tokenizer_dir = lmeval.load(args.path)
+    results = lmeval.evaluate(model, tokenizer, tokenizer_dir, tasks, args.limit,
+                              args.num_fewshot, args.batch_size)
+    p = Path(args.path).expanduser().resolve()
+    out = Path(args.out).expanduser().resolve() if args.out else (
+        (p.parent if p.name == "adapter" else p) / "eval")
+    lmeval.write(results, out, {"model": str(p), "limit": args.limit,
+                                "num_fewshot": args.num_fewshot})
+    print(lmeval.table(results))
+    print(f"results: {out}/<task>.json")
+    return 0
+
+
 def add_tracker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracker", choices=["mlflow", "tensorboard"], action="append",
                         help="also log the config, every metrics record as it arrives and the "
@@ -552,6 +589,27 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--reference", help="compare the rules with this strategy label instead "
                      "of the spec's reference")
     rep.set_defaults(func=cmd_report)
+    exp_m = sub.add_parser("export", help="merge a run's adapter into its base and save a plain "
+                           "transformers model with its tokenizer")
+    exp_m.add_argument("run_dir", metavar="RUN_DIR", help="the run's --out (or its adapter/)")
+    exp_m.add_argument("--merged", metavar="OUT", required=True,
+                       help="new directory for the merged model")
+    exp_m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="weights' dtype (default: the run's model.dtype; a QLoRA base is "
+                            "dequantized into it)")
+    exp_m.set_defaults(func=cmd_export)
+    ev = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a run's model "
+                        "(needs fedlora[eval])")
+    ev.add_argument("path", nargs="?", metavar="RUN_DIR_OR_ADAPTER",
+                    help="a run's --out, its adapter/, or a `fedlora export --merged` directory")
+    ev.add_argument("--tasks", help="comma-separated lm-eval tasks (fedlora-bbc-topic, "
+                    "fedlora-chatterbot-qa, or hub tasks such as mmlu)")
+    ev.add_argument("--limit", type=int, help="at most N examples per task")
+    ev.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples")
+    ev.add_argument("--batch-size", type=int, default=8, help="requests per forward")
+    ev.add_argument("--out", help="where <task>.json go (default RUN_DIR/eval)")
+    ev.add_argument("--list-tasks", action="store_true", help="name the shipped tasks")
+    ev.set_defaults(func=cmd_eval)
     sub.add_parser("config", help="list every config key").set_defaults(func=cmd_config)
     sub.add_parser("strategies", help="list aggregation rules").set_defaults(func=cmd_strategies)
     sub.add_parser("attacks", help="list the simulated attacks (config keys attack, attackers, "

@@ -438,9 +438,25 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = _f(64, "examples per evaluation batch")
+    samples: int = _f(3, "causal-lm: greedy answers to the first N held-out prompts, logged "
+                         "per round to samples.jsonl (0 = none)")
+    sample_tokens: int = _f(32, "causal-lm: most new tokens per logged sample answer")
+    tasks: str = _f("", "causal-lm: comma-separated lm-eval tasks the server runs on the final "
+                        "export, to eval/<task>.json (needs fedlora[eval]; e.g. "
+                        "'fedlora-chatterbot-qa,fedlora-bbc-topic')")
+    tasks_every: int = _f(0, "also run eval.tasks every N rounds on the global model, to "
+                             "eval/round-<r>/<task>.json (0 = final export only)")
+    tasks_limit: int = _f(0, "at most N examples per eval.tasks task (0 = all)")
 
     def __post_init__(self) -> None:
         _positive("eval.batch-size", self.batch_size)
+        _positive("eval.samples", self.samples, zero_ok=True)
+        _positive("eval.sample-tokens", self.sample_tokens)
+        _positive("eval.tasks-every", self.tasks_every, zero_ok=True)
+        _positive("eval.tasks-limit", self.tasks_limit, zero_ok=True)
+
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
 
 @dataclass(frozen=True)
@@ -465,6 +481,9 @@ class RunConfig:
                 "model.task 'causal-lm' needs instruction/response pairs; bbc-news is labelled "
                 "text (use data.source = 'chatterbot' or your own files)"
             )
+        if self.eval.task_list() and self.model.task != "causal-lm":
+            raise ConfigError(f"eval.tasks {self.eval.tasks!r}: lm-eval tasks score a causal LM; "
+                              f"this run is model.task = {self.model.task!r} (clear eval.tasks)")
         ranks = self.fl.ranks() or (self.lora.r,)
         if max(ranks) > self.fl.max_rank:
             raise ConfigError(f"lora.r {self.lora.r} exceeds max-rank {self.fl.max_rank}")

@@ -363,20 +363,11 @@ def label_names(spec: DataSpec) -> list[str] | None:
 # ----------------------------------------------------------------------------- tokenizing
 
 
-def _prompt(tokenizer: Any, instruction: str) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": instruction}], tokenize=False,
-            add_generation_prompt=True,
-        )
-    return f"### Instruction:\n{instruction}\n\n### Response:\n"
-
-
 def tokenize(ds: datasets.Dataset, tokenizer: Any, task: str, max_length: int) -> list[dict]:
     """Token ids per example (no padding: batches are padded dynamically by :func:`collate`).
 
     Causal LM examples are prompt + response + EOS with the prompt's labels masked, so the loss
-    is the answer's.
+    is the answer's; the prompt is :func:`fedlora.prompts.render`'s, the one template of a run.
     """
     examples: list[dict] = []
     if task == "seq-cls":
@@ -384,11 +375,10 @@ def tokenize(ds: datasets.Dataset, tokenizer: Any, task: str, max_length: int) -
         for ids, label in zip(enc["input_ids"], list(ds["label"]), strict=True):
             examples.append({"input_ids": ids, "labels": int(label)})
         return examples
-    eos = tokenizer.eos_token or ""
+    from fedlora import prompts
+
     for instruction, response in zip(list(ds["instruction"]), list(ds["response"]), strict=True):
-        prompt = _prompt(tokenizer, instruction)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
+        prompt_ids, answer_ids = prompts.encode_pair(tokenizer, instruction, response)
         ids = (prompt_ids + answer_ids)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
         if any(label != IGNORE_INDEX for label in labels):

@@ -42,6 +42,11 @@ class ServerModel:
         self.examples = (None if heldout is None else
                          data.tokenize(heldout, self.tokenizer, cfg.model.task,
                                        cfg.data.max_length))
+        # the fixed prompts whose greedy answers samples.jsonl follows round by round
+        self.sample_rows = ([] if heldout is None or cfg.model.task != "causal-lm" else
+                            [{"instruction": q, "reference": a} for q, a in zip(
+                                heldout["instruction"][:cfg.eval.samples],
+                                heldout["response"][:cfg.eval.samples], strict=True)])
 
     def describe_evaluation(self) -> str:
         """One start-up line: what the server evaluates on, and whether clients evaluate."""
@@ -77,6 +82,48 @@ class ServerModel:
         return training.evaluate(self.model, self.examples, self.cfg.eval.batch_size,
                                  self.tokenizer.pad_token_id, self.cfg.model.task)
 
+    def samples(self, glob: GlobalAdapter) -> list[dict[str, str]]:
+        """Greedy answers of the global model to the first ``eval.samples`` held-out prompts
+        (rendered with :func:`fedlora.prompts.render`, the training template), at most
+        ``eval.sample-tokens`` new tokens each, decoded without special tokens."""
+        import torch
+
+        from fedlora import prompts
+
+        if not self.sample_rows:
+            return []
+        self._load(glob)
+        out = []
+        for row in self.sample_rows:
+            ids = prompts.encode_prompt(self.tokenizer,
+                                        prompts.render(self.tokenizer, row["instruction"]))
+            ids = ids[-self.cfg.data.max_length:]
+            device = next(self.model.parameters()).device
+            with torch.no_grad():
+                gen = self.model.generate(
+                    input_ids=torch.tensor([ids], device=device),
+                    attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                    max_new_tokens=self.cfg.eval.sample_tokens, do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id)
+            answer = self.tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True)
+            out.append({**row, "answer": answer.strip()})
+        return out
+
+    def lm_eval(self, glob: GlobalAdapter, directory: Path) -> dict[str, Any]:
+        """``eval.tasks`` on the global model as the server holds it (base corrections and
+        ΔW merged into the frozen weights), results to ``directory/<task>.json``."""
+        from fedlora import lmeval
+
+        self._load(glob)
+        limit = self.cfg.eval.tasks_limit or None
+        results = lmeval.evaluate(self.model.get_base_model(), self.tokenizer,
+                                  builders.model_spec(self.cfg).path, self.cfg.eval.task_list(),
+                                  limit=limit, batch_size=self.cfg.eval.batch_size,
+                                  device=str(next(self.model.parameters()).device))
+        lmeval.write(results, directory, {"updates": glob.updates, "limit": limit})
+        return results
+
     def export(self, glob: GlobalAdapter, directory: Path) -> Path:
         """Save the global model as a PEFT adapter directory (ΔW as LoRA factors + heads)."""
         total = glob.export_factors()
@@ -99,6 +146,45 @@ class ServerModel:
         (directory / MANIFEST).write_text(json.dumps(
             manifest(self.cfg, rank, self.label_names), indent=2))
         return directory
+
+
+class RoundExtras:
+    """What the server adds after each round's metrics line: ``samples.jsonl`` (greedy answers
+    to the fixed held-out prompts, causal-LM runs) and, every ``eval.tasks-every`` rounds,
+    ``eval.tasks`` to ``eval/round-<r>/``. One sample line per prompt: round, instruction,
+    reference answer, the model's answer."""
+
+    def __init__(self, server_model: ServerModel, run_dir: Path) -> None:
+        self.model = server_model
+        self.dir = Path(run_dir)
+        self.samples_path = self.dir / "samples.jsonl"
+
+    def __call__(self, server_round: int, glob: GlobalAdapter) -> None:
+        cfg = self.model.cfg
+        rows = self.model.samples(glob) if cfg.eval.samples else []
+        if rows:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with self.samples_path.open("a") as fh:
+                for i, row in enumerate(rows):
+                    fh.write(json.dumps({"round": server_round, "prompt": i, **row}) + "\n")
+        every = cfg.eval.tasks_every
+        if cfg.eval.task_list() and every and server_round > 0 and server_round % every == 0:
+            self.model.lm_eval(glob, self.dir / "eval" / f"round-{server_round}")
+
+    def final(self, adapter_dir: Path) -> dict[str, Any] | None:
+        """``eval.tasks`` on the exported adapter (merged, as ``fedlora eval`` loads it), to
+        ``eval/<task>.json``; ``None`` without ``eval.tasks``."""
+        cfg = self.model.cfg
+        if not cfg.eval.task_list():
+            return None
+        from fedlora import lmeval
+
+        model, tokenizer, tokenizer_dir = lmeval.load(adapter_dir)
+        limit = cfg.eval.tasks_limit or None
+        results = lmeval.evaluate(model, tokenizer, tokenizer_dir, cfg.eval.task_list(),
+                                  limit=limit, batch_size=cfg.eval.batch_size)
+        lmeval.write(results, self.dir / "eval", {"model": str(adapter_dir), "limit": limit})
+        return results
 
 
 MANIFEST_VERSION = 2  # of adapter/fedlora.json (1: strategy, rank, base_model, num_labels)

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora import checkpoint, client, config, outputs, privacy
 from fedlora.errors import DataError
-from fedlora.evaluator import ServerModel, no_evaluation_reason
+from fedlora.evaluator import RoundExtras, ServerModel, no_evaluation_reason
 from fedlora.secure_wire import check_secure_aggregation
 from fedlora.threads import single_threaded_blas
 from server.polling import PromptGrid
@@ -79,8 +79,9 @@ def _run(grid: Grid, cfg: config.RunConfig, out: outputs.RunOutputs,
     nothing = no_evaluation_reason(cfg, bool(server_model.examples)) is not None
     log(WARNING if nothing else INFO, "fedlora: %s", evaluation)
     evaluate = _no_evaluation if nothing else server_model.evaluate
+    extras = RoundExtras(server_model, out.dir)
     strategy = FederatedLora(cfg, server_model.initial_global(), evaluate,
-                             out.log_round, run_id=run_id)
+                             out.log_round, run_id=run_id, after_round=extras)
     start = 1
     if resumed is not None:
         strategy.restore(resumed)
@@ -95,7 +96,13 @@ def _run(grid: Grid, cfg: config.RunConfig, out: outputs.RunOutputs,
         raise
     exporting = time.perf_counter()
     server_model.export(glob, out.adapter_dir)
-    return {"model_load_s": model_load_s, "export_s": time.perf_counter() - exporting}
+    export_s = time.perf_counter() - exporting
+    evaluating = time.perf_counter()
+    results = extras.final(out.adapter_dir)
+    if results is not None:
+        log(INFO, "fedlora: eval.tasks on the export: %s", results)
+    return {"model_load_s": model_load_s, "export_s": export_s,
+            "lm_eval_s": time.perf_counter() - evaluating}
 
 
 NO_EVALUATION = {"evaluation": "none"}  # in every round line of a run that evaluates nothing

@@ -190,14 +190,18 @@ class FederatedLora:
         Central evaluation of the global model, or ``None`` when the server has no data.
     log_round
         Receives one metrics record per round (``metrics.jsonl``).
+    after_round
+        Called with the round and the global adapter after each round's metrics line.
     run_id
         Flower's run id, which signed updates are bound to (``sign-updates``).
     """
 
     def __init__(self, cfg: RunConfig, glob: GlobalAdapter,
                  evaluate_fn: Callable[[GlobalAdapter], dict[str, float] | None],
-                 log_round: Callable[[dict[str, Any]], None], run_id: int = 0) -> None:
+                 log_round: Callable[[dict[str, Any]], None], run_id: int = 0,
+                 after_round: Callable[[int, GlobalAdapter], None] | None = None) -> None:
         self.cfg = cfg
+        self.after_round = after_round  # per-round extras (samples.jsonl, eval.tasks)
         self.run_id = run_id
         self.glob = glob
         self.evaluate_fn = evaluate_fn
@@ -1080,6 +1084,8 @@ class FederatedLora:
         log(INFO, "fedlora round %d: %s", server_round,
             {k: (round(v, 4) if isinstance(v, float) else v) for k, v in line.items()})
         self.log_round(line)
+        if self.after_round is not None:
+            self.after_round(server_round, self.glob)
 
     def _eval_metrics(self, reply: Message) -> dict[str, int | float]:
         """One evaluate reply's metrics, checked against :data:`~fedlora.wire_schema.EVAL_METRICS`

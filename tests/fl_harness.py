@@ -30,8 +30,10 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
 
 def run_rounds(flat: dict[str, Any], num_nodes: int = 3, *,
                on_reply: Callable | None = None, fail: Callable | None = None,
-               node_extra: Callable[[int], dict] | None = None):
-    """Returns (records, grid, global adapter, server model)."""
+               node_extra: Callable[[int], dict] | None = None,
+               after_round: Callable | None = None):
+    """Returns (records, grid, global adapter, server model). ``after_round(server_model)``
+    builds the strategy's per-round hook (e.g. :class:`fedlora.evaluator.RoundExtras`)."""
     cfg = config.from_flat(flat)
     nodes = [{"partition-id": i, "num-partitions": num_nodes, **(node_extra(i) if node_extra
                                                                else {})}
@@ -41,6 +43,7 @@ def run_rounds(flat: dict[str, Any], num_nodes: int = 3, *,
     glob = server_model.initial_global()
     records: list[dict] = []
     strategy = FederatedLora(cfg, glob, server_model.evaluate, records.append,
-                             run_id=grid.run_id)
+                             run_id=grid.run_id,
+                             after_round=after_round(server_model) if after_round else None)
     strategy.run(grid)
     return records, grid, glob, server_model
