@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
+from fedlora import attack_catalog
 from fedlora.errors import ConfigError
 
 TASKS = ("seq-cls", "causal-lm")
@@ -439,9 +440,7 @@ class RunConfig:
         ranks = self.fl.ranks() or (self.lora.r,)
         if max(ranks) > self.fl.max_rank:
             raise ConfigError(f"lora.r {self.lora.r} exceeds max-rank {self.fl.max_rank}")
-        from fedlora import attacks
-
-        attacks.check(self)
+        attack_catalog.check(self)
 
     def rank_for_partition(self, partition_id: int) -> int:
         """LoRA rank of a simulated client (``rank-by-partition`` cycles over partitions)."""

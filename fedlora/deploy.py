@@ -66,7 +66,6 @@ from pathlib import Path
 from typing import Any
 
 from fedlora import certs, config
-from fedlora.deploy_cli import WARM_TESTED_FLOWER
 from fedlora.errors import FedLoraError
 from fedlora.launcher import (
     RunFailed,
@@ -84,6 +83,7 @@ from fedlora.launcher import (
 )
 from fedlora.outputs import read_metrics
 from fedlora.reaper import Guarded
+from fedlora.run_setup import WARM_TESTED_FLOWER
 
 CONNECTION = "fedlora-deploy"
 HOST = "127.0.0.1"
@@ -570,8 +570,8 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
     RunFailed
         The SuperLink failed or the run did not complete (with the reason from its log).
     """
-    from fedlora.attacks import refuse_in_deployment
-    from fedlora.cli import finalize, write_run_config
+    from fedlora.attack_catalog import refuse_in_deployment
+    from fedlora.run_setup import finalize, write_run_config
 
     try:
         refuse_in_deployment(flat)
