@@ -220,7 +220,7 @@ def add_commands(subparsers: Any) -> None:
 
     worker = subparsers.add_parser(
         "worker", help="a SuperNode's long-lived ClientApp process (SuperNode started with "
-                       "--isolation process; see README 'Warm clients')")
+                       "--isolation process; see docs/deployment.md, 'Warm clients')")
     worker.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT",
                         help="the SuperNode's Runtime API (its --host:--port)")
     tls = worker.add_mutually_exclusive_group(required=True)

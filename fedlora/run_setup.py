@@ -240,8 +240,8 @@ def _check_own_files(cfg: config.RunConfig, clients: int, node_paths: list[str] 
             warnings.append(
                 f"client {i} ({path}) has {len(rows)} rows, {train} after holding out "
                 f"data.test-fraction = {cfg.data.test_fraction}: fewer than one batch "
-                f"(train.batch-size = {cfg.train.batch_size}); see the README's 'Tuning for "
-                f"small sites'")
+                f"(train.batch-size = {cfg.train.batch_size}); see 'Tuning for small sites' in "
+                f"docs/peft-and-evaluation.md")
     return warnings
 
 
