@@ -145,13 +145,16 @@ def test_find_cycles_reports_a_planted_cycle():
     assert find_cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_import_graph_counts_function_level_and_relative_imports(tmp_path, monkeypatch):
+def test_import_graph_counts_function_level_relative_and_type_checking_imports(tmp_path,
+                                                                             monkeypatch):
     # Prepare: a package whose module imports a sibling only inside a function, relatively
     package = tmp_path / "fedlora"
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "one.py").write_text("def f():\n    from . import two\n    return two\n")
     (package / "two.py").write_text("from fedlora.one import f\n")
+    (package / "three.py").write_text("from typing import TYPE_CHECKING\n"
+                                      "if TYPE_CHECKING:\n    from fedlora import two\n")
     monkeypatch.setattr(__name__ + ".ROOT", tmp_path)
     monkeypatch.setattr(__name__ + ".PACKAGES", ("fedlora",))
 
@@ -161,6 +164,7 @@ def test_import_graph_counts_function_level_and_relative_imports(tmp_path, monke
     # Assert
     assert graph["fedlora.one"] == {"fedlora.two"}
     assert graph["fedlora.two"] == {"fedlora.one"}
+    assert graph["fedlora.three"] == {"fedlora.two"}
     assert find_cycles(graph) == [["fedlora.one", "fedlora.two", "fedlora.one"]]
 
 
