@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-long lint clean
+.PHONY: install demo test test-fast test-long lint docs clean
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
@@ -24,8 +24,13 @@ test-fast:
 test-long:  # everything, the `long` end-to-end runs included
 	$(PYTHON) -m pytest -q -m "long or not long" $(PYTEST_ARGS)
 
+docs:  # the docs site: regenerate the generated pages, then build strictly into site/
+	$(PYTHON) -m pip install --quiet -e ".[docs]"
+	$(PYTHON) docs/generate.py
+	$(PYTHON) -m mkdocs build --strict
+
 lint:
 	$(PYTHON) -m ruff check fedlora clients server tests benchmarks
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site

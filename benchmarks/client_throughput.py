@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from benchmarks import plain
 from benchmarks.common import at_most, result
 from clients.app import app as client_app
-from fedlora import builders, cli, config, data
+from fedlora import builders, config, data, run_setup
 from fedlora.transport import pack, unpack
 from server.inprocess import InProcessGrid
 
@@ -35,7 +35,7 @@ PARTITION, CLIENTS = 0, 3
 def default_job(steps: int) -> dict[str, Any]:
     """The default preset's flat config with ``steps`` local steps."""
     flat = config.defaults()
-    layer = cli.preset_layer()
+    layer = run_setup.preset_layer()
     layer.pop("num-clients")
     flat.update(layer)
     flat["train.local-steps"] = steps

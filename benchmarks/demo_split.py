@@ -43,7 +43,7 @@ from typing import Any
 
 from benchmarks import plain
 from benchmarks.common import at_most, checkout_pythonpath, equal, result
-from fedlora import builders, cli, config, data, training
+from fedlora import builders, config, data, run_setup, training
 from fedlora.evaluator import load_exported
 from fedlora.outputs import read_metrics
 
@@ -127,7 +127,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     if quick:
         raise ValueError(f"{ID} has no quick mode; `python -m benchmarks --quick` skips it")
     flat = config.defaults()
-    layer = cli.preset_layer()
+    layer = run_setup.preset_layer()
     clients = int(layer.pop("num-clients"))
     flat.update(layer)
     with tempfile.TemporaryDirectory(prefix="fedlora-p6-") as tmp:

@@ -44,7 +44,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 
 from benchmarks.common import at_most, best_times, equal, result
 from clients.app import app as fedlora_client_app
-from fedlora import cli, config
+from fedlora import config, run_setup
 from fedlora.evaluator import ServerModel
 from fedlora.secagg.prg import apply_mask
 from fedlora.secure_wire import MASKED, MASKED_INPUT, MASKED_KEY
@@ -121,7 +121,7 @@ def mask_generation(size: int, repeats: int) -> dict[str, Any]:
 
 def ours_config(secure: bool, quick: bool) -> dict[str, Any]:
     flat = config.defaults()
-    layer = cli.preset_layer()
+    layer = run_setup.preset_layer()
     layer.pop("num-clients")
     flat.update(layer)
     flat.update({"num-server-rounds": 1, "train.local-steps": 1,

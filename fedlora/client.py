@@ -19,13 +19,13 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from fedlora import builders, data, ddp, lora, training
+from fedlora import builders, data, lora, training
 from fedlora.aggregation import LoraFactors
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, DataError
 from fedlora.federation import stack
 from fedlora.threads import single_threaded_blas
-from fedlora.wire_schema import select_outgoing  # noqa: F401 — the ClientApp's name for it
+from fedlora.wire_schema import DATA_ERROR, select_outgoing  # noqa: F401 — the ClientApp's names
 
 V = TypeVar("V")
 
@@ -62,6 +62,22 @@ _TRAIN: Lru[list[dict]] = Lru(CACHED_CLIENTS)  # tokenized training examples per
 _HELDOUT: Lru[list[dict]] = Lru(4)  # tokenized held-out examples (one for packaged corpora)
 
 
+# rules that change the frozen base: under procs-per-node > 1 only rank 0 would hold the change
+BASE_MODIFYING = ("flora", "fedex")
+
+
+def check_procs(strategy: str, procs: int) -> None:
+    """Refuse a ``procs-per-node`` the node cannot run (:mod:`fedlora.ddp` trains with it)."""
+    if procs < 1:
+        raise ConfigError(f"procs-per-node must be >= 1; got {procs}")
+    if procs > 1 and strategy in BASE_MODIFYING:
+        raise ConfigError(f"procs-per-node = {procs} cannot run strategy {strategy!r}: its base "
+                          f"correction lives in rank 0 only; use procs-per-node = 1")
+    if procs > 1 and torch.cuda.is_available() and torch.cuda.device_count() < procs:
+        raise ConfigError(f"procs-per-node = {procs} needs one GPU per process; this node sees "
+                          f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES)")
+
+
 @dataclass(frozen=True)
 class Node:
     """Facts about this client, from the node config (deployment) or run config (simulation)."""
@@ -87,7 +103,7 @@ class Node:
         if not 0 < rank <= cfg.fl.max_rank:
             raise ConfigError(f"lora-rank {rank} of node {pid} is outside 1..{cfg.fl.max_rank}")
         procs = int(node_config.get("procs-per-node", 1))
-        ddp.check(cfg.fl.strategy, procs)
+        check_procs(cfg.fl.strategy, procs)
         return cls(pid, num, rank, str(node_config.get("data-path", "")), procs)
 
 
@@ -117,9 +133,6 @@ def train_rows(cfg: RunConfig, node: Node) -> Any:
     if _own_files(cfg, node):
         return data.own_split(spec, node.partition_id, node.data_path or None)[0]
     return _partitions(spec, node.num_partitions).train(node.partition_id)
-
-
-DATA_ERROR = "data-error"  # capability key: why this node cannot train on its data
 
 
 def data_problem(cfg: RunConfig, node: Node) -> str | None:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
+from fedlora import attack_catalog
 from fedlora.errors import ConfigError
 
 TASKS = ("seq-cls", "causal-lm")
@@ -489,9 +490,7 @@ class RunConfig:
             raise ConfigError(f"lora.r {self.lora.r} exceeds max-rank {self.fl.max_rank}")
         if self.lora.use_dora:
             _check_dora(self)
-        from fedlora import attacks
-
-        attacks.check(self)
+        attack_catalog.check(self)
 
     def rank_for_partition(self, partition_id: int) -> int:
         """LoRA rank of a simulated client (``rank-by-partition`` cycles over partitions)."""

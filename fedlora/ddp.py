@@ -35,23 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedlora.errors import ConfigError
-
 TIMEOUT_S = 120.0  # a collective waiting this long for a lost process fails
-BASE_MODIFYING = ("flora", "fedex")
-
-
-def check(strategy: str, procs: int) -> None:
-    if procs < 1:
-        raise ConfigError(f"procs-per-node must be >= 1; got {procs}")
-    if procs > 1 and strategy in BASE_MODIFYING:
-        raise ConfigError(f"procs-per-node = {procs} cannot run strategy {strategy!r}: its base "
-                          f"correction lives in rank 0 only; use procs-per-node = 1")
-    if procs > 1 and torch.cuda.is_available() and torch.cuda.device_count() < procs:
-        raise ConfigError(f"procs-per-node = {procs} needs one GPU per process; this node sees "
-                          f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES)")
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

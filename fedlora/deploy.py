@@ -1,7 +1,7 @@
 """Run the Flower App on Flower's deployment engine: a real SuperLink and N SuperNode processes.
 
-:func:`launch` does on one host what an operator does across machines (see the README,
-"Deployment"):
+:func:`launch` does on one host what an operator does across machines (see
+``docs/deployment.md``):
 
 1. check everything it can before any process starts: node count, GPU indices, LoRA ranks,
    data files, credential files, a requested port, the run config;
@@ -66,7 +66,6 @@ from pathlib import Path
 from typing import Any
 
 from fedlora import certs, config
-from fedlora.deploy_cli import WARM_TESTED_FLOWER
 from fedlora.errors import FedLoraError
 from fedlora.launcher import (
     RunFailed,
@@ -78,12 +77,14 @@ from fedlora.launcher import (
     flwr_env,
     free_port,
     json_tail,
+    refuse_in_fast_tests,
     run_logs,
     submit_run,
     write_connection,
 )
 from fedlora.outputs import read_metrics
 from fedlora.reaper import Guarded
+from fedlora.run_setup import WARM_TESTED_FLOWER
 
 CONNECTION = "fedlora-deploy"
 HOST = "127.0.0.1"
@@ -393,6 +394,7 @@ class _Processes:
               fresh_log: bool = True) -> Guarded:
         if fresh_log:
             log_path.write_text("")
+        refuse_in_fast_tests(cmd)
         proc = Guarded(cmd, env=dict(env), log_path=log_path)
         self.started.append(proc)
         return proc
@@ -570,8 +572,8 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
     RunFailed
         The SuperLink failed or the run did not complete (with the reason from its log).
     """
-    from fedlora.attacks import refuse_in_deployment
-    from fedlora.cli import finalize, write_run_config
+    from fedlora.attack_catalog import refuse_in_deployment
+    from fedlora.run_setup import finalize, write_run_config
 
     try:
         refuse_in_deployment(flat)
@@ -584,8 +586,8 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
         raise DeployError(f"--gpus pins each SuperNode to one GPU, and --procs-per-node "
                           f"{procs_per_node} needs {procs_per_node} GPUs per node: start such "
                           f"a node by hand with CUDA_VISIBLE_DEVICES listing its GPUs and "
-                          f"procs-per-node={procs_per_node} in its --node-config (README), or "
-                          f"use --nodes on CPU")
+                          f"procs-per-node={procs_per_node} in its --node-config "
+                          f"(docs/deployment.md), or use --nodes on CPU")
     devices: list[str | None] = list(visible_devices(gpus)) if gpus is not None else [None] * n
     tls = tls_setting(tls, auth, certs_dir)
     rank_list = node_ranks(ranks, n)

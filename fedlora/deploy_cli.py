@@ -14,11 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.errors import FedLoraError
-
-# Flower minor versions `fedlora worker` (warm clients) was tested with: `fedlora launch` runs
-# warm by default on these (fedlora.deploy.warm_setting). Here, not in fedlora.deploy, so that
-# building the CLI's parser imports nothing heavy.
-WARM_TESTED_FLOWER = ("1.41", "1.42")
+from fedlora.run_setup import WARM_TESTED_FLOWER
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -51,9 +47,9 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from fedlora import cli, deploy
+    from fedlora import deploy, run_setup
 
-    console = cli._console()
+    console = run_setup.console()
     if args.resume:
         return _resume(args, console)
     gpus = _int_list(args.gpus, "--gpus") if args.gpus is not None else None
@@ -62,7 +58,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     layered = argparse.Namespace(preset=args.preset, config=args.config, c=args.c,
                                  rounds=args.rounds, out=args.out,
                                  num_clients=len(gpus) if gpus is not None else args.nodes)
-    flat, nodes = cli.resolve(layered)
+    flat, nodes = run_setup.resolve(layered)
     out = Path(flat["output-dir"])
     ranks = _int_list(args.ranks, "--ranks") if args.ranks else None
     data_paths = None
@@ -126,7 +122,7 @@ def _run(flat: dict[str, Any], out: Path, settings: dict[str, Any], port: int | 
     from rich.markup import escape
 
     from fedlora import deploy
-    from fedlora.cli import round_parts
+    from fedlora.run_setup import round_parts
 
     started = time.perf_counter()
 
@@ -224,7 +220,7 @@ def add_commands(subparsers: Any) -> None:
 
     worker = subparsers.add_parser(
         "worker", help="a SuperNode's long-lived ClientApp process (SuperNode started with "
-                       "--isolation process; see README 'Warm clients')")
+                       "--isolation process; see docs/deployment.md, 'Warm clients')")
     worker.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT",
                         help="the SuperNode's Runtime API (its --host:--port)")
     tls = worker.add_mutually_exclusive_group(required=True)

@@ -44,17 +44,15 @@ import difflib
 import itertools
 import json
 import re
-import time
 import tomllib
 import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedlora import config
-from fedlora.cli import flatten
 from fedlora.errors import FedLoraError
+from fedlora.run_setup import flatten
 
 SPEC_KEYS = {"name", "description", "preset", "config", "seeds", "metric", "target",
              "reference", "baselines", "cpus-per-client", "base", "strategies", "settings", "grid"}
@@ -184,13 +182,13 @@ def parse_spec(text: str, path: Path | None = None) -> Spec:
     if unknown:
         raise SpecError(f"{where}: unknown top-level key(s) {unknown}; allowed: "
                         f"{', '.join(sorted(SPEC_KEYS))}")
-    from fedlora import cli
+    from fedlora import run_setup
 
     base_dir = path.parent if path else Path.cwd()
     config_file = raw.get("config")
     if config_file and not Path(config_file).is_absolute():
         config_file = base_dir / config_file
-    base = cli.preset_layer(raw.get("preset"), config_file)
+    base = run_setup.preset_layer(raw.get("preset"), config_file)
     extra = flatten(raw.get("base", {}))
     _check_keys(extra, "[base]")
     base.update(extra)
@@ -283,146 +281,5 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
-
-
 def cell_status(directory: Path) -> dict[str, Any] | None:
     return _read_json(directory / "cell.json")
-
-
-class Runner:
-    """Runs a spec's cells and baselines into ``out``; the report is rewritten after each."""
-
-    def __init__(self, spec: Spec, out: Path, resume: bool = False,
-                 progress: Callable[[str, dict[str, Any]], None] | None = None,
-                 trackers: Any = None) -> None:
-        """``trackers``: a :class:`fedlora.trackers.Trackers`; every cell and baseline is a
-        tracked run (config as params, each metrics record as it arrives, the adapter)."""
-        from fedlora.trackers import Trackers
-
-        self.spec, self.out, self.resume = spec, out, resume
-        self.progress = progress or (lambda event, info: None)
-        self.trackers = trackers if trackers is not None else Trackers()
-
-    def prepare(self) -> None:
-        cells_dir = self.out / "cells"
-        if cells_dir.exists() and any(cells_dir.iterdir()) and not self.resume:
-            raise SpecError(f"{self.out} already holds results of an experiment; pass --resume "
-                            f"to continue it (finished cells are skipped) or choose another --out")
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "spec.toml").write_text(self.spec.path.read_text() if self.spec.path
-                                            else json.dumps(self.spec.raw))
-        overrides = self.out / "overrides.json"
-        if self.spec.seeds != self.spec.raw.get("seeds", [0]):
-            _write_json(overrides, {"seeds": self.spec.seeds})
-        else:
-            overrides.unlink(missing_ok=True)
-
-    def pending(self) -> list[Cell]:
-        return [c for c in self.spec.cells()
-                if (cell_status(self.out / "cells" / c.id) or {}).get("status") != "done"]
-
-    def run_cell(self, cell: Cell) -> dict[str, Any]:
-        from fedlora import cli
-        from fedlora.launcher import Placement, RunFailed, run_simulation
-
-        directory = self.out / "cells" / cell.id
-        if directory.exists():  # a failed or interrupted attempt: start the cell afresh
-            for stale in ("metrics.jsonl", "cell.json"):
-                (directory / stale).unlink(missing_ok=True)
-        directory.mkdir(parents=True, exist_ok=True)
-        status: dict[str, Any] = {"cell": cell.id, "setting": cell.setting.label,
-                                  "strategy": cell.strategy.label, "seed": cell.seed}
-        started = time.perf_counter()
-        try:
-            flat, clients = self.spec.flat_config(cell.setting, cell.strategy, cell.seed,
-                                                  directory)
-            cli.finalize(flat, clients)
-            run_config = cli.write_run_config(flat, directory)
-            status["num_clients"] = clients
-            self.trackers.start(cell.id, flat, {"kind": "federated", "setting": cell.setting.label,
-                                                "strategy": cell.strategy.label,
-                                                "seed": str(cell.seed)})
-
-            def on_round(rec: dict[str, Any]) -> None:
-                self.trackers.log(rec)
-                self.progress("round", {"cell": cell, "record": rec})
-
-            run_simulation(run_config, directory, clients, Placement(self.spec.cpus_per_client),
-                           directory / ".flwr", on_round=on_round)
-            status["status"] = "done"
-            self.trackers.artifact(directory / "adapter")
-        except (FedLoraError, RunFailed) as exc:
-            status.update(status="failed", error=str(exc))
-        self.trackers.end(status["status"])
-        status["wall_s"] = round(time.perf_counter() - started, 2)
-        _write_json(directory / "cell.json", status)
-        return status
-
-    def run_baselines(self, setting: Arm, seed: int) -> None:
-        from fedlora import baselines
-
-        directory = self.out / "baselines" / f"{slug(setting.label)}--seed{seed}"
-        for kind in self.spec.baselines:
-            target = directory / kind
-            if (cell_status(target) or {}).get("status") == "done":
-                continue
-            target.mkdir(parents=True, exist_ok=True)
-            started = time.perf_counter()
-            status: dict[str, Any] = {"baseline": kind, "setting": setting.label, "seed": seed}
-            try:
-                flat, clients = self.spec.flat_config(setting, None, seed, target)
-                self.trackers.start(f"{directory.name}--{kind}", flat, {
-                    "kind": "baseline", "setting": setting.label, "strategy": kind,
-                    "seed": str(seed)})
-
-                def on_round(rec: dict[str, Any], k: str = kind) -> None:
-                    self.trackers.log(rec)
-                    self.progress("baseline-round", {"kind": k, "record": rec})
-
-                records = baselines.run(kind, config.from_flat(flat), clients, target,
-                                        on_round=on_round)
-                status.update(status="done", rounds=len(records) - 1)
-            except FedLoraError as exc:
-                status.update(status="failed", error=str(exc))
-            self.trackers.end(status["status"])
-            status["wall_s"] = round(time.perf_counter() - started, 2)
-            _write_json(target / "cell.json", status)
-
-    def run(self) -> list[dict[str, Any]]:
-        from fedlora import report
-
-        started = time.perf_counter()
-        reporting = 0.0
-
-        def write_report() -> None:
-            nonlocal reporting
-            began = time.perf_counter()
-            report.write(self.spec, self.out)
-            reporting += time.perf_counter() - began
-
-        self.prepare()
-        results = []
-        todo = self.pending()
-        self.progress("start", {"cells": todo, "total": len(self.spec.cells())})
-        for setting in self.spec.settings:
-            for seed in self.spec.seeds:
-                self.progress("baselines", {"setting": setting.label, "seed": seed})
-                self.run_baselines(setting, seed)
-            for cell in [c for c in todo if c.setting == setting]:
-                self.progress("cell-start", {"cell": cell})
-                status = self.run_cell(cell)
-                results.append(status)
-                self.progress("cell-end", {"cell": cell, "status": status})
-                write_report()
-        write_report()
-        timing = {"wall_s": round(time.perf_counter() - started, 2),
-                  "report_s": round(reporting, 2), "cells_run": len(results)}
-        self.trackers.close()
-        _write_json(self.out / "timing.json", timing)
-        report.write(self.spec, self.out, plots=False)  # summary.md with the overhead section
-        return results
-

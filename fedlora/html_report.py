@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fedlora.experiment import Spec
-    from fedlora.report import RuleStats, Series
+    from fedlora.report_data import RuleStats, Series
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf"]
@@ -34,13 +34,13 @@ def _rgba(hex_color: str, alpha: float) -> str:
 def _curve_traces(rows: list[Any], x_key: str | None, y_key: str, colors: dict[str, str],
                   baselines: bool, name_suffix: str = "", dash: str = "solid"
                   ) -> list[dict[str, Any]]:
-    from fedlora.report import _curves
+    from fedlora.report_data import curves
 
     traces = []
     for row in rows:
         if row.kind == "baseline" and (not baselines or x_key is not None):
             continue
-        curve = _curves(row.runs, x_key, y_key)
+        curve = curves(row.runs, x_key, y_key)
         if curve is None:
             continue
         xs, mean, std = (list(map(float, a)) for a in curve)
@@ -79,7 +79,7 @@ def _flatten_tiers(series: list[Series]) -> None:
 def figures(spec: Spec, series: list[Series], tables: dict[str, list[RuleStats]]
             ) -> list[tuple[str, str, dict[str, Any]]]:
     """(setting, title, plotly figure as a dict) for every plot of the page."""
-    from fedlora.report import group
+    from fedlora.report_data import group
 
     _flatten_tiers(series)
     rows = group(series)

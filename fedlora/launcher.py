@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Set by the test suite for every test not marked `slow` (tests/conftest.py), so that
+# `make test-fast` cannot start a real simulation or deployment without saying so.
+FAST_TEST_ENV = "FEDLORA_FAST_TEST"
+SERVERS = ("flower-superlink", "flower-supernode")
+
+
+def refuse_in_fast_tests(cmd: Sequence[str]) -> None:
+    """Raise :class:`RunFailed` before a SuperLink or SuperNode starts under ``FEDLORA_FAST_TEST``
+    (a test not marked ``slow``); every other command, and every other time, passes."""
+    test = os.environ.get(FAST_TEST_ENV)
+    name = Path(cmd[0]).name if cmd else ""
+    if test and name in SERVERS:
+        raise RunFailed(f"{test} starts {name} (a real Flower simulation or deployment) but is "
+                        f"not marked slow; mark it @pytest.mark.slow (make test-fast skips those)")
+
+
 def console_script(name: str) -> str:
     """Console script next to this interpreter (works inside venvs not on PATH)."""
     candidate = Path(sys.executable).parent / name
@@ -141,6 +157,7 @@ class ManagedSuperLink:
         cmd = [console_script("flower-superlink"), "--insecure", "--simulation",
                "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(port),
                "--disable-runtime-dependency-installation"]
+        refuse_in_fast_tests(cmd)
         link = cls(Guarded(cmd, env=dict(env), log_path=log_path), port, log_path)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

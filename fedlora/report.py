@@ -15,7 +15,6 @@ import math
 import platform
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +23,10 @@ import numpy as np
 from fedlora import stats
 from fedlora.experiment import Spec, cell_status, slug
 from fedlora.outputs import read_metrics
+from fedlora.report_data import RuleStats, Series, curves, group
 
 FIRST_COLUMNS = ["kind", "setting", "label", "strategy", "seed", "cell", "status", "round"]
 STATUS_COLUMNS = {"cell_wall_s": "wall_s"}  # runs.csv column -> cell.json key (per row)
-
-
-@dataclass
-class Series:
-    """One run's per-round records with where it belongs in the report."""
-
-    kind: str  # "federated" or "baseline"
-    setting: str
-    label: str
-    seed: int
-    cell: str
-    status: dict[str, Any]
-    records: list[dict[str, Any]]
 
 
 def collect(spec: Spec, out: Path) -> list[Series]:
@@ -158,22 +145,6 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f}"
 
 
-@dataclass
-class Row:
-    setting: str
-    label: str
-    kind: str
-    runs: list[Series]
-
-
-def group(series: list[Series]) -> list[Row]:
-    rows: dict[tuple[str, str], Row] = {}
-    for s in series:
-        key = (s.setting, s.label)
-        rows.setdefault(key, Row(s.setting, s.label, s.kind, [])).runs.append(s)
-    return list(rows.values())
-
-
 def summary_markdown(spec: Spec, series: list[Series], wall_s: float | None = None,
                      timing: dict[str, Any] | None = None) -> str:
     metric, target = spec.metric, spec.target
@@ -247,18 +218,6 @@ def summary_markdown(spec: Spec, series: list[Series], wall_s: float | None = No
 
 
 # ------------------------------------------------------------------------ paired statistics
-
-
-@dataclass
-class RuleStats:
-    """One row of a setting's paired table: the comparison (None for the reference itself),
-    target reaching per seed, and the mean rank (federated rules only)."""
-
-    label: str
-    kind: str
-    comparison: stats.Comparison | None
-    reached: list[tuple[int, float] | None]
-    rank: stats.Interval | None
 
 
 def _by_seed(runs: list[Series]) -> dict[int, list[dict[str, Any]]]:
@@ -409,31 +368,6 @@ def _cpu_count() -> int:
 # ------------------------------------------------------------------------------------ plots
 
 
-def _curves(runs: list[Series], x_key: str | None, y_key: str
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Mean and std over seeds of y per round (x = round, or cumulative bytes)."""
-    per_seed = []
-    for s in runs:
-        if s.status.get("status") != "done":
-            continue
-        recs = [r for r in s.records if r.get(y_key) is not None]
-        if not recs:
-            continue
-        if x_key is None:
-            xs = [r["round"] for r in recs]
-        else:
-            cum = np.cumsum([r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in s.records])
-            by_round = {r["round"]: c for r, c in zip(s.records, cum, strict=True)}
-            xs = [by_round[r["round"]] / 1e6 for r in recs]
-        per_seed.append((np.asarray(xs, float), np.asarray([r[y_key] for r in recs], float)))
-    if not per_seed:
-        return None
-    n = min(len(y) for _, y in per_seed)
-    xs = np.mean([x[:n] for x, _ in per_seed], axis=0)
-    ys = np.stack([y[:n] for _, y in per_seed])
-    return xs, ys.mean(axis=0), ys.std(axis=0)
-
-
 def _plot(spec: Spec, series: list[Series], path: Path, y_key: str, x_key: str | None,
           title: str, ylabel: str, include_baselines: bool, log_y: bool = False) -> None:
     import matplotlib
@@ -457,7 +391,7 @@ def _plot(spec: Spec, series: list[Series], path: Path, y_key: str, x_key: str |
         for row in [r for r in rows if r.setting == setting]:
             if row.kind == "baseline" and (not include_baselines or x_key is not None):
                 continue
-            curve = _curves(row.runs, x_key, y_key)
+            curve = curves(row.runs, x_key, y_key)
             if curve is None:
                 continue
             xs, mean, std = curve

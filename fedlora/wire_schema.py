@@ -18,6 +18,8 @@ import numpy as np
 from fedlora.errors import PayloadError
 from fedlora.lora import LORA_A, LORA_B
 
+DATA_ERROR = "data-error"  # capability key: why this node cannot train on its data
+
 # kind of every metric a train reply may carry: "int" (a Python int) or "float" (int or float)
 TRAIN_METRICS: dict[str, str] = {
     "server-round": "int",

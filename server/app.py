@@ -12,11 +12,12 @@ from flwr.app import Context, Message
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import checkpoint, client, config, outputs, privacy
+from fedlora import checkpoint, config, outputs, privacy
 from fedlora.errors import DataError
 from fedlora.evaluator import RoundExtras, ServerModel, no_evaluation_reason
 from fedlora.secure_wire import check_secure_aggregation
 from fedlora.threads import single_threaded_blas
+from fedlora.wire_schema import DATA_ERROR
 from server.polling import PromptGrid
 from server.strategy import FederatedLora, build_optimizer
 
@@ -130,9 +131,9 @@ class DataScreenedGrid:
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
             caps = (reply.content.get("caps") if not reply.has_error()
                     and reply.metadata.message_type == "query.capabilities" else None)
-            if caps is not None and client.DATA_ERROR in caps:
+            if caps is not None and DATA_ERROR in caps:
                 line = (f"node {reply.metadata.src_node_id} (partition "
-                        f"{caps.get('partition-id')}): {caps[client.DATA_ERROR]}")
+                        f"{caps.get('partition-id')}): {caps[DATA_ERROR]}")
                 log(ERROR, "fedlora: left out, cannot train on its data: %s", line)
                 self.left_out.append(line)
                 continue

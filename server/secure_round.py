@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -50,9 +50,7 @@ from fedlora.secure_wire import (
     secagg_config,
     unmask_request_record,
 )
-
-if TYPE_CHECKING:
-    from server.strategy import NodeInfo
+from server.nodes import NodeInfo
 
 # SecAggServer's rejection codes, named like the plain round's where they mean the same
 _REASONS = {"UNEXPECTED_SENDER": "DUPLICATE_OR_UNKNOWN", "DUPLICATE": "DUPLICATE_OR_UNKNOWN"}

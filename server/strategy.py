@@ -57,6 +57,7 @@ from fedlora.outputs import client_memory, rss_mb
 from fedlora.secagg.signing import SignatureRejected, UpdateVerifier
 from fedlora.transport import nbytes, pack, pack_correction, unpack
 from fedlora.wire_schema import select_outgoing
+from server.nodes import NodeInfo
 from server.secure_round import SecureOutcome, SecureRound
 
 # capability queries in flight at once: Flower's in-memory SuperLink scans its whole message
@@ -69,14 +70,6 @@ RESUMABLE_KEYS = ("num-server-rounds", "round-timeout", "resume", "output-dir")
 
 def config_digest(cfg: RunConfig) -> str:
     return checkpoint.config_digest(to_flat(cfg), ignore=RESUMABLE_KEYS)
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    node_id: int
-    partition_id: int
-    rank: int
-    num_examples: int = 0  # training examples, reported only when sampling by data size
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,15 @@ from fedlora import assets, lora  # noqa: E402
 EOS = "[SEP]"  # the MiniLM (BERT) vocabulary has no EOS token; [SEP] plays that role
 
 
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_federation(request, monkeypatch):
+    """A test not marked ``slow`` may not start a SuperLink or SuperNode, in this process or in
+    a child (``fedlora.launcher.console_script`` refuses under ``FEDLORA_FAST_TEST``): so
+    ``make test-fast`` really skips every real simulation and deployment."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("FEDLORA_FAST_TEST", request.node.nodeid)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

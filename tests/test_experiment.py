@@ -280,6 +280,7 @@ def test_resume_skips_finished_cells_and_a_rerun_needs_resume(smoke_run):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing ran again
 
 
+@pytest.mark.slow  # its other cell is a real Flower simulation (make test-fast skips it)
 def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
     """fedit with mixed ranks fails its preflight; the report lists it with the reason."""
     spec_file = tmp_path / "bad.toml"

@@ -19,7 +19,7 @@ from fl_harness import tiny_config
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from clients.app import app as client_app
-from fedlora import builders, cli, client, config, data, outputs, training
+from fedlora import builders, cli, client, config, data, outputs, run_setup, training
 from fedlora.errors import DataError, FedLoraError
 from server.app import DataScreenedGrid, main
 from server.inprocess import InProcessGrid
@@ -169,7 +169,7 @@ def test_no_evaluation_is_said_at_start_up_and_in_every_round_line(tmp_path, cap
     assert any("no evaluation" in m and "data.heldout-path" in m and "fraction-evaluate" in m
                for m in warned), warned
     assert [r["evaluation"] for r in records] == ["none", "none"]  # round 0 and round 1
-    assert all("no evaluation" in cli.round_parts(r, 1) for r in records)
+    assert all("no evaluation" in run_setup.round_parts(r, 1) for r in records)
 
 
 def test_no_evaluation_is_warned_before_the_run(tmp_path, launcher, capsys):
@@ -182,7 +182,7 @@ def test_no_evaluation_is_warned_before_the_run(tmp_path, launcher, capsys):
 
 
 def test_round_line_with_metrics_does_not_say_no_evaluation():
-    parts = cli.round_parts({"round": 1, "train_loss": 1.0, "eval_accuracy": 0.5}, 3)
+    parts = run_setup.round_parts({"round": 1, "train_loss": 1.0, "eval_accuracy": 0.5}, 3)
 
     assert "no evaluation" not in parts and "eval_accuracy=0.5000" in parts
 
@@ -221,19 +221,19 @@ def test_a_missing_site_file_is_named(tmp_path, launcher, capsys):
 def test_more_clients_than_the_corpus_can_fill_warns_with_the_numbers():
     cfg = config.from_flat(config.defaults())  # bbc-news: 2,225 articles, 160 per client
 
-    warnings = cli.preflight(cfg, 1000)
+    warnings = run_setup.preflight(cfg, 1000)
 
     text = " ".join(warnings)
     assert "1000 clients" in text and "160" in text and "1,780" in text and "about 1." in text
     assert "at most 11 clients" in text and "data.samples-per-client = 1" in text
-    assert not any("clients x" in w for w in cli.preflight(cfg, 3))
+    assert not any("clients x" in w for w in run_setup.preflight(cfg, 3))
 
 
 def test_more_clients_than_training_rows_is_refused():
     cfg = config.from_flat(config.defaults())
 
     with pytest.raises(FedLoraError, match=r"2000 clients.*1,780 training rows"):
-        cli.preflight(cfg, 2000)
+        run_setup.preflight(cfg, 2000)
 
 
 # ----------------------------------------------------------------- 6: credentials
@@ -380,7 +380,7 @@ def test_server_names_every_node_when_no_node_can_train(tmp_path):
 # ----------------------------------------------------------------- 9-10: flwr run .
 
 
-@pytest.mark.parametrize("preset", cli.presets())
+@pytest.mark.parametrize("preset", run_setup.presets())
 def test_each_preset_loads_the_way_flwr_run_does(preset):
     """``flwr run . --run-config simulations/configs/<preset>.toml``: Flower parses the file
     (``parse_config_args``) and fuses it with ``[tool.flwr.app.config]``, refusing any key the
@@ -407,7 +407,7 @@ def test_run_lines_do_not_wrap_when_stderr_is_not_a_terminal(capsys):
     line = "fedlora fedit · minilm · 3 clients · 3 rounds · local Ray, 1 CPU / 0 GPU per " \
            "worker → /a/long/output/directory/that/goes/past/eighty/columns"
 
-    cli._console().print(line)
+    run_setup.console().print(line)
 
     assert capsys.readouterr().err == line + "\n"
 
@@ -418,7 +418,7 @@ def test_run_lines_do_not_wrap_when_stderr_is_not_a_terminal(capsys):
 
 @pytest.mark.slow
 @pytest.mark.long  # minutes of real launches/training: `make test-long` runs it
-@pytest.mark.parametrize("preset", cli.presets())
+@pytest.mark.parametrize("preset", run_setup.presets())
 def test_load_model_reproduces_each_presets_final_metric(preset, tmp_path):
     """A real one-round ``fedlora run --preset`` (Flower simulation), then
     ``fedlora.load_model`` on its output: the server's held-out metrics again."""

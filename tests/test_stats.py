@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from fedlora import experiment, report, stats
+from fedlora import experiment, experiment_runner, report, stats
 from fedlora.experiment import parse_spec
 
 SPEC = """
@@ -219,7 +219,7 @@ def test_report_of_a_seeds_override_uses_the_seeds_that_ran(tmp_path):
     spec_file.write_text(SPEC.format(seeds="0", metric="eval_accuracy", target=0.5))
     spec = experiment.with_seeds(experiment.load_spec(spec_file), 3)
     out = tmp_path / "out"
-    experiment.Runner(spec, out).prepare()
+    experiment_runner.Runner(spec, out).prepare()
     again = experiment.load_output_spec(out)
     assert again.seeds == [0, 1, 2] and len(again.cells()) == 4 * 3
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora import experiment, trackers
+from fedlora import experiment_runner, trackers
 from fedlora.experiment import parse_spec
 
 SPEC = """
@@ -75,7 +75,7 @@ def test_mlflow_logs_each_cell_as_it_arrives_grouped_under_the_sweep(tmp_path, m
         lags.append(round_ in steps)
 
     monkeypatch.setattr(launcher, "run_simulation", fake_simulation([], check))
-    experiment.Runner(spec, out, trackers=tracked).run()
+    experiment_runner.Runner(spec, out, trackers=tracked).run()
     assert lags and all(lags)
     runs = mlflow_runs(f"file:{out / 'mlruns'}", spec.name)
     parent = runs[runs["tags.fedlora.kind"] == "sweep"]
@@ -105,7 +105,8 @@ def test_tensorboard_scalars_per_cell_read_back_with_event_accumulator(tmp_path,
     spec = parse_spec(SPEC)
     out = tmp_path / "out"
     monkeypatch.setattr(launcher, "run_simulation", fake_simulation([]))
-    experiment.Runner(spec, out, trackers=trackers.make(["tensorboard"], out, spec.name)).run()
+    tracked = trackers.make(["tensorboard"], out, spec.name)
+    experiment_runner.Runner(spec, out, trackers=tracked).run()
     logdirs = sorted(p.name for p in (out / "tensorboard").iterdir())
     assert logdirs == sorted(c.id for c in spec.cells())
     acc = EventAccumulator(str(out / "tensorboard" / logdirs[0]),
@@ -155,7 +156,7 @@ def test_a_failing_tracker_warns_once_and_the_sweep_goes_on(tmp_path, monkeypatc
     tracked = trackers.Trackers([trackers.Safe("broken", lambda: broken)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        results = experiment.Runner(spec, out, trackers=tracked).run()
+        results = experiment_runner.Runner(spec, out, trackers=tracked).run()
     mine = [w for w in caught if issubclass(w.category, trackers.TrackerWarning)]
     assert len(mine) == 1
     assert "'broken' failed (log: OSError: No space left on device)" in str(mine[0].message)

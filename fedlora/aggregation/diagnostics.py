@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -26,12 +26,26 @@ from fedlora.aggregation.linalg import (
 )
 from fedlora.aggregation.weighting import example_weights
 
-if TYPE_CHECKING:
-    from fedlora.aggregation.result import AggregationResult
+
+class FactoredResult(Protocol):
+    """What the diagnostics read of a :class:`fedlora.aggregation.result.AggregationResult`.
+
+    Structural, so that this module does not import ``result`` (which calls
+    :func:`round_diagnostics` from its ``diagnostics`` method).
+    """
+
+    @property
+    def modules(self) -> Sequence[str]:
+        """The adapted modules' names."""
+        ...
+
+    def effective_factors(self, module: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(B_eff (m, R'), A_eff (R', n))`` with ``B_eff @ A_eff`` the module's new update."""
+        ...
 
 
 def aggregation_error(
-    updates: Sequence[ClientUpdate], result: AggregationResult, module: str
+    updates: Sequence[ClientUpdate], result: FactoredResult, module: str
 ) -> float:
     """Relative error of the new global update against the exact target.
 
@@ -118,7 +132,7 @@ def tier_diagnostics(
     return {"tier_effective_rank": effective, "tier_dead_components": dead}
 
 
-def round_diagnostics(updates: Sequence[ClientUpdate], result: AggregationResult) -> dict[str, Any]:
+def round_diagnostics(updates: Sequence[ClientUpdate], result: FactoredResult) -> dict[str, Any]:
     """Aggregation error and effective rank of every module.
 
     Parameters

@@ -1,0 +1,193 @@
+"""Checkable rules of the code's structure (issue 17).
+
+The import graph is read from the source with `ast`, nothing is imported. Both module-level and
+function-level imports count as edges: a function-level import is still a dependency of the module
+(it runs on the first call, and the two modules can no longer be understood, moved or tested one
+without the other); deferring an import only hides a cycle from the interpreter, not from a reader.
+`if TYPE_CHECKING:` imports count too, for the same reason.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("fedlora", "server", "clients")
+# Modules that run in the client process (the ClientApp and what only it uses); the server side
+# (`server/`) must take nothing from them: what both sides need lives in a shared module.
+CLIENT_SIDE = ("clients", "fedlora.client", "fedlora.secure_client")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {
+        _module_name(path): path
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+    }
+
+
+def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join([*base, node.module] if node.module else base)
+
+
+def _targets(name: str, known: dict[str, Path]) -> str | None:
+    """The project module `name` denotes (the longest known prefix), or None for a third party."""
+    while name and name not in known:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (module- and function-level, see the docstring).
+
+    `from package import name` counts as an edge to `package.name` when that is a module, else to
+    `package` (its `__init__`).
+    """
+    known = _modules()
+    graph: dict[str, set[str]] = {name: set() for name in known}
+    for module, path in known.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(module, is_package, node)
+                names = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
+                    for alias in node.names
+                ]
+            for name in names:
+                target = _targets(name, known)
+                if target is not None and target != module:
+                    graph[module].add(target)
+    return graph
+
+
+def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in sorted(graph[node]):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return [_one_cycle(graph, component) for component in components]
+
+
+def _one_cycle(graph: dict[str, set[str]], component: list[str]) -> list[str]:
+    """A shortest cycle through the component's first module, as ``[a, b, ..., a]``."""
+    members = set(component)
+    start = component[0]
+    parent: dict[str, str] = {}
+    queue = [start]
+    while queue:
+        node = queue.pop(0)
+        for succ in sorted(graph[node] & members):
+            if succ == start:
+                path = [node]
+                while path[-1] != start:
+                    path.append(parent[path[-1]])
+                return [start, *reversed(path[:-1]), start] if node != start else [start, start]
+            if succ not in parent:
+                parent[succ] = node
+                queue.append(succ)
+    raise AssertionError(f"no cycle through {start} in {component}")
+
+
+def test_find_cycles_reports_a_planted_cycle():
+    # Prepare: a -> b -> c -> a, plus an acyclic tail d -> a
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+
+    # Execute
+    cycles = find_cycles(graph)
+
+    # Assert
+    assert cycles == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_import_graph_counts_function_level_relative_and_type_checking_imports(tmp_path,
+                                                                             monkeypatch):
+    # Prepare: a package whose module imports a sibling only inside a function, relatively
+    package = tmp_path / "fedlora"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "one.py").write_text("def f():\n    from . import two\n    return two\n")
+    (package / "two.py").write_text("from fedlora.one import f\n")
+    (package / "three.py").write_text("from typing import TYPE_CHECKING\n"
+                                      "if TYPE_CHECKING:\n    from fedlora import two\n")
+    monkeypatch.setattr(__name__ + ".ROOT", tmp_path)
+    monkeypatch.setattr(__name__ + ".PACKAGES", ("fedlora",))
+
+    # Execute
+    graph = import_graph()
+
+    # Assert
+    assert graph["fedlora.one"] == {"fedlora.two"}
+    assert graph["fedlora.two"] == {"fedlora.one"}
+    assert graph["fedlora.three"] == {"fedlora.two"}
+    assert find_cycles(graph) == [["fedlora.one", "fedlora.two", "fedlora.one"]]
+
+
+@pytest.fixture(scope="module")
+def project_graph() -> dict[str, set[str]]:
+    return import_graph()
+
+
+def test_no_import_cycles(project_graph):
+    graph = project_graph
+    cycles = find_cycles(graph)
+    assert not cycles, "import cycles; break each by moving what both sides use into a module " \
+        "both import:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+@pytest.mark.parametrize("server_module", sorted(m for m in _modules() if m.startswith("server")))
+def test_server_never_imports_client_side_modules(server_module, project_graph):
+    graph = project_graph
+    client_side = sorted(
+        target for target in graph[server_module]
+        if any(target == c or target.startswith(c + ".") for c in CLIENT_SIDE)
+    )
+    assert not client_side, (
+        f"{server_module} imports client-side modules {client_side}: move what both sides use "
+        "into a shared module (e.g. the wire helpers) and import it from there"
+    )
