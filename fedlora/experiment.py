@@ -298,12 +298,18 @@ class Runner:
 
     def __init__(self, spec: Spec, out: Path, resume: bool = False,
                  progress: Callable[[str, dict[str, Any]], None] | None = None,
-                 trackers: Any = None) -> None:
+                 trackers: Any = None, share_superlink: bool = True) -> None:
         """``trackers``: a :class:`fedlora.trackers.Trackers`; every cell and baseline is a
-        tracked run (config as params, each metrics record as it arrives, the adapter)."""
+        tracked run (config as params, each metrics record as it arrives, the adapter).
+
+        ``share_superlink``: submit every cell to one SuperLink per sweep
+        (:class:`fedlora.launcher.SharedSuperLink`, home ``OUT/.flwr``) instead of starting one
+        per cell; each cell still runs in its own simulation process and output directory."""
         from fedlora.trackers import Trackers
 
         self.spec, self.out, self.resume = spec, out, resume
+        self.share_superlink = share_superlink
+        self.shared: Any = None  # the sweep's SharedSuperLink while run() runs
         self.progress = progress or (lambda event, info: None)
         self.trackers = trackers if trackers is not None else Trackers()
 
@@ -352,7 +358,7 @@ class Runner:
                 self.progress("round", {"cell": cell, "record": rec})
 
             run_simulation(run_config, directory, clients, Placement(self.spec.cpus_per_client),
-                           directory / ".flwr", on_round=on_round)
+                           directory / ".flwr", on_round=on_round, shared=self.shared)
             status["status"] = "done"
             self.trackers.artifact(directory / "adapter")
         except (FedLoraError, RunFailed) as exc:
@@ -404,23 +410,34 @@ class Runner:
             report.write(self.spec, self.out)
             reporting += time.perf_counter() - began
 
+        from fedlora.launcher import Placement, SharedSuperLink
+
         self.prepare()
         results = []
         todo = self.pending()
         self.progress("start", {"cells": todo, "total": len(self.spec.cells())})
-        for setting in self.spec.settings:
-            for seed in self.spec.seeds:
-                self.progress("baselines", {"setting": setting.label, "seed": seed})
-                self.run_baselines(setting, seed)
-            for cell in [c for c in todo if c.setting == setting]:
-                self.progress("cell-start", {"cell": cell})
-                status = self.run_cell(cell)
-                results.append(status)
-                self.progress("cell-end", {"cell": cell, "status": status})
-                write_report()
+        if self.share_superlink:
+            self.shared = SharedSuperLink(self.out / ".flwr", Placement(self.spec.cpus_per_client))
+        try:
+            for setting in self.spec.settings:
+                for seed in self.spec.seeds:
+                    self.progress("baselines", {"setting": setting.label, "seed": seed})
+                    self.run_baselines(setting, seed)
+                for cell in [c for c in todo if c.setting == setting]:
+                    self.progress("cell-start", {"cell": cell})
+                    status = self.run_cell(cell)
+                    results.append(status)
+                    self.progress("cell-end", {"cell": cell, "status": status})
+                    write_report()
+        finally:
+            starts = self.shared.starts if self.shared else len(results)
+            if self.shared:
+                self.shared.stop()
+                self.shared = None
         write_report()
         timing = {"wall_s": round(time.perf_counter() - started, 2),
-                  "report_s": round(reporting, 2), "cells_run": len(results)}
+                  "report_s": round(reporting, 2), "cells_run": len(results),
+                  "superlinks_started": starts}
         self.trackers.close()
         _write_json(self.out / "timing.json", timing)
         report.write(self.spec, self.out, plots=False)  # summary.md with the overhead section
