@@ -420,15 +420,15 @@ class Runner:
             self.shared = SharedSuperLink(self.out / ".flwr", Placement(self.spec.cpus_per_client))
         try:
             for setting in self.spec.settings:
-                for seed in self.spec.seeds:
+                for seed in self.spec.seeds:  # seed by seed: a sweep cut short holds whole seeds
                     self.progress("baselines", {"setting": setting.label, "seed": seed})
                     self.run_baselines(setting, seed)
-                for cell in [c for c in todo if c.setting == setting]:
-                    self.progress("cell-start", {"cell": cell})
-                    status = self.run_cell(cell)
-                    results.append(status)
-                    self.progress("cell-end", {"cell": cell, "status": status})
-                    write_report()
+                    for cell in [c for c in todo if c.setting == setting and c.seed == seed]:
+                        self.progress("cell-start", {"cell": cell})
+                        status = self.run_cell(cell)
+                        results.append(status)
+                        self.progress("cell-end", {"cell": cell, "status": status})
+                        write_report()
         finally:
             starts = self.shared.starts if self.shared else len(results)
             if self.shared:
