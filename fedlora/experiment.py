@@ -404,16 +404,28 @@ class Runner:
         started = time.perf_counter()
         reporting = 0.0
 
+        from fedlora.launcher import Placement, SharedSuperLink
+
+        results: list[dict[str, Any]] = []
+
+        def timing(complete: bool) -> dict[str, Any]:
+            return {"wall_s": round(time.perf_counter() - started, 2),
+                    "report_s": round(reporting, 2), "cells_run": len(results),
+                    "superlinks_started": self.shared.starts if self.shared else len(results),
+                    "fresh": fresh, "complete": complete}
+
         def write_report() -> None:
             nonlocal reporting
+            if fresh:  # a sweep cut short still reports the overhead of what it ran
+                _write_json(self.out / "timing.json", timing(False))
             began = time.perf_counter()
             report.write(self.spec, self.out)
             reporting += time.perf_counter() - began
 
-        from fedlora.launcher import Placement, SharedSuperLink
-
+        fresh = not (self.out / "cells").is_dir() and not (self.out / "baselines").is_dir()
+        if not fresh:
+            (self.out / "timing.json").unlink(missing_ok=True)  # it timed another invocation
         self.prepare()
-        results = []
         todo = self.pending()
         self.progress("start", {"cells": todo, "total": len(self.spec.cells())})
         if self.share_superlink:
@@ -430,16 +442,12 @@ class Runner:
                         self.progress("cell-end", {"cell": cell, "status": status})
                         write_report()
         finally:
-            starts = self.shared.starts if self.shared else len(results)
             if self.shared:
                 self.shared.stop()
-                self.shared = None
         write_report()
-        timing = {"wall_s": round(time.perf_counter() - started, 2),
-                  "report_s": round(reporting, 2), "cells_run": len(results),
-                  "superlinks_started": starts}
         self.trackers.close()
-        _write_json(self.out / "timing.json", timing)
+        _write_json(self.out / "timing.json", timing(True))
+        self.shared = None
         report.write(self.spec, self.out, plots=False)  # summary.md with the overhead section
         return results
 
