@@ -432,15 +432,20 @@ class Runner:
             self.shared = SharedSuperLink(self.out / ".flwr", Placement(self.spec.cpus_per_client))
         try:
             for setting in self.spec.settings:
-                for seed in self.spec.seeds:  # seed by seed: a sweep cut short holds whole seeds
-                    self.progress("baselines", {"setting": setting.label, "seed": seed})
-                    self.run_baselines(setting, seed)
+                # seed by seed, and the baselines after the setting's cells: a sweep cut short
+                # holds whole seeds of the compared rules, which the paired statistics need
+                # (a local baseline of many clients evaluates every client every round: slow)
+                for seed in self.spec.seeds:
                     for cell in [c for c in todo if c.setting == setting and c.seed == seed]:
                         self.progress("cell-start", {"cell": cell})
                         status = self.run_cell(cell)
                         results.append(status)
                         self.progress("cell-end", {"cell": cell, "status": status})
                         write_report()
+                for seed in self.spec.seeds:
+                    self.progress("baselines", {"setting": setting.label, "seed": seed})
+                    self.run_baselines(setting, seed)
+                write_report()
         finally:
             if self.shared:
                 self.shared.stop()
