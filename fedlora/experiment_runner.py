@@ -30,12 +30,18 @@ class Runner:
 
     def __init__(self, spec: Spec, out: Path, resume: bool = False,
                  progress: Callable[[str, dict[str, Any]], None] | None = None,
-                 trackers: Any = None) -> None:
+                 trackers: Any = None, share_superlink: bool = True) -> None:
         """``trackers``: a :class:`fedlora.trackers.Trackers`; every cell and baseline is a
-        tracked run (config as params, each metrics record as it arrives, the adapter)."""
+        tracked run (config as params, each metrics record as it arrives, the adapter).
+
+        ``share_superlink``: submit every cell to one SuperLink per sweep
+        (:class:`fedlora.launcher.SharedSuperLink`, home ``OUT/.flwr``) instead of starting one
+        per cell; each cell still runs in its own simulation process and output directory."""
         from fedlora.trackers import Trackers
 
         self.spec, self.out, self.resume = spec, out, resume
+        self.share_superlink = share_superlink
+        self.shared: Any = None  # the sweep's SharedSuperLink while run() runs
         self.progress = progress or (lambda event, info: None)
         self.trackers = trackers if trackers is not None else Trackers()
 
@@ -83,7 +89,7 @@ class Runner:
                 self.progress("round", {"cell": cell, "record": rec})
 
             run_simulation(run_config, directory, clients, Placement(self.spec.cpus_per_client),
-                           directory / ".flwr", on_round=on_round)
+                           directory / ".flwr", on_round=on_round, shared=self.shared)
             status["status"] = "done"
             self.trackers.artifact(directory / "adapter")
         except (FedLoraError, RunFailed) as exc:
@@ -125,31 +131,55 @@ class Runner:
         started = time.perf_counter()
         reporting = 0.0
 
+        from fedlora.launcher import Placement, SharedSuperLink
+
+        results: list[dict[str, Any]] = []
+
+        def timing(complete: bool) -> dict[str, Any]:
+            return {"wall_s": round(time.perf_counter() - started, 2),
+                    "report_s": round(reporting, 2), "cells_run": len(results),
+                    "superlinks_started": self.shared.starts if self.shared else len(results),
+                    "fresh": fresh, "complete": complete}
+
         def write_report() -> None:
             nonlocal reporting
+            if fresh:  # a sweep cut short still reports the overhead of what it ran
+                _write_json(self.out / "timing.json", timing(False))
             began = time.perf_counter()
             report.write(self.spec, self.out)
             reporting += time.perf_counter() - began
 
+        fresh = not (self.out / "cells").is_dir() and not (self.out / "baselines").is_dir()
+        if not fresh:
+            (self.out / "timing.json").unlink(missing_ok=True)  # it timed another invocation
         self.prepare()
-        results = []
         todo = self.pending()
         self.progress("start", {"cells": todo, "total": len(self.spec.cells())})
-        for setting in self.spec.settings:
-            for seed in self.spec.seeds:
-                self.progress("baselines", {"setting": setting.label, "seed": seed})
-                self.run_baselines(setting, seed)
-            for cell in [c for c in todo if c.setting == setting]:
-                self.progress("cell-start", {"cell": cell})
-                status = self.run_cell(cell)
-                results.append(status)
-                self.progress("cell-end", {"cell": cell, "status": status})
+        if self.share_superlink:
+            self.shared = SharedSuperLink(self.out / ".flwr", Placement(self.spec.cpus_per_client))
+        try:
+            for setting in self.spec.settings:
+                # seed by seed, and the baselines after the setting's cells: a sweep cut short
+                # holds whole seeds of the compared rules, which the paired statistics need
+                # (a local baseline of many clients evaluates every client every round: slow)
+                for seed in self.spec.seeds:
+                    for cell in [c for c in todo if c.setting == setting and c.seed == seed]:
+                        self.progress("cell-start", {"cell": cell})
+                        status = self.run_cell(cell)
+                        results.append(status)
+                        self.progress("cell-end", {"cell": cell, "status": status})
+                        write_report()
+                for seed in self.spec.seeds:
+                    self.progress("baselines", {"setting": setting.label, "seed": seed})
+                    self.run_baselines(setting, seed)
                 write_report()
+        finally:
+            if self.shared:
+                self.shared.stop()
         write_report()
-        timing = {"wall_s": round(time.perf_counter() - started, 2),
-                  "report_s": round(reporting, 2), "cells_run": len(results)}
         self.trackers.close()
-        _write_json(self.out / "timing.json", timing)
+        _write_json(self.out / "timing.json", timing(True))
+        self.shared = None
         report.write(self.spec, self.out, plots=False)  # summary.md with the overhead section
         return results
 

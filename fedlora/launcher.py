@@ -263,19 +263,70 @@ def run_logs(run_id: int, env: Mapping[str, str], cwd: Path,
     return res.stdout + res.stderr
 
 
+class SharedSuperLink:
+    """One ``flower-superlink --simulation`` that many runs are submitted to in turn (a sweep).
+
+    Starting a SuperLink, and stopping it with everything under it, costs seconds per run; a
+    sweep of tens of cells pays that once here. Each run still gets its own simulation process
+    (SuperExec starts one per submitted run, with its own Ray instance), so a run's results do
+    not depend on the runs before it. :meth:`link` starts the SuperLink on first use and
+    starts a fresh one whenever the last has exited, so a cell that kills it costs only
+    itself. Use as a context manager, or call :meth:`stop`.
+    """
+
+    def __init__(self, home: Path, placement: Placement) -> None:
+        self.home, self.placement = home, placement
+        self.env = flwr_env(home)
+        self._link: ManagedSuperLink | None = None
+        self.starts = 0  # SuperLinks started so far (one, unless a run took one down)
+
+    def link(self) -> ManagedSuperLink:
+        if self._link is not None and self._link.process.poll() is not None:
+            self._link.stop()
+            self._link = None
+        if self._link is None:
+            self._link = ManagedSuperLink.start(self.home,
+                                                {**self.env, **self.placement.environment()})
+            write_connection(self.home, self._link.port)
+            self.starts += 1
+        return self._link
+
+    def stop(self) -> None:
+        if self._link is not None:
+            self._link.stop()
+            self._link = None
+
+    def __enter__(self) -> SharedSuperLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def run_simulation(run_config_file: Path, output_dir: Path, num_supernodes: int,
                    placement: Placement, home: Path,
                    on_round: Callable[[dict[str, Any]], None] | None = None,
-                   poll_s: float = 0.25) -> list[dict[str, Any]]:
+                   poll_s: float = 0.25, shared: SharedSuperLink | None = None
+                   ) -> list[dict[str, Any]]:
     """Run one simulation to completion; return the metrics records.
+
+    With ``shared``, the run is submitted to that sweep-wide SuperLink (``home`` and
+    ``placement`` are then the shared link's, and it stays up after the run); otherwise a
+    private SuperLink is started in ``home`` and stopped when the run ends.
 
     Raises :class:`RunFailed` with the reason (and the tail of the run's log) on failure.
     """
+    if shared is not None and shared.placement != placement:
+        raise FedLoraError(f"a shared SuperLink runs its clients with {shared.placement}; this "
+                           f"run asks for {placement}: give it its own SuperLink instead")
+    home = shared.home if shared is not None else home
     env = flwr_env(home)
     cwd = app_dir()
-    link = ManagedSuperLink.start(home, {**env, **placement.environment()})
+    link = shared.link() if shared is not None else ManagedSuperLink.start(
+        home, {**env, **placement.environment()})
     try:
-        write_connection(home, link.port)
+        if shared is None:
+            write_connection(home, link.port)
         (output_dir / "summary.json").unlink(missing_ok=True)  # written when the run completes
         run_id = submit_run(run_config_file, env, cwd, "--federation-config",
                             placement.federation_config(num_supernodes))
@@ -303,7 +354,8 @@ def run_simulation(run_config_file: Path, output_dir: Path, num_supernodes: int,
             raise RunFailed(f"run {run_id} ended with status {status!r}:\n{failure_reason(logs)}")
         return records
     finally:
-        link.stop()
+        if shared is None:
+            link.stop()
 
 
 def failure_reason(logs: str, lines: int = 12) -> str:

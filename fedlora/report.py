@@ -305,13 +305,20 @@ def _work_s(records: list[dict[str, Any]]) -> float:
 def overhead(spec: Spec, series: list[Series], timing: dict[str, Any] | None
              ) -> dict[str, float] | None:
     """The sweep's own time (start-up, teardown, reports) against its cells' work, for a sweep
-    that ran every cell in one invocation (``timing.json``); None otherwise. Work is what the
+    that ran every cell in one invocation (``timing.json``), or that started afresh and was cut
+    short (``fresh``: what it ran so far, rewritten after every cell); None otherwise (a
+    resumed sweep's timing misses the earlier invocations). Work is what the
     finished runs' records clock (``duration_s`` + ``eval_s``: training, aggregation and
     evaluation; the first round's ``duration_s`` also holds the Ray workers' lazy model
     loading, so start-up is if anything under-counted); a failed run's time is all overhead."""
-    if not timing or timing.get("cells_run") != len(spec.cells()):
+    if not timing:
         return None
     timed = [s for s in series if s.status.get("wall_s") is not None]
+    ran = sum(1 for s in timed if s.kind == "federated")
+    complete = timing.get("cells_run") == len(spec.cells())
+    cut_short = bool(timing.get("fresh")) and timing.get("cells_run") == ran
+    if not (complete or cut_short):
+        return None
     done = [s for s in timed if s.status.get("status") == "done"]
     fed = [s for s in done if s.kind == "federated"]
     base = [s for s in done if s.kind == "baseline"]
@@ -327,7 +334,8 @@ def overhead(spec: Spec, series: list[Series], timing: dict[str, Any] | None
             "baseline_setup_s": base_wall - sum(_work_s(s.records) for s in base),
             "failed_s": failed_wall, "failed": len(failed), "report_s": report_s,
             "other_s": wall - cell_wall - base_wall - failed_wall - report_s,
-            "overhead_s": wall - work, "fraction": (wall - work) / wall if wall else math.nan}
+            "overhead_s": wall - work, "fraction": (wall - work) / wall if wall else math.nan,
+            "cells_run": ran, "cells": len(spec.cells())}
 
 
 def overhead_markdown(spec: Spec, series: list[Series], timing: dict[str, Any] | None
@@ -335,10 +343,13 @@ def overhead_markdown(spec: Spec, series: list[Series], timing: dict[str, Any] |
     o = overhead(spec, series, timing)
     if o is None:
         return []
+    so_far = (f"So far (the sweep was cut short after {o['cells_run']} of {o['cells']} cells): "
+              if o["cells_run"] < o["cells"] else "")
     return ["## Sweep overhead", "",
-            f"Wall time {o['wall_s']:.1f} s, of which the runs' own training, aggregation and "
-            f"evaluation (their `duration_s` + `eval_s`) {o['work_s']:.1f} s; the sweep's own "
-            f"time is **{o['overhead_s']:.1f} s = {100 * o['fraction']:.1f} %**:", "",
+            f"{so_far}Wall time {o['wall_s']:.1f} s, of which the runs' own training, "
+            f"aggregation and evaluation (their `duration_s` + `eval_s`) {o['work_s']:.1f} s; "
+            f"the sweep's own time is **{o['overhead_s']:.1f} s = "
+            f"{100 * o['fraction']:.1f} %**:", "",
             "| part | s |", "|---|---|",
             f"| per-cell Flower start-up and teardown (SuperLink, Ray, models, run submission) | "
             f"{o['cell_startup_s']:.1f} |",

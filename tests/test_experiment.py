@@ -304,3 +304,32 @@ def test_cell_directory_names_spell_greek_letters_out():
     assert experiment.slug("Dirichlet α = 0.3") == "dirichlet-alpha-=-0.3"
     assert experiment.slug("fedit+fedadam (lr 1e-3)") == "fedit+fedadam-lr-1e-3"
     assert experiment.slug("σ") != experiment.slug("τ")
+
+
+def test_hetero_sampled_spec_is_the_realistic_mixed_rank_regime():
+    """≥ 30 clients in rank tiers {4, 8, 16}, Dirichlet α = 0.3, 10–20 % sampled, ≥ 20 rounds,
+    ≥ 5 seeds; every rule that accepts mixed ranks except the Byzantine `robust` (compared in
+    robustness.toml), FedIT at equal r = 8 as the reference, both baselines."""
+    from fedlora.aggregation import available_strategies, strategy_info
+
+    spec = experiment.load_spec(ROOT / "simulations" / "experiments" / "hetero-sampled.toml")
+    (setting,) = spec.settings
+    flat, clients = spec.flat_config(setting, None, 0, Path("/tmp"))
+    cfg = config.from_flat(flat)
+    assert clients >= 30 and set(cfg.fl.ranks()) == {4, 8, 16}
+    assert flat["data.partitioner"] == "dirichlet" and flat["data.dirichlet-alpha"] == 0.3
+    assert 0.10 <= cfg.fl.clients_per_round(clients) / clients <= 0.20
+    assert flat["num-server-rounds"] >= 20 and len(spec.seeds) >= 5
+    mixed = {n for n in available_strategies() if not strategy_info(n).equal_ranks}
+    rules = {s.keys["strategy"] for s in spec.strategies if s.label != spec.reference}
+    assert rules == mixed - {"robust"}
+    ref = next(s for s in spec.strategies if s.label == spec.reference)
+    assert ref.keys == {"strategy": "fedit", "rank-by-partition": "", "lora.r": 8}
+    assert set(spec.baselines) == {"centralized", "local"}
+
+
+def test_non_iid_spec_runs_five_seeds_of_the_equal_rank_claims():
+    spec = experiment.load_spec(ROOT / "simulations" / "experiments" / "non-iid.toml")
+    assert len(spec.seeds) >= 5 and spec.reference == "fedit"
+    assert {"ffa", "fedex", "fedsvd", "lora-fair"} <= {s.keys["strategy"]
+                                                       for s in spec.strategies}
