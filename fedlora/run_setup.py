@@ -172,6 +172,10 @@ def preflight(cfg: config.RunConfig, clients: int, node_paths: list[str] | None 
     from fedlora.privacy import check_config
 
     check_config(cfg, clients)  # DP needs a mean of equal-shape updates
+    if cfg.eval.task_list():
+        from fedlora import lmeval
+
+        lmeval._require()  # eval.tasks: lm-eval must be there before the rounds, not after
     if cfg.model.name not in assets.MODEL_ALIASES:
         assets.resolve_model(cfg.model.name)
     ranks = sorted({cfg.rank_for_partition(i) for i in range(clients)})

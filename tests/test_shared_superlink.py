@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora import experiment
+from fedlora import experiment, experiment_runner
 from fedlora.errors import FedLoraError
 from fedlora.launcher import Placement, SharedSuperLink, run_simulation
 
@@ -68,9 +68,9 @@ def test_a_cell_on_the_sweeps_superlink_equals_the_cell_on_its_own(tmp_path):
     alone = tmp_path / "alone.toml"
     alone.write_text(text.replace('reference = "fedit"', 'reference = "ffa"').replace(
         '[[strategies]]\nlabel = "fedit"\nstrategy = "fedit"\n', ""))
-    old = experiment.Runner(experiment.load_spec(alone), tmp_path / "old",
+    old = experiment_runner.Runner(experiment.load_spec(alone), tmp_path / "old",
                             share_superlink=False)
-    new = experiment.Runner(experiment.load_spec(both), tmp_path / "new")
+    new = experiment_runner.Runner(experiment.load_spec(both), tmp_path / "new")
     assert [s["status"] for s in old.run()] == ["done"]
     assert [s["status"] for s in new.run()] == ["done", "done"]
     assert json.loads((tmp_path / "new" / "timing.json").read_text())["superlinks_started"] == 1
