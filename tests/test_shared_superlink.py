@@ -27,6 +27,7 @@ def _listening(port: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # starts real SuperLinks (make test-fast skips it)
 def test_a_shared_superlink_is_reused_and_replaced_once_it_has_exited(tmp_path):
     with SharedSuperLink(tmp_path / ".flwr", Placement()) as shared:
         first = shared.link()

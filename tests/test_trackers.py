@@ -34,7 +34,7 @@ def fake_simulation(seen: list[tuple[str, int]], check=None):
     """Stands in for launcher.run_simulation: writes metrics.jsonl and an adapter, calls
     ``on_round`` per record (``check`` runs right after each, to see what was logged)."""
 
-    def run(run_config, directory, clients, placement, home, on_round=None):
+    def run(run_config, directory, clients, placement, home, on_round=None, shared=None):
         (directory / "adapter").mkdir(exist_ok=True)
         (directory / "adapter" / "adapter_config.json").write_text('{"r": 8}')
         records = []
