@@ -47,3 +47,26 @@ def run_rounds(flat: dict[str, Any], num_nodes: int = 3, *,
                              after_round=after_round(server_model) if after_round else None)
     strategy.run(grid)
     return records, grid, glob, server_model
+
+
+def save_tiny_llama(path: Any, *, layers: int = 1, hidden: int = 32, heads: int = 4,
+                    chat_template: str | None = None) -> str:
+    """A seeded random Llama (``hidden`` wide, ``layers`` deep) with the packaged MiniLM
+    tokenizer (EOS = [SEP]; optionally a chat template), saved under ``path``; returns it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fedlora import assets
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.minilm_dir())
+    tokenizer.eos_token = tokenizer.sep_token
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads,
+                      vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.sep_token_id)
+    torch.manual_seed(0)  # the random weights, so that "the loss goes down" is reproducible
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

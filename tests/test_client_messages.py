@@ -30,13 +30,11 @@ import io
 
 import numpy as np
 import pytest
-import torch
-from fl_harness import tiny_config
+from fl_harness import save_tiny_llama, tiny_config
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from clients.app import app as client_app
-from fedlora import assets, config, privacy
+from fedlora import config, privacy
 from fedlora.aggregation import available_strategies, strategy_info
 from fedlora.errors import ConfigError
 from fedlora.evaluator import ServerModel
@@ -74,16 +72,7 @@ SECURE_FIELDS = {  # message type -> the secagg record's allowed fields
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(assets.minilm_dir())
-    tokenizer.eos_token = tokenizer.sep_token
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tokenizer),
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden=16, heads=2)
 
 
 def flat_config(rule: str, mode: str, task: str, saved: bool, llama: str) -> dict:

@@ -9,10 +9,9 @@ import math
 
 import pytest
 import torch
-from fl_harness import run_rounds, tiny_config
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from fl_harness import run_rounds, save_tiny_llama, tiny_config
 
-from fedlora import assets, builders, client, config, data, prompts
+from fedlora import builders, client, config, data, prompts
 from fedlora.cli import main
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (fedlora[eval])")
@@ -22,17 +21,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 
 def _tiny(path, chat: bool) -> str:
-    tokenizer = AutoTokenizer.from_pretrained(assets.minilm_dir())
-    tokenizer.eos_token = tokenizer.sep_token
-    if chat:
-        tokenizer.chat_template = CHATML
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tokenizer),
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(path, chat_template=CHATML if chat else None)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from fl_harness import run_rounds, tiny_config
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from fl_harness import run_rounds, save_tiny_llama, tiny_config
 
-from fedlora import assets, config, prompts
+from fedlora import config, prompts
 from fedlora.errors import ConfigError
 from fedlora.evaluator import RoundExtras
 from fedlora.loading import load_model
@@ -18,16 +17,7 @@ from fedlora.loading import load_model
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(assets.minilm_dir())
-    tokenizer.eos_token = tokenizer.sep_token
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tokenizer),
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _flat(model, **extra):
