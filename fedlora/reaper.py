@@ -86,29 +86,27 @@ class Reaper:
         dying parent's children become ours only once it is gone. The SIGKILL pass repeats
         until nothing is left (or 30 s), so this reaper never exits before its tree does.
         """
+        if not self._signal_until_gone(signal.SIGTERM, self.grace, repeat=False):
+            self._signal_until_gone(signal.SIGKILL, 30.0, repeat=True)
+
+    def _signal_until_gone(self, sig: int, seconds: float, repeat: bool) -> bool:
+        """Send ``sig`` to every descendant as it appears (each pass re-reads the tree; with
+        ``repeat`` every pass signals everything again) until none is left (True) or
+        ``seconds`` pass (False)."""
         signalled: set[int] = set()
-        deadline = time.monotonic() + self.grace
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             self.reap()
             alive = descendants(os.getpid())
             if not alive:
-                return
+                return True
             for pid in alive:
-                if pid not in signalled:
+                if repeat or pid not in signalled:
                     signalled.add(pid)
                     with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(pid, signal.SIGTERM)
+                        os.kill(pid, sig)
             time.sleep(0.1)
-        deadline = time.monotonic() + 30.0
-        while time.monotonic() < deadline:
-            self.reap()
-            alive = descendants(os.getpid())
-            if not alive:
-                return
-            for pid in alive:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
+        return False
 
     def run(self) -> int:
         while not self.stop_requested.is_set() and self.child_status is None:
