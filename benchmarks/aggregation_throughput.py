@@ -2,11 +2,12 @@
 
 Eight client replies shaped like Llama-2-7B LoRA on ``q_proj`` and ``v_proj`` at r = 8
 (32 layers × 2 modules × (A 8×4096, B 4096×8) = 4.19 M float32 parameters, 16 MiB per client,
-PEFT key names), each packed by :func:`fedlora.transport.pack` as a client does and carried as
+PEFT key names), each packed by :func:`fedlora.federation.transport.pack` as a client does and
+carried as
 Flower reply content ``{"arrays": ArrayRecord, "metrics": MetricRecord(num-examples)}``. Both
 sides return the example-weighted mean as one ``ArrayRecord``:
 
-* ours: :func:`fedlora.fastagg.weighted_mean_records`;
+* ours: :func:`fedlora.federation.fastagg.weighted_mean_records`;
 * peer: ``flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords`` (what Flower's
   ``FedAvg.aggregate_train`` calls), on the identical ``RecordDict``s.
 
@@ -25,10 +26,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from benchmarks.common import at_most, best_times, equal, result
 from fedlora.aggregation import ClientUpdate, aggregate, scale_for_rank, weighted_mean
-from fedlora.fastagg import weighted_mean_records
-from fedlora.federation import join_arrays, split_arrays
-from fedlora.lora import LORA_A, LORA_B
-from fedlora.transport import nbytes, pack, unpack
+from fedlora.federation.fastagg import weighted_mean_records
+from fedlora.federation.global_adapter import join_arrays, split_arrays
+from fedlora.federation.transport import nbytes, pack, unpack
+from fedlora.learning.lora import LORA_A, LORA_B
 
 ID = "P1"
 TITLE = "aggregation throughput"

@@ -4,7 +4,7 @@ The default preset (``bbc-minilm``: all-MiniLM-L6-v2, LoRA r = 8 on ``query``/``
 16, 48 tokens), partition 0 of 3. Ours is the whole client path of one training round: a
 ``train`` message through the real ClientApp handler (in process, no Flower transport):
 config, the cached model and tokenized examples, unpack → load the adapter → train
-(:func:`fedlora.training.train`) → adapter out → pack the reply. The peer is
+(:func:`fedlora.learning.training.train`) → adapter out → pack the reply. The peer is
 :mod:`benchmarks.plain`'s loop (transformers + peft + torch only) on the same examples, from the
 same initial adapter, with the same seeds, so both must end with the same adapter — checked.
 Repeats alternate ours and the peer; the best of each is kept. Samples/s = steps × batch / s.
@@ -21,8 +21,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from benchmarks import plain
 from benchmarks.common import at_most, result
 from clients.app import app as client_app
-from fedlora import builders, config, data, run_setup
-from fedlora.transport import pack, unpack
+from fedlora import config
+from fedlora.federation.transport import pack, unpack
+from fedlora.learning import builders, data
+from fedlora.runtime import run_setup
 from server.inprocess import InProcessGrid
 
 ID = "P5"

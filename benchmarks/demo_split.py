@@ -43,9 +43,11 @@ from typing import Any
 
 from benchmarks import plain
 from benchmarks.common import at_most, checkout_pythonpath, equal, result
-from fedlora import builders, config, data, run_setup, training
-from fedlora.evaluator import load_exported
-from fedlora.outputs import read_metrics
+from fedlora import config
+from fedlora.federation.outputs import read_metrics
+from fedlora.learning import builders, data, training
+from fedlora.learning.evaluator import load_exported
+from fedlora.runtime import run_setup
 
 ID = "P6"
 TITLE = "default demo end to end"

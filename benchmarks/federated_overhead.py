@@ -45,9 +45,10 @@ import numpy as np
 from benchmarks import plain
 from benchmarks.common import checkout_pythonpath, equal, result
 from clients.app import app as client_app
-from fedlora import builders, config, data
-from fedlora.evaluator import ServerModel
-from fedlora.outputs import read_metrics
+from fedlora import config
+from fedlora.federation.outputs import read_metrics
+from fedlora.learning import builders, data
+from fedlora.learning.evaluator import ServerModel
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora
 

@@ -64,7 +64,7 @@ def train_memory(name: str, quantization: str, steps: int, **knobs: Any) -> dict
     """Peak CUDA memory and tokens/s of ``steps`` LoRA steps (rank 16, all linear layers)."""
     import torch
 
-    from fedlora import assets, lora, training
+    from fedlora.learning import assets, lora, training
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -101,8 +101,8 @@ def launch_check(name: str, gpus: list[int] | None, out: Path, rounds: int,
     """A warm ``fedlora launch`` of ``len(gpus)`` SuperNodes on the given GPU indices, or
     (``gpus`` None) one SuperNode that sees every GPU and trains with ``procs`` processes."""
     from benchmarks.common import checkout_pythonpath
-    from fedlora import deploy
-    from fedlora.outputs import read_metrics
+    from fedlora.federation.outputs import read_metrics
+    from fedlora.runtime import deploy
 
     os.environ["PYTHONPATH"] = checkout_pythonpath()  # the Flower processes import this code
     flat = {"model.name": MODEL, "model.task": "causal-lm", "data.source": "chatterbot",

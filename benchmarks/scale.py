@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import machine, now, versions
-from fedlora.outputs import read_metrics
+from fedlora.federation.outputs import read_metrics
 
 LOCAL_WORK = ("data.samples-per-client=1 train.batch-size=1 train.local-steps=4 "
               "data.eval-samples=64 checkpoint-every=0 min-train-nodes=1")

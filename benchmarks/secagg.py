@@ -4,7 +4,8 @@ Three measures, each on identical inputs:
 
 1. **Mask generation.** One 32-byte seed expanded into the mask of d = 4,194,304 parameters
    (Llama-2-7B q/v LoRA r = 8, as P1) and added to the upload. Ours: AES-256-CTR keystream
-   added in place to the ``uint32`` vector (:func:`fedlora.secagg.prg.apply_mask`). Flower's,
+   added in place to the ``uint32`` vector (:func:`fedlora.privacy.secagg.prg.apply_mask`).
+   Flower's,
    as ``secaggplus_mod`` does for every mask: ``pseudo_rand_gen(seed, 2**32, shapes)``
    (``numpy.random.RandomState`` seeded with 32 bits, ``int64`` draws) then
    ``parameters_addition``. GB/s counts 4 bytes per parameter (ours' ring element); best of
@@ -44,10 +45,11 @@ from flwr.common.serde import message_from_proto, message_to_proto
 
 from benchmarks.common import at_most, best_times, equal, result
 from clients.app import app as fedlora_client_app
-from fedlora import config, run_setup
-from fedlora.evaluator import ServerModel
-from fedlora.secagg.prg import apply_mask
-from fedlora.secure_wire import MASKED, MASKED_INPUT, MASKED_KEY
+from fedlora import config
+from fedlora.learning.evaluator import ServerModel
+from fedlora.privacy.secagg.prg import apply_mask
+from fedlora.privacy.secure_wire import MASKED, MASKED_INPUT, MASKED_KEY
+from fedlora.runtime import run_setup
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedlora.outputs import read_metrics
+from fedlora.federation.outputs import read_metrics
 
 TARGET = 0.05
 

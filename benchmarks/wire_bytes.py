@@ -2,9 +2,12 @@
 
 The reply of the default job (preset ``bbc-minilm``: all-MiniLM-L6-v2, LoRA r = 8 on
 ``query``/``value``, the 5-way classifier as a declared head), built with fedlora's own code:
-default config → :mod:`fedlora.builders` specs → :func:`fedlora.lora.build_peft_model` →
-:func:`fedlora.lora.adapter_arrays` → :func:`fedlora.client.select_outgoing` (``"ab"``) →
-:func:`fedlora.transport.pack`. PEFT starts B at 0; the reply's B are filled with seeded random
+default config → :mod:`fedlora.learning.builders` specs →
+:func:`fedlora.learning.lora.build_peft_model` →
+:func:`fedlora.learning.lora.adapter_arrays` →
+:func:`fedlora.learning.client_round.select_outgoing` (``"ab"``) →
+:func:`fedlora.federation.transport.pack`. PEFT starts B at 0; the reply's B are filled with seeded
+random
 values as after training: byte counts do not depend on values, but Flower sends identical
 objects once, so all-zero B would under-count the push.
 
@@ -12,7 +15,8 @@ Sizes, from the payload outwards (each also as a fraction over theory):
 
 * theory: adapter parameters × 4 bytes;
 * payload: Σ ``len(Array.data)``, i.e. ``.npy`` header + float32 values per array;
-* record: :func:`fedlora.transport.nbytes` (Flower's ``count_bytes``: payload + key names);
+* record: :func:`fedlora.federation.transport.nbytes` (Flower's ``count_bytes``: payload + key
+names);
 * message protobuf: ``flwr.common.serde.message_to_proto(reply).ByteSize()``;
 * object push (on the wire, flwr 1.41): a reply travels as one ``PushMessagesRequest``
   (metadata + object tree) and one ``PushObjectRequest`` per object (message, record dict,
@@ -45,8 +49,10 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, 
 
 from benchmarks.aggregation_throughput import client_arrays
 from benchmarks.common import best_times, equal, result
-from fedlora import builders, client, config, lora
-from fedlora.transport import nbytes, pack, unpack
+from fedlora import config
+from fedlora.federation.transport import nbytes, pack, unpack
+from fedlora.learning import builders, lora
+from fedlora.learning import client_round as client
 
 ID = "P4"
 TITLE = "bytes on the wire"

@@ -3,7 +3,7 @@
 Wire contract (see ``server/strategy.py`` for the other side)
 
 * in  ``arrays``      ArrayRecord — the adapter for this node's rank (peft key names), in the
-  run's ``wire-dtype`` (float32, float16 or bfloat16; ``fedlora/transport.py``)
+  run's ``wire-dtype`` (float32, float16 or bfloat16; ``fedlora/federation/transport.py``)
 * in  ``config``      ConfigRecord — ``server-round``, ``trainable``/``send`` ("ab", "a", "b"),
   ``personal`` ("b" for FedSA: B never leaves the node), ``base-from``/``base-to``
 * in  ``correction``  ArrayRecord, optional — base correction versions base-from..base-to
@@ -12,15 +12,16 @@ Wire contract (see ``server/strategy.py`` for the other side)
 * out ``metrics``     MetricRecord — ``num-examples``, ``train-loss``, ``server-round`` (the
   round this reply answers: stale replies are rejected) and other numbers
 * out ``signature``   ConfigRecord, with ``sign-updates`` only — the Ed25519 envelope over the
-  other records (``fedlora/signed_wire.py``); the capability reply then also announces the
+  other records (``fedlora/privacy/signed_wire.py``); the capability reply then also announces the
   node's public key
 
 With ``secure-aggregation`` a train message's config has ``secagg-stage = "train"``: the node
 trains the same way but replies with public keys instead of ``arrays``, and three ``query``
 messages (``secagg_share_keys``, ``secagg_masked_input``, ``secagg_unmask``) finish the round;
-the server only ever sees the masked sum (``fedlora/secure_wire.py`` lists every message).
+the server only ever sees the masked sum (``fedlora/privacy/secure_wire.py`` lists every message).
 
-Simulation with ``attack``: the client mod :func:`fedlora.attacks.mod` rewrites the replies of
+Simulation with ``attack``: the client mod :func:`fedlora.experiments.attacks.mod` rewrites the
+replies of
 the attacking partitions after these handlers built them (honest nodes pass through).
 """
 
@@ -35,26 +36,17 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import (
-    attacks,
-    builders,
-    client,
-    config,
-    ddp,
-    hetlora_prune,
-    lora,
-    outputs,
-    privacy,
-    secure_client,
-    secure_hetlora,
-    signed_wire,
-    training,
-    wire_schema,
-)
+from fedlora import config
 from fedlora.aggregation import LoraFactors
 from fedlora.errors import ConfigError
-from fedlora.secure_wire import SECAGG, STAGE_KEY, secagg_config
-from fedlora.transport import pack, pack_correction, unpack, unpack_correction
+from fedlora.experiments import attacks
+from fedlora.federation import outputs, wire_schema
+from fedlora.federation.transport import pack, pack_correction, unpack, unpack_correction
+from fedlora.learning import builders, ddp, hetlora_prune, lora, training
+from fedlora.learning import client_round as client
+from fedlora.privacy import dp as privacy
+from fedlora.privacy import secure_client, secure_hetlora, signed_wire
+from fedlora.privacy.secure_wire import SECAGG, STAGE_KEY, secagg_config
 
 app = ClientApp(mods=[attacks.mod])  # attack simulation: rewrites an attacker's replies only
 
@@ -202,7 +194,7 @@ def train(msg: Message, context: Context) -> Message:
 def _self_prune(cfg: config.RunConfig, context: Context, node: client.Node,
                 trained: dict[str, np.ndarray], outgoing: dict[str, np.ndarray],
                 metrics: dict) -> dict[str, np.ndarray]:
-    """HetLoRA's rank self-pruning (:mod:`fedlora.hetlora_prune`): the tail norm after this
+    """HetLoRA's rank self-pruning (:mod:`fedlora.learning.hetlora_prune`): the tail norm after this
     round against this node's previous one at the same rank; on a fall, the upload keeps the
     first ``max(1, floor(γ r))`` components. The norm is kept in ``context.state``."""
     gamma = cfg.fl.hetlora_prune_gamma

@@ -1,5 +1,5 @@
 import sys
 
-from fedlora.cli import main
+from fedlora.cli.main import main
 
 sys.exit(main())

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
-from fedlora import attack_catalog
 from fedlora.errors import ConfigError
+from fedlora.experiments import attack_catalog
 
 TASKS = ("seq-cls", "causal-lm")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -26,9 +26,10 @@ PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 LORA_BIASES = ("none", "all", "lora_only")
 LORA_INITS = ("default", "gaussian")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
-WIRE_DTYPES = ("float32", "float16", "bfloat16")  # see fedlora.transport
+WIRE_DTYPES = ("float32", "float16", "bfloat16")  # see fedlora.federation.transport
 SAMPLINGS = ("uniform", "data-size")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")  # fedlora.training
+# fedlora.learning.training
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 AUTOCASTS = ("none", "bf16", "fp16")
 CHECKPOINTINGS = ("auto", "on", "off")
 
@@ -285,7 +286,7 @@ class FederationConfig:
         return max(1, min(max(k, self.min_train_nodes), available))
 
     def dp_spec(self) -> Any:
-        from fedlora.privacy import DPSpec
+        from fedlora.privacy.dp import DPSpec
 
         return DPSpec(self.dp_mode, self.dp_clip_norm, self.dp_noise_multiplier, self.dp_delta)
 

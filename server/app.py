@@ -12,12 +12,14 @@ from flwr.app import Context, Message
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import checkpoint, config, outputs, privacy
+from fedlora import config
 from fedlora.errors import DataError
-from fedlora.evaluator import RoundExtras, ServerModel, no_evaluation_reason
-from fedlora.secure_wire import check_secure_aggregation
-from fedlora.threads import single_threaded_blas
-from fedlora.wire_schema import DATA_ERROR
+from fedlora.federation import checkpoint, outputs
+from fedlora.federation.wire_schema import DATA_ERROR
+from fedlora.learning.evaluator import RoundExtras, ServerModel, no_evaluation_reason
+from fedlora.privacy import dp as privacy
+from fedlora.privacy.secure_wire import check_secure_aggregation
+from fedlora.runtime.threads import single_threaded_blas
 from server.polling import PromptGrid
 from server.strategy import FederatedLora, build_optimizer
 
@@ -115,7 +117,8 @@ def _no_evaluation(glob: object) -> dict[str, str]:
 
 class DataScreenedGrid:
     """Wraps a ``Grid``: a capability reply whose node reports a data error (``data-error``,
-    :func:`fedlora.client.data_problem`) is logged as one line and dropped, so the node is left
+    :func:`fedlora.learning.client_round.data_problem`) is logged as one line and dropped, so the
+    node is left
     out of the run like a node that did not answer; every other reply passes unchanged."""
 
     def __init__(self, grid: Any) -> None:

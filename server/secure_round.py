@@ -3,7 +3,8 @@
 Stage 0 is the round's usual ``train`` message (its config says ``secagg-stage = "train"``);
 the nodes train, keep their factors and answer with public keys and their metrics. Stages 1–3
 (``query.secagg_share_keys`` / ``secagg_masked_input`` / ``secagg_unmask``, see
-:mod:`fedlora.secure_wire`) relay keys and encrypted shares, collect the masked inputs and the
+:mod:`fedlora.privacy.secure_wire`) relay keys and encrypted shares, collect the masked inputs and
+the
 shares that unmask their sum. The server learns ``Σ_k n_k·clip(x_k)`` and ``Σ_k n_k`` over the
 contributors — the example-weighted mean of the uploaded arrays, which is exactly what the
 linear rules (fedit, ffa, fedsa, rolora) compute from individual replies.
@@ -11,7 +12,7 @@ linear rules (fedit, ffa, fedsa, rolora) compute from individual replies.
 Per reply: a node that fails, does not answer or sends something malformed, stale or
 duplicated is dropped at that stage and counted in ``rejected`` by reason; the round goes on
 while every needed secret can be rebuilt from ``t`` shares. Otherwise
-:class:`~fedlora.secagg.SecAggAborted` ends it with no sum (the caller abandons the round).
+:class:`~fedlora.privacy.secagg.SecAggAborted` ends it with no sum (the caller abandons the round).
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedlora import signed_wire
 from fedlora.config import RunConfig
 from fedlora.errors import PayloadError
-from fedlora.secagg import SecAggAborted, SecAggServer, flatten_arrays
-from fedlora.secagg.signing import SignatureRejected, UpdateVerifier
-from fedlora.secure_wire import (
+from fedlora.privacy import signed_wire
+from fedlora.privacy.secagg import SecAggAborted, SecAggServer, flatten_arrays
+from fedlora.privacy.secagg.signing import SignatureRejected, UpdateVerifier
+from fedlora.privacy.secure_wire import (
     MASKED_INPUT,
     SECAGG,
     SHARE_KEYS,
@@ -73,7 +74,7 @@ class SecureOutcome:
     dropped
         Nodes lost at each stage, by stage label (``advertise-keys`` includes failed training).
     aborted
-        The :class:`~fedlora.secagg.SecAggAborted` message, or ``""``.
+        The :class:`~fedlora.privacy.secagg.SecAggAborted` message, or ``""``.
     abort_reason
         Its reason code (``BELOW_THRESHOLD``, ``CORRUPT_SHARES``, ``OUT_OF_RANGE``,
         ``WEIGHT_MISMATCH``, ``DP_TOO_FEW``), or ``""``.
@@ -129,10 +130,11 @@ class SecureRound:
             example count, or raises :class:`~fedlora.errors.PayloadError`.
         check_signature
             ``(content, sender)``: verifies a masked input's signature before it is decoded
-            (``sign-updates``), or raises :class:`~fedlora.secagg.signing.SignatureRejected`.
+            (``sign-updates``), or raises
+            :class:`~fedlora.privacy.secagg.signing.SignatureRejected`.
         signing_keys
             ``node → Ed25519 public key`` with ``sign-updates``: each node's stage-0 X25519
-            keys must carry its signature (:func:`fedlora.signed_wire.sign_keys`), which the
+            keys must carry its signature (:func:`fedlora.privacy.signed_wire.sign_keys`), which the
             key directory forwards so that every node can check its neighbours'; a node
             without one is rejected at stage 0. The stage-3 unmask responses are verified
             with these keys too. ``None``: nothing of the sort is signed.

@@ -9,7 +9,8 @@ server optimizer) → evaluate → one metrics line.
 Where the rule is a weighted mean of same-shape arrays (fedit, ffa, fedsa, rolora: the linear
 equal-rank rules) and the server left every accepted update as it arrived (no clipping, no
 central DP noise), the mean is taken on the replies' records themselves
-(:func:`fedlora.fastagg.weighted_mean_records`, zero-copy) and adopted like one update of the
+(:func:`fedlora.federation.fastagg.weighted_mean_records`, zero-copy) and adopted like one update
+of the
 total weight, as a secure round's sum is; only validated replies ever reach it.
 """
 
@@ -31,7 +32,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from fedlora import checkpoint, hetlora_prune, privacy, secure_hetlora, signed_wire, wire_schema
 from fedlora.aggregation import (
     AggregationResult,
     ClientUpdate,
@@ -50,13 +50,17 @@ from fedlora.aggregation.robust import robust_heads
 from fedlora.aggregation.weighting import cap_weights
 from fedlora.config import RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
-from fedlora.fastagg import weighted_mean_records
-from fedlora.federation import GlobalAdapter, aggregate_heads, split_arrays
-from fedlora.lora import LORA_A
-from fedlora.outputs import client_memory, rss_mb
-from fedlora.secagg.signing import SignatureRejected, UpdateVerifier
-from fedlora.transport import nbytes, pack, pack_correction, unpack
-from fedlora.wire_schema import select_outgoing
+from fedlora.federation import checkpoint, wire_schema
+from fedlora.federation.fastagg import weighted_mean_records
+from fedlora.federation.global_adapter import GlobalAdapter, aggregate_heads, split_arrays
+from fedlora.federation.outputs import client_memory, rss_mb
+from fedlora.federation.transport import nbytes, pack, pack_correction, unpack
+from fedlora.federation.wire_schema import select_outgoing
+from fedlora.learning import hetlora_prune
+from fedlora.learning.lora import LORA_A
+from fedlora.privacy import dp as privacy
+from fedlora.privacy import secure_hetlora, signed_wire
+from fedlora.privacy.secagg.signing import SignatureRejected, UpdateVerifier
 from server.nodes import NodeInfo
 from server.secure_round import SecureOutcome, SecureRound
 
@@ -286,7 +290,7 @@ class FederatedLora:
     def verify_signature(self, content: RecordDict, node_id: int, server_round: int) -> None:
         """Check a signed reply before anything is decoded (no-op without sign-updates).
 
-        Raises :class:`~fedlora.secagg.signing.SignatureRejected` with a reason code.
+        Raises :class:`~fedlora.privacy.secagg.signing.SignatureRejected` with a reason code.
         """
         if self.verifier is not None:
             signed_wire.verify_reply(self.verifier, content, node_id, server_round)
@@ -491,7 +495,8 @@ class FederatedLora:
 
     def check_metrics(self, metrics: Mapping[str, Any], server_round: int | None) -> int:
         """The reply's example count, after checking its round, count and loss, then every
-        other metric against the declared schema (:data:`fedlora.wire_schema.TRAIN_METRICS`:
+        other metric against the declared schema
+        (:data:`fedlora.federation.wire_schema.TRAIN_METRICS`:
         known keys only, each a finite number of its kind)."""
         if server_round is not None and metrics.get("server-round") != server_round:
             raise PayloadError("WRONG_ROUND", f"reply is for round "
@@ -1081,7 +1086,8 @@ class FederatedLora:
             self.after_round(server_round, self.glob)
 
     def _eval_metrics(self, reply: Message) -> dict[str, int | float]:
-        """One evaluate reply's metrics, checked against :data:`~fedlora.wire_schema.EVAL_METRICS`
+        """One evaluate reply's metrics, checked against
+        :data:`~fedlora.federation.wire_schema.EVAL_METRICS`
         (known keys, finite numbers in range, the task's metrics present, ``num-examples`` an
         int in 1..``max-examples``).
 

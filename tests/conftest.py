@@ -15,7 +15,10 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from fedlora import assets, lora  # noqa: E402
+from fedlora.learning import (
+    assets,  # noqa: E402
+    lora,
+)
 
 EOS = "[SEP]"  # the MiniLM (BERT) vocabulary has no EOS token; [SEP] plays that role
 
@@ -23,7 +26,7 @@ EOS = "[SEP]"  # the MiniLM (BERT) vocabulary has no EOS token; [SEP] plays that
 @pytest.fixture(autouse=True)
 def _fast_tests_start_no_federation(request, monkeypatch):
     """A test not marked ``slow`` may not start a SuperLink or SuperNode, in this process or in
-    a child (``fedlora.launcher.console_script`` refuses under ``FEDLORA_FAST_TEST``): so
+    a child (``fedlora.runtime.launcher.console_script`` refuses under ``FEDLORA_FAST_TEST``): so
     ``make test-fast`` really skips every real simulation and deployment."""
     if request.node.get_closest_marker("slow") is None:
         monkeypatch.setenv("FEDLORA_FAST_TEST", request.node.nodeid)
@@ -62,7 +65,7 @@ def causal_tokenizer():
 def tiny_causal_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random one-layer Llama (hidden 32) with MiniLM's tokenizer, saved like a hub model.
 
-    The tokenizer has an EOS token but no pad token, so :func:`fedlora.lora.load_base` must
+    The tokenizer has an EOS token but no pad token, so :func:`fedlora.learning.lora.load_base` must
     fall back to EOS for padding.
     """
     import torch

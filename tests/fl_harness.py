@@ -7,7 +7,7 @@ from typing import Any
 
 from clients.app import app as client_app
 from fedlora import config
-from fedlora.evaluator import ServerModel
+from fedlora.learning.evaluator import ServerModel
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora
 
@@ -33,7 +33,7 @@ def run_rounds(flat: dict[str, Any], num_nodes: int = 3, *,
                node_extra: Callable[[int], dict] | None = None,
                after_round: Callable | None = None):
     """Returns (records, grid, global adapter, server model). ``after_round(server_model)``
-    builds the strategy's per-round hook (e.g. :class:`fedlora.evaluator.RoundExtras`)."""
+    builds the strategy's per-round hook (e.g. :class:`fedlora.learning.evaluator.RoundExtras`)."""
     cfg = config.from_flat(flat)
     nodes = [{"partition-id": i, "num-partitions": num_nodes, **(node_extra(i) if node_extra
                                                                else {})}
@@ -56,7 +56,7 @@ def save_tiny_llama(path: Any, *, layers: int = 1, hidden: int = 32, heads: int 
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from fedlora import assets
+    from fedlora.learning import assets
 
     tokenizer = AutoTokenizer.from_pretrained(assets.minilm_dir())
     tokenizer.eos_token = tokenizer.sep_token

@@ -1,6 +1,7 @@
 """A private multi-process Ray cluster on loopback for tests: one head, N worker nodes.
 
-Each node is a ``ray start --block`` process under a :class:`~fedlora.reaper.Guarded` reaper,
+Each node is a ``ray start --block`` process under a :class:`~fedlora.runtime.reaper.Guarded`
+reaper,
 so stopping it stops that node's GCS/raylet/agents/workers — and nothing else (``ray stop``
 would stop every Ray process on the machine, other users' too). Every port Ray would
 otherwise take at a fixed default (GCS 6379, client server 10001, dashboard agent 52365) is a
@@ -18,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedlora.launcher import console_script, free_port
-from fedlora.reaper import Guarded
+from fedlora.runtime.launcher import console_script, free_port
+from fedlora.runtime.reaper import Guarded
 
 
 @dataclass

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fedlora", "server", "clients")
 # Modules that run in the client process (the ClientApp and what only it uses); the server side
 # (`server/`) must take nothing from them: what both sides need lives in a shared module.
-CLIENT_SIDE = ("clients", "fedlora.client", "fedlora.secure_client")
+CLIENT_SIDE = ("clients", "fedlora.learning.client_round", "fedlora.privacy.secure_client")
 
 
 def _module_name(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""Tests of fedlora.assets: the packaged models and corpora, and model-name resolution."""
+"""Tests of fedlora.learning.assets: the packaged models and corpora, and model-name resolution."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedlora import assets
 from fedlora.errors import ConfigError
+from fedlora.learning import assets
 
 BBC_TOPICS = ["business", "entertainment", "politics", "sports", "tech"]
 

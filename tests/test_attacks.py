@@ -18,10 +18,14 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from fedlora import attacks, config, deploy, lora, secure_client
+from fedlora import config
 from fedlora.errors import ConfigError
-from fedlora.evaluator import ServerModel
-from fedlora.transport import unpack
+from fedlora.experiments import attacks
+from fedlora.federation.transport import unpack
+from fedlora.learning import lora
+from fedlora.learning.evaluator import ServerModel
+from fedlora.privacy import secure_client
+from fedlora.runtime import deploy
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora
 from tests.fl_harness import client_app, tiny_config
@@ -441,7 +445,7 @@ def fedlora_run(out, keys: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_weight_inflation_crosses_flower_in_a_real_simulation(tmp_path):
-    from fedlora.outputs import read_metrics
+    from fedlora.federation.outputs import read_metrics
 
     res = fedlora_run(tmp_path / "run", "attack=weight-inflation attackers='1,'")
 
@@ -454,7 +458,7 @@ def test_weight_inflation_crosses_flower_in_a_real_simulation(tmp_path):
 
 @pytest.mark.slow
 def test_bad_metrics_in_a_real_simulation_are_rejected_and_counted_in_metrics_jsonl(tmp_path):
-    from fedlora.outputs import read_metrics
+    from fedlora.federation.outputs import read_metrics
 
     res = fedlora_run(tmp_path / "run", "attack=bad-metrics attackers='1,'")
 

@@ -161,7 +161,7 @@ def test_p1s_three_paths_equal_an_independent_mean_of_its_replies():
     from tolerances import assert_within, weighted_sum_bound
 
     from benchmarks import aggregation_throughput as p1
-    from fedlora.transport import unpack
+    from fedlora.federation.transport import unpack
 
     contents = p1.replies(layers=1)
     arrays = [unpack(c["arrays"]) for c in contents]

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from fl_harness import run_rounds, save_tiny_llama, tiny_config
 
-from fedlora import builders, config, data, training
-from fedlora.evaluator import load_exported
+from fedlora import config
+from fedlora.learning import builders, data, training
+from fedlora.learning.evaluator import load_exported
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora import certs
+from fedlora.runtime import certs
 
 
 def test_a_planted_dangling_symlink_is_refused_and_its_target_never_created(tmp_path):

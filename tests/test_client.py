@@ -1,4 +1,5 @@
-"""Tests of fedlora.client's process caches: bounded, lazily filled, shared where they may be."""
+"""Tests of fedlora.learning.client_round's process caches: bounded, lazily filled, shared where
+they may be."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from fedlora import client, config, data
+from fedlora import config
+from fedlora.learning import client_round as client
+from fedlora.learning import data
 
 NUM_PARTITIONS = 100
 

@@ -34,12 +34,13 @@ from fl_harness import save_tiny_llama, tiny_config
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from clients.app import app as client_app
-from fedlora import config, privacy
+from fedlora import config
 from fedlora.aggregation import available_strategies, strategy_info
 from fedlora.errors import ConfigError
-from fedlora.evaluator import ServerModel
-from fedlora.secure_wire import check_secure_aggregation
-from fedlora.wire_schema import EVAL_METRICS, TRAIN_METRICS
+from fedlora.federation.wire_schema import EVAL_METRICS, TRAIN_METRICS
+from fedlora.learning.evaluator import ServerModel
+from fedlora.privacy import dp as privacy
+from fedlora.privacy.secure_wire import check_secure_aggregation
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora
 

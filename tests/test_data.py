@@ -1,4 +1,5 @@
-"""Tests of fedlora.data: corpora, held-out split, partitioning, own files, tokenize, collate."""
+"""Tests of fedlora.learning.data: corpora, held-out split, partitioning, own files, tokenize,
+collate."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import datasets
 import pytest
 import torch
 
-from fedlora import data
 from fedlora.errors import DataError
+from fedlora.learning import data
 
 BBC_LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 BBC_SIZE = 2225

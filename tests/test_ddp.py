@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from fl_harness import tiny_config
 
-from fedlora import client, config, ddp, lora
+from fedlora import config
 from fedlora.errors import ConfigError
+from fedlora.learning import client_round as client
+from fedlora.learning import ddp, lora
 
 
 @pytest.fixture
@@ -78,7 +80,7 @@ def test_procs_per_node_refuses_base_modifying_rules_and_bad_counts():
 
 
 def test_launch_procs_per_node_reaches_each_nodes_config(tmp_path):
-    from fedlora import deploy
+    from fedlora.runtime import deploy
 
     spec = deploy.NodeSpec(index=1, num_nodes=2, port=0, home=tmp_path, log_path=tmp_path / "l",
                            procs=2)
@@ -87,7 +89,7 @@ def test_launch_procs_per_node_reaches_each_nodes_config(tmp_path):
 
 
 def test_launch_refuses_procs_per_node_with_one_gpu_per_node(tmp_path):
-    from fedlora import deploy
+    from fedlora.runtime import deploy
 
     with pytest.raises(deploy.DeployError, match="needs 2 GPUs per node"):
         deploy.launch({}, out=tmp_path, gpus=[0], procs_per_node=2)

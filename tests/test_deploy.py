@@ -29,10 +29,11 @@ from cryptography.hazmat.primitives.serialization import (
 from cryptography.x509.verification import PolicyBuilder, Store
 from test_simulation import our_processes, reevaluate
 
-from fedlora import certs, config, deploy
-from fedlora.deploy_cli import add_commands
+from fedlora import config
+from fedlora.cli.deploy import add_commands
 from fedlora.errors import FedLoraError
-from fedlora.outputs import read_metrics
+from fedlora.federation.outputs import read_metrics
+from fedlora.runtime import certs, deploy
 
 WIDE = dict(os.environ, COLUMNS="500")  # rich would wrap the paths in messages at 80 columns
 TINY = ("model.num-hidden-layers=1 data.samples-per-client=16 data.eval-samples=32 "
@@ -411,7 +412,7 @@ def _supernode_pid(out: Path, index: int) -> int:
 
 def test_a_warm_worker_forgets_the_modules_of_a_replaced_app(tmp_path, monkeypatch):
     """A new FAB (another run, or changed app code) must not reuse the old app's modules."""
-    from fedlora import warm
+    from fedlora.runtime import warm
 
     old_app = tmp_path / "old-app"
     (old_app / "oldpkg").mkdir(parents=True)
@@ -423,4 +424,4 @@ def test_a_warm_worker_forgets_the_modules_of_a_replaced_app(tmp_path, monkeypat
 
     assert "oldpkg" not in sys.modules
     assert str(old_app.resolve()) not in sys.path
-    assert "fedlora.warm" in sys.modules  # the library, installed elsewhere, stays
+    assert "fedlora.runtime.warm" in sys.modules  # the library, installed elsewhere, stays

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from clients.app import _dp_contributors
-from fedlora import config, privacy
+from fedlora import config
 from fedlora.errors import ConfigError
-from fedlora.evaluator import ServerModel
-from fedlora.privacy import Accountant, DPSpec, noise_std, privatize
-from fedlora.secure_wire import UNMASK
+from fedlora.learning.evaluator import ServerModel
+from fedlora.privacy import dp as privacy
+from fedlora.privacy.dp import Accountant, DPSpec, noise_std, privatize
+from fedlora.privacy.secure_wire import UNMASK
 from tests.fl_harness import tiny_config
 from tests.test_privacy import analytic_gaussian_epsilon, classic_rdp_epsilon
 from tests.test_secure_rounds import NODES, ONE_ROUND, fails_at, run
@@ -220,7 +221,7 @@ def test_a_resume_charges_the_dp_rounds_run_after_the_checkpoint(tmp_path, mode)
     checkpoint resumes from round 2 and repeats round 3 with fresh noise: ε counts four
     releases, not three (and DP needs no checkpoint every round for that)."""
     from clients.app import app as client_app
-    from fedlora import checkpoint
+    from fedlora.federation import checkpoint
     from server.inprocess import InProcessGrid
     from server.strategy import FederatedLora
 

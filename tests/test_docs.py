@@ -146,7 +146,7 @@ def test_mkdocs_build_strict(tmp_path):
 
 
 def test_a_fast_test_cannot_start_a_superlink_or_supernode():
-    from fedlora.launcher import RunFailed, console_script, refuse_in_fast_tests
+    from fedlora.runtime.launcher import RunFailed, console_script, refuse_in_fast_tests
 
     assert os.environ.get("FEDLORA_FAST_TEST", "").endswith(
         "test_a_fast_test_cannot_start_a_superlink_or_supernode")
@@ -157,7 +157,7 @@ def test_a_fast_test_cannot_start_a_superlink_or_supernode():
 
 
 def test_a_fast_test_gets_a_clear_error_from_fedlora_run(tmp_path, capsys):
-    from fedlora import cli
+    from fedlora.cli import main as cli
 
     rc = cli.main(["run", "--rounds", "1", "--num-clients", "2", "--out", str(tmp_path / "o")])
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fedlora import checkpoint, config
+from fedlora import config
+from fedlora.federation import checkpoint
 from server.strategy import FederatedLora, NodeInfo
 from tests.fl_harness import tiny_config
 from tests.test_fuzz_replies import _task_identity, make_glob  # noqa: F401 — the fixture

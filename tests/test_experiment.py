@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fedlora import baselines, config, experiment, report
-from fedlora.experiment import SpecError, parse_spec
+from fedlora import config
+from fedlora.experiments import baselines, report
+from fedlora.experiments import sweep as experiment
+from fedlora.experiments.sweep import SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "simulations" / "experiments" / "smoke.toml"

@@ -1,4 +1,5 @@
-"""Tests of fedlora.fastagg (and the zero-copy reads of fedlora.transport it stands on)."""
+"""Tests of fedlora.federation.fastagg (and the zero-copy reads of fedlora.federation.transport it
+stands on)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from tolerances import assert_within, weighted_sum_bound
 
-from fedlora import fastagg
 from fedlora.aggregation import weighted_mean
 from fedlora.errors import PayloadError
-from fedlora.fastagg import encode, weighted_mean_records
-from fedlora.transport import float32_layout, pack, read_array, unpack
+from fedlora.federation import fastagg
+from fedlora.federation.fastagg import encode, weighted_mean_records
+from fedlora.federation.transport import float32_layout, pack, read_array, unpack
 
 SHAPES = {"m.lora_A.weight": (2, 3), "m.lora_B.weight": (4, 2), "head.bias": (5,)}
 

@@ -8,10 +8,12 @@ from fl_harness import run_rounds, tiny_config
 from tolerances import U32, assert_within, gamma, weighted_sum_bound
 
 from clients.app import app as client_app
-from fedlora import builders, client, config
+from fedlora import config
 from fedlora.aggregation import available_strategies, requires_equal_ranks
 from fedlora.errors import ConfigError
-from fedlora.evaluator import ServerModel
+from fedlora.learning import builders
+from fedlora.learning import client_round as client
+from fedlora.learning.evaluator import ServerModel
 from server import strategy as strategy_module
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora
@@ -300,7 +302,7 @@ def test_the_zero_copy_mean_of_the_replies_equals_the_generic_aggregate(
 def _check_the_generic_path_beside_the_fast_one(monkeypatch) -> list[dict]:
     """In every round that takes the fast path, computes the generic aggregate of the same
     accepted replies and the derived bound on their difference (see the test above)."""
-    from fedlora.federation import aggregate_heads, join_arrays
+    from fedlora.federation.global_adapter import aggregate_heads, join_arrays
 
     checked: list[dict] = []
     real_records = FederatedLora.records_to_average

@@ -1,4 +1,5 @@
-"""Tests of fedlora.federation: array naming, the server's global adapter, compression, heads."""
+"""Tests of fedlora.federation.global_adapter: array naming, the server's global adapter,
+compression, heads."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from fedlora.aggregation import (
     aggregate,
     scale_for_rank,
 )
-from fedlora.federation import (
+from fedlora.federation.global_adapter import (
     GlobalAdapter,
     aggregate_heads,
     compress,
@@ -25,7 +26,7 @@ from fedlora.federation import (
     split_arrays,
     stack,
 )
-from fedlora.lora import LORA_A, LORA_B
+from fedlora.learning.lora import LORA_A, LORA_B
 
 SHAPES = {"m.q": (6, 5), "m.v": (4, 7)}  # module -> (out, in)
 ALPHA = 16.0

@@ -8,7 +8,7 @@ import json
 import numpy as np
 from fl_harness import run_rounds, tiny_config
 
-from fedlora import lora
+from fedlora.learning import lora
 
 
 def test_every_node_saves_global_a_and_its_own_b_in_peft_format(tmp_path):

@@ -1,7 +1,7 @@
 """The first hour with your own data (issue 19): each mistake a new user made is caught before
 training, with a message that names the key or file, what was expected and what to change.
 
-CLI checks run ``fedlora run`` through :func:`fedlora.cli.main` with Flower's launcher replaced
+CLI checks run ``fedlora run`` through :func:`fedlora.cli.main.main` with Flower's launcher replaced
 by a spy: a refused run never starts a SuperLink, and the message arrives within seconds.
 """
 
@@ -19,8 +19,13 @@ from fl_harness import tiny_config
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from clients.app import app as client_app
-from fedlora import builders, cli, client, config, data, outputs, run_setup, training
+from fedlora import config
+from fedlora.cli import main as cli
 from fedlora.errors import DataError, FedLoraError
+from fedlora.federation import outputs
+from fedlora.learning import builders, data, training
+from fedlora.learning import client_round as client
+from fedlora.runtime import run_setup
 from server.app import DataScreenedGrid, main
 from server.inprocess import InProcessGrid
 
@@ -48,7 +53,7 @@ def sites(tmp_path: Path, n: int = 3, rows: int = 40, **kw: Any) -> str:
 
 
 class Launcher:
-    """Stands in for ``fedlora.launcher.run_simulation`` (what starts the SuperLink)."""
+    """Stands in for ``fedlora.runtime.launcher.run_simulation`` (what starts the SuperLink)."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -60,7 +65,7 @@ class Launcher:
 
 @pytest.fixture
 def launcher(monkeypatch) -> Launcher:
-    from fedlora import launcher as module
+    from fedlora.runtime import launcher as module
 
     spy = Launcher()
     monkeypatch.setattr(module, "run_simulation", spy)

@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 
 from fedlora import config
 from fedlora.aggregation import LoraFactors
-from fedlora.federation import GlobalAdapter
-from fedlora.wire_schema import TRAIN_METRICS
+from fedlora.federation.global_adapter import GlobalAdapter
+from fedlora.federation.wire_schema import TRAIN_METRICS
 from server.strategy import FederatedLora, NodeInfo
 from tests.fl_harness import tiny_config
 

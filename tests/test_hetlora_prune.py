@@ -1,4 +1,4 @@
-"""HetLoRA's local rank self-pruning (fedlora.hetlora_prune, hetlora-prune = true)."""
+"""HetLoRA's local rank self-pruning (fedlora.learning.hetlora_prune, hetlora-prune = true)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora import config, hetlora_prune
+from fedlora import config
 from fedlora.errors import ConfigError
+from fedlora.learning import hetlora_prune
 
 A_KEY = "m.lora_A.weight"
 B_KEY = "m.lora_B.weight"
@@ -76,7 +77,7 @@ def test_mixed_rank_sampled_run_prunes_by_the_rule_and_rejects_a_bad_claim():
     round 4 a prune the rule does not allow: both are rejected (RANK_MISMATCH), the run goes on."""
     from fl_harness import run_rounds, tiny_config
 
-    from fedlora.transport import pack, unpack
+    from fedlora.federation.transport import pack, unpack
 
     replies: list[dict] = []
     tampered: list[tuple[int, int]] = []
@@ -141,8 +142,8 @@ def test_pruned_ranks_survive_a_checkpoint(tmp_path):
     """A resumed server sends each node the rank it pruned to, not its tier rank again."""
     from fl_harness import tiny_config
 
-    from fedlora import checkpoint
-    from fedlora.evaluator import ServerModel
+    from fedlora.federation import checkpoint
+    from fedlora.learning.evaluator import ServerModel
     from server.strategy import FederatedLora, NodeInfo
 
     flat = tiny_config(strategy="hetlora", rank_by_partition="4,8,16", hetlora_prune=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedlora import experiment, report
+from fedlora.experiments import report
+from fedlora.experiments import sweep as experiment
 
 SPEC = """
 name = "html"
@@ -180,8 +181,8 @@ def test_report_html_renders_offline_in_headless_chromium(chromium, tmp_path):
 def test_the_servers_per_tier_effective_rank_becomes_one_curve_per_tier():
     """metrics.jsonl logs ``tier_effective_rank`` as a dict (one entry per rank tier); the
     report plots each tier as its own ``effective_rank_tier<r>`` curve."""
-    from fedlora.html_report import _flatten_tiers, _rank_keys
-    from fedlora.report import Series, group
+    from fedlora.experiments.html_report import _flatten_tiers, _rank_keys
+    from fedlora.experiments.report import Series, group
 
     records = [{"round": r, "tier_effective_rank": {"4": 3.0 + r, "16": 10.0 + r},
                 "effective_rank_mean": 5.0} for r in range(1, 3)]

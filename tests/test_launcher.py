@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora import launcher
+from fedlora.runtime import launcher
 
 
 @pytest.fixture

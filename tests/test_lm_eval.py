@@ -11,8 +11,10 @@ import pytest
 import torch
 from fl_harness import run_rounds, save_tiny_llama, tiny_config
 
-from fedlora import builders, client, config, data, prompts
-from fedlora.cli import main
+from fedlora import config
+from fedlora.cli.main import main
+from fedlora.learning import builders, data, prompts
+from fedlora.learning import client_round as client
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (fedlora[eval])")
 
@@ -40,7 +42,7 @@ def trained_run(tmp_path_factory):
 def _requests(task_name, model, tokenizer, tokenizer_dir, limit):
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from fedlora import lmeval
+    from fedlora.learning import lmeval
 
     lm = lmeval.lm_class()(pretrained=model, tokenizer=tokenizer, batch_size=4, device="cpu")
     manager = TaskManager(include_path=str(lmeval.TASKS_DIR),
@@ -52,7 +54,7 @@ def _requests(task_name, model, tokenizer, tokenizer_dir, limit):
 
 def test_training_server_and_lm_eval_encode_the_same_tokens(trained_run):
     run, flat, server_model = trained_run
-    from fedlora import lmeval
+    from fedlora.learning import lmeval
 
     model, tokenizer, tokenizer_dir = lmeval.load(run)
     assert tokenizer.chat_template  # the chat-template branch of the one template
@@ -87,7 +89,7 @@ def test_plain_lm_eval_encoding_would_score_other_tokens(trained_run):
     into the answer and scores no EOS."""
     from lm_eval.models.huggingface import HFLM
 
-    from fedlora import lmeval
+    from fedlora.learning import lmeval
 
     run, _, server_model = trained_run
     model, tokenizer, tokenizer_dir = lmeval.load(run)
@@ -113,7 +115,7 @@ def test_fedlora_eval_runs_both_shipped_tasks_offline(trained_run, capsys):
     assert qa["metrics"]["n-samples"] == 5
     # the perplexity is exp(-mean answer log-likelihood) of the first 5 held-out answers,
     # recomputed here from the run's own tokenization
-    from fedlora import lmeval
+    from fedlora.learning import lmeval
 
     model, tokenizer, _ = lmeval.load(run)
     cfg = config.from_flat(flat)

@@ -1,4 +1,5 @@
-"""Tests of fedlora.lora: PEFT models, adapter arrays, freezing, base corrections, saving."""
+"""Tests of fedlora.learning.lora: PEFT models, adapter arrays, freezing, base corrections,
+saving."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import torch
 from tolerances import U32, assert_within, gamma
 
-from fedlora import lora
 from fedlora.errors import ConfigError, PayloadError
+from fedlora.learning import lora
 
 R = 4
 ALPHA = 8.0
@@ -140,7 +141,7 @@ def test_missing_model_directory(tmp_path: Path) -> None:
 
 
 def test_resolve_model_missing_local_path() -> None:
-    from fedlora import assets
+    from fedlora.learning import assets
 
     with pytest.raises(ConfigError, match="does not exist"):
         assets.resolve_model("./does-not-exist")

@@ -12,8 +12,11 @@ import pytest
 import torch
 from fl_harness import run_rounds, tiny_config
 
-from fedlora import builders, client, config, lora, outputs, training
+from fedlora import config
 from fedlora.errors import ConfigError
+from fedlora.federation import outputs
+from fedlora.learning import builders, lora, training
+from fedlora.learning import client_round as client
 
 TINY_LLAMA = lora.AdapterSpec(r=4, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
 MINILM = lora.AdapterSpec(r=4, alpha=8.0, dropout=0.0, target_modules=("query", "value"))
@@ -239,7 +242,7 @@ def test_fp16_autocast_skips_a_step_whose_gradients_overflow(minilm_spec, monkey
 
 def _saved_activation_bytes(model: Any, examples: list[dict], pad: int) -> int:
     """Bytes autograd keeps for the backward pass during one training forward."""
-    from fedlora.data import collate
+    from fedlora.learning.data import collate
 
     total = 0
 

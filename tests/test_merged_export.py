@@ -15,10 +15,11 @@ from transformers import (
     AutoTokenizer,
 )
 
-from fedlora import builders, config, data
-from fedlora.cli import main
-from fedlora.export import MERGED_MANIFEST
-from fedlora.loading import load_model
+from fedlora import config
+from fedlora.cli.main import main
+from fedlora.learning import builders, data
+from fedlora.learning.export import MERGED_MANIFEST
+from fedlora.learning.loading import load_model
 
 
 @pytest.fixture(scope="module")

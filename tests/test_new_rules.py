@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlora import config, lora
+from fedlora import config
 from fedlora.aggregation import scale_for_rank
 from fedlora.errors import ConfigError
-from fedlora.evaluator import ServerModel
+from fedlora.learning import lora
+from fedlora.learning.evaluator import ServerModel
 from server.strategy import build_optimizer
 from tests.fl_harness import run_rounds, tiny_config
 from tests.test_secure_rounds import ONE_ROUND, run, tolerance
@@ -163,7 +164,7 @@ def test_lora_fair_corrects_fedits_aggregation_error_on_the_same_replies():
 def test_raflora_runs_mixed_ranks_with_partial_participation_and_checkpoints():
     """6 nodes of ranks 4/8/16, 3 sampled per round: every rank up to max-rank receives live
     components only, and the global adapter survives a checkpoint round trip."""
-    from fedlora.federation import GlobalAdapter
+    from fedlora.federation.global_adapter import GlobalAdapter
 
     flat = tiny_config(strategy="raflora", num_server_rounds=2, num_train_nodes=3,
                        min_available_nodes=6, rank_by_partition="4,8,16", max_rank=16)
@@ -186,7 +187,7 @@ def test_raflora_runs_mixed_ranks_with_partial_participation_and_checkpoints():
 
 
 def test_fedlora_strategies_lists_the_new_rules_with_their_compatibility(capsys):
-    from fedlora.cli import cmd_strategies
+    from fedlora.cli.main import cmd_strategies
 
     assert cmd_strategies(None) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
@@ -204,7 +205,7 @@ TINY_CLI = ("model.num-hidden-layers=1 data.samples-per-client=32 data.eval-samp
 
 @pytest.mark.slow
 def test_fedsvd_runs_through_fedlora_run_with_secure_aggregation_and_distributed_dp(tmp_path):
-    from fedlora.outputs import read_metrics
+    from fedlora.federation.outputs import read_metrics
     from tests.test_simulation import fedlora_cli, reevaluate
 
     out = tmp_path / "fedsvd"

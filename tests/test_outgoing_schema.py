@@ -1,12 +1,14 @@
-"""The declared outgoing schema (fedlora.wire_schema), enforced by the client before sending."""
+"""The declared outgoing schema (fedlora.federation.wire_schema), enforced by the client before
+sending."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedlora import training, wire_schema
 from fedlora.errors import PayloadError
+from fedlora.federation import wire_schema
+from fedlora.learning import training
 from tests.fl_harness import run_rounds, tiny_config
 
 A, B, HEAD = "m.lora_A.weight", "m.lora_B.weight", "classifier.weight"

@@ -10,9 +10,10 @@ import torch
 from fl_harness import run_rounds, tiny_config
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from fedlora import assets, builders, config, data, lora, training
-from fedlora.evaluator import load_exported
-from fedlora.federation import split_arrays
+from fedlora import config
+from fedlora.federation.global_adapter import split_arrays
+from fedlora.learning import assets, builders, data, lora, training
+from fedlora.learning.evaluator import load_exported
 
 
 @pytest.fixture(scope="module")

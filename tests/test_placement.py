@@ -1,4 +1,4 @@
-"""Tests of fedlora.launcher's placement: what Flower's Ray backend receives."""
+"""Tests of fedlora.runtime.launcher's placement: what Flower's Ray backend receives."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from flwr.simulation.app import _run_simulation_settings
 from flwr.supercore.utils import simulation_config_from_json
 
 from fedlora.errors import FedLoraError
-from fedlora.launcher import Placement
+from fedlora.runtime.launcher import Placement
 
 
 def _backend_config(federation_config: str) -> tuple[int, dict]:

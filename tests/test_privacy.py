@@ -9,7 +9,7 @@ import pytest
 from tolerances import U32, assert_within
 
 from fedlora.errors import ConfigError
-from fedlora.privacy import (
+from fedlora.privacy.dp import (
     Accountant,
     DPSpec,
     add_central_noise,
@@ -176,7 +176,7 @@ def _run(flat, on_reply=None):
 
 
 def test_central_dp_with_ffa_clips_on_clients_noises_once_and_reports_epsilon(monkeypatch):
-    from fedlora.federation import GlobalAdapter
+    from fedlora.federation.global_adapter import GlobalAdapter
     from tests.fl_harness import tiny_config
 
     norms, raw, replies, adopted = [], [], [], []
@@ -228,7 +228,7 @@ def test_central_dp_with_ffa_clips_on_clients_noises_once_and_reports_epsilon(mo
         assert record["dp_clipped_fraction"] == sum(n > 0.05 for n in round_norms) / 3
     # FFA: A is frozen, so neither clipping nor noise ever touches it
     from fedlora import config
-    from fedlora.evaluator import ServerModel
+    from fedlora.learning.evaluator import ServerModel
 
     initial = ServerModel(config.from_flat(flat), 64).initial_global().arrays_for(8)
     for key, value in glob.arrays_for(8).items():

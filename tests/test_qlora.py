@@ -13,8 +13,8 @@ import pytest
 import torch
 from fl_harness import run_rounds, tiny_config
 
-from fedlora import lora
 from fedlora.errors import ConfigError
+from fedlora.learning import lora
 
 # only the tests that quantize need bitsandbytes; the bfloat16 base, the "what to install"
 # message and the config check run without it
@@ -85,7 +85,7 @@ def test_a_quantized_causal_lm_keeps_its_tied_output_head_in_float(tmp_path):
     not be converted to a 4-bit layer (it then fails on its first forward)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fedlora import assets
+    from fedlora.learning import assets
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=4, vocab_size=30522,

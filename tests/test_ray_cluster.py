@@ -10,7 +10,7 @@ import pytest
 from ray_cluster import LocalRayCluster
 from test_simulation import our_processes
 
-from fedlora.outputs import read_metrics
+from fedlora.federation.outputs import read_metrics
 
 TINY = ("model.num-hidden-layers=1 data.samples-per-client=16 data.eval-samples=32 "
         "data.max-length=32 train.local-steps=2 train.batch-size=8 num-train-nodes=3")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.reaper import Guarded, descendants
+from fedlora.runtime.reaper import Guarded, descendants
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc")
 
@@ -70,7 +70,7 @@ def test_sigkilled_launcher_leaves_nothing_behind(tmp_path):
     pid_file = tmp_path / "reaper.pid"
     script = textwrap.dedent(f"""
         import time
-        from fedlora.reaper import Guarded
+        from fedlora.runtime.reaper import Guarded
         g = Guarded({TREE!r}, grace=2)
         open({str(pid_file)!r}, "w").write(str(g.pid))
         time.sleep(300)
@@ -117,7 +117,7 @@ def test_children_forked_while_the_tree_is_being_stopped_are_stopped_too(tmp_pat
 
 
 def test_usage_error_without_a_command():
-    res = subprocess.run([sys.executable, "-m", "fedlora.reaper", "sleep", "1"],
+    res = subprocess.run([sys.executable, "-m", "fedlora.runtime.reaper", "sleep", "1"],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert "usage" in res.stderr

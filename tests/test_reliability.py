@@ -19,9 +19,11 @@ import torch
 from flwr.app import Array, ConfigRecord, Message
 
 from clients.app import app as client_app
-from fedlora import checkpoint, client, config
-from fedlora.evaluator import ServerModel
-from fedlora.federation import GlobalAdapter
+from fedlora import config
+from fedlora.federation import checkpoint
+from fedlora.federation.global_adapter import GlobalAdapter
+from fedlora.learning import client_round as client
+from fedlora.learning.evaluator import ServerModel
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora
 from tests.fl_harness import run_rounds, tiny_config
@@ -449,7 +451,7 @@ def test_adaptive_clipping_tracks_the_quantile_of_update_norms(tmp_path):
 
 
 def test_a_client_out_of_memory_replies_with_an_error_and_the_round_goes_on(monkeypatch):
-    from fedlora import training
+    from fedlora.learning import training
 
     real = training.train
 
@@ -465,6 +467,6 @@ def test_a_client_out_of_memory_replies_with_an_error_and_the_round_goes_on(monk
 
 
 def _seed_of(partition: int, server_round: int = 1) -> int:
-    from fedlora import builders
+    from fedlora.learning import builders
 
     return builders.train_spec(config.from_flat(tiny_config()), server_round, partition).seed

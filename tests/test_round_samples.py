@@ -9,10 +9,11 @@ import pytest
 import torch
 from fl_harness import run_rounds, save_tiny_llama, tiny_config
 
-from fedlora import config, prompts
+from fedlora import config
 from fedlora.errors import ConfigError
-from fedlora.evaluator import RoundExtras
-from fedlora.loading import load_model
+from fedlora.learning import prompts
+from fedlora.learning.evaluator import RoundExtras
+from fedlora.learning.loading import load_model
 
 
 @pytest.fixture(scope="module")

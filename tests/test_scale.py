@@ -10,8 +10,8 @@ from fl_harness import tiny_config
 from clients.app import PERSONAL
 from clients.app import app as client_app
 from fedlora import config
-from fedlora.evaluator import ServerModel
-from fedlora.transport import unpack
+from fedlora.federation.transport import unpack
+from fedlora.learning.evaluator import ServerModel
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora, NodeInfo
 

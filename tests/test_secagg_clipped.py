@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlora.secure_wire import SECAGG
+from fedlora.privacy.secure_wire import SECAGG
 from tests.test_secure_rounds import flat_config, run
 
 

@@ -1,6 +1,6 @@
 """Secure rounds of the real strategy under one malicious client, without training.
 
-Each node runs the real client side of the protocol (:mod:`fedlora.secure_client`, its state
+Each node runs the real client side of the protocol (:mod:`fedlora.privacy.secure_client`, its state
 in a real ``Context``) but, instead of training, uploads ``received + δ_p`` with a δ of its
 own, so the honest aggregate is known exactly here. 6 of 8 nodes are sampled
 (``fraction-train = 0.75``), one honest node drops at stage 3, and node ``EVIL`` attacks.
@@ -18,14 +18,22 @@ import pytest
 from flwr.app import Array, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedlora import config, secure_client
+from fedlora import config
 from fedlora.aggregation import LoraFactors
-from fedlora.federation import GlobalAdapter
-from fedlora.secagg import FixedPointCodec
-from fedlora.secagg.keys import generate_private_key, public_bytes
-from fedlora.secagg.shamir import PRIME, SHARE_BYTES
-from fedlora.secure_wire import MASKED, MASKED_INPUT, SECAGG, SHARE_KEYS, UNMASK, secagg_config
-from fedlora.transport import unpack
+from fedlora.federation.global_adapter import GlobalAdapter
+from fedlora.federation.transport import unpack
+from fedlora.privacy import secure_client
+from fedlora.privacy.secagg import FixedPointCodec
+from fedlora.privacy.secagg.keys import generate_private_key, public_bytes
+from fedlora.privacy.secagg.shamir import PRIME, SHARE_BYTES
+from fedlora.privacy.secure_wire import (
+    MASKED,
+    MASKED_INPUT,
+    SECAGG,
+    SHARE_KEYS,
+    UNMASK,
+    secagg_config,
+)
 from server.strategy import FederatedLora, NodeInfo
 from tests.fl_harness import tiny_config
 

@@ -20,13 +20,16 @@ import pytest
 from flwr.app import Array, Context, Message, RecordDict
 
 from clients.app import app as client_app
-from fedlora import config, lora, secure_client
+from fedlora import config
 from fedlora.errors import ConfigError
-from fedlora.evaluator import ServerModel
-from fedlora.outputs import read_metrics
-from fedlora.secagg import FixedPointCodec, flatten_arrays
-from fedlora.secure_client import clip_update
-from fedlora.secure_wire import (
+from fedlora.federation.outputs import read_metrics
+from fedlora.federation.transport import unpack
+from fedlora.learning import lora
+from fedlora.learning.evaluator import ServerModel
+from fedlora.privacy import secure_client
+from fedlora.privacy.secagg import FixedPointCodec, flatten_arrays
+from fedlora.privacy.secure_client import clip_update
+from fedlora.privacy.secure_wire import (
     MASKED,
     MASKED_INPUT,
     SECAGG,
@@ -34,7 +37,6 @@ from fedlora.secure_wire import (
     UNMASK,
     check_secure_aggregation,
 )
-from fedlora.transport import unpack
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora, build_optimizer
 from tests.fl_harness import tiny_config
@@ -222,7 +224,7 @@ def test_the_server_never_receives_a_clients_factors():
             assert not any(isinstance(v, float) for v in record.values())
     # nothing of the round is left on the nodes: keys, shares and the plain update are gone
     for context in grid.contexts.values():
-        assert not [key for key in context.state if key.startswith("fedlora.secagg")]
+        assert not [key for key in context.state if key.startswith("fedlora.privacy.secagg")]
 
 
 def test_a_node_of_a_secure_run_refuses_to_send_its_factors_in_the_clear():

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fedlora import experiment, experiment_runner
 from fedlora.errors import FedLoraError
-from fedlora.launcher import Placement, SharedSuperLink, run_simulation
+from fedlora.experiments import runner as experiment_runner
+from fedlora.experiments import sweep as experiment
+from fedlora.runtime.launcher import Placement, SharedSuperLink, run_simulation
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "simulations" / "experiments" / "smoke.toml"

@@ -15,12 +15,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.common import serde
 
 from clients.app import app as client_app
-from fedlora import certs, config, signed_wire
+from fedlora import config
 from fedlora.errors import ConfigError
-from fedlora.evaluator import ServerModel
-from fedlora.secagg.keys import generate_private_key, public_bytes
-from fedlora.secagg.signing import SignatureRejected, UpdateVerifier
-from fedlora.secure_wire import MASKED, MASKED_INPUT, SECAGG, SHARE_KEYS, UNMASK
+from fedlora.learning.evaluator import ServerModel
+from fedlora.privacy import signed_wire
+from fedlora.privacy.secagg.keys import generate_private_key, public_bytes
+from fedlora.privacy.secagg.signing import SignatureRejected, UpdateVerifier
+from fedlora.privacy.secure_wire import MASKED, MASKED_INPUT, SECAGG, SHARE_KEYS, UNMASK
+from fedlora.runtime import certs
 from server.inprocess import InProcessGrid
 from server.strategy import FederatedLora
 from tests.fl_harness import tiny_config

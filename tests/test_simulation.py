@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from fedlora import builders, config, data, training
+from fedlora import config
 from fedlora.aggregation import available_strategies, requires_equal_ranks
-from fedlora.evaluator import load_exported
-from fedlora.outputs import read_metrics
+from fedlora.federation.outputs import read_metrics
+from fedlora.learning import builders, data, training
+from fedlora.learning.evaluator import load_exported
 
 REQUIRED = {"round", "strategy", "train_loss", "eval_loss", "eval_accuracy", "bytes_up",
             "bytes_down", "duration_s"}

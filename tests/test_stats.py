@@ -8,8 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from fedlora import experiment, experiment_runner, report, stats
-from fedlora.experiment import parse_spec
+from fedlora.experiments import report, stats
+from fedlora.experiments import runner as experiment_runner
+from fedlora.experiments import sweep as experiment
+from fedlora.experiments.sweep import parse_spec
 
 SPEC = """
 name = "synthetic"

@@ -11,7 +11,7 @@ from fl_harness import tiny_config
 from clients.app import app as client_app
 from fedlora import config
 from fedlora.aggregation import LoraFactors
-from fedlora.federation import GlobalAdapter
+from fedlora.federation.global_adapter import GlobalAdapter
 from server.inprocess import InProcessGrid
 from server.strategy import DISCOVERY_BATCH, FederatedLora, NodeInfo
 

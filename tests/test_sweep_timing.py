@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fedlora import report
-from fedlora.experiment import parse_spec
+from fedlora.experiments import report
+from fedlora.experiments.sweep import parse_spec
 
 SPEC = """
 name = "cut"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from threadpoolctl import threadpool_info
 
-from fedlora.threads import single_threaded_blas
+from fedlora.runtime.threads import single_threaded_blas
 
 
 def test_single_threaded_blas_limits_numpys_blas_and_nothing_else():

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fedlora import experiment_runner, trackers
-from fedlora.experiment import parse_spec
+from fedlora.experiments import runner as experiment_runner
+from fedlora.experiments import trackers
+from fedlora.experiments.sweep import parse_spec
 
 SPEC = """
 name = "tracked"
@@ -61,7 +62,7 @@ def test_mlflow_logs_each_cell_as_it_arrives_grouped_under_the_sweep(tmp_path, m
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from fedlora import launcher
+    from fedlora.runtime import launcher
 
     spec = parse_spec(SPEC)
     out = tmp_path / "out"
@@ -100,7 +101,7 @@ def test_tensorboard_scalars_per_cell_read_back_with_event_accumulator(tmp_path,
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fedlora import launcher
+    from fedlora.runtime import launcher
 
     spec = parse_spec(SPEC)
     out = tmp_path / "out"
@@ -146,7 +147,7 @@ class Broken:
 
 
 def test_a_failing_tracker_warns_once_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    from fedlora import launcher
+    from fedlora.runtime import launcher
 
     spec = parse_spec(SPEC)
     out = tmp_path / "out"
@@ -201,7 +202,7 @@ def test_unknown_tracker_is_an_error(tmp_path):
 
 
 def test_run_and_experiment_accept_trackers_and_experiment_seeds():
-    from fedlora.cli import build_parser
+    from fedlora.cli.main import build_parser
 
     parser = build_parser()
     run = parser.parse_args(["run", "--tracker", "mlflow", "--tracker", "tensorboard",

@@ -1,4 +1,5 @@
-"""fedlora.transport's wire dtypes (``wire-dtype``): exact round trips, bytes, and rounds whose
+"""fedlora.federation.transport's wire dtypes (``wire-dtype``): exact round trips, bytes, and
+rounds whose
 factors travel in float16/bfloat16 both ways while the server aggregates in float32."""
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from tolerances import assert_within, weighted_sum_bound
 from fedlora import config
 from fedlora.aggregation import weighted_mean
 from fedlora.errors import ConfigError, PayloadError
-from fedlora.fastagg import weighted_mean_records
-from fedlora.transport import (
+from fedlora.federation.fastagg import weighted_mean_records
+from fedlora.federation.transport import (
     BF16_STYPE,
     bfloat16_bits,
     bfloat16_values,

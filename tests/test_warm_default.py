@@ -17,11 +17,11 @@ import pytest
 from test_deploy import TINY, WIDE, fedlora_cli
 from test_simulation import our_processes
 
-from fedlora import deploy
-from fedlora.deploy_cli import add_commands
-from fedlora.outputs import read_metrics
-from fedlora.reaper import Guarded
-from fedlora.run_setup import WARM_TESTED_FLOWER
+from fedlora.cli.deploy import add_commands
+from fedlora.federation.outputs import read_metrics
+from fedlora.runtime import deploy
+from fedlora.runtime.reaper import Guarded
+from fedlora.runtime.run_setup import WARM_TESTED_FLOWER
 
 
 @pytest.mark.parametrize("version", ["1.41.0", "1.42.3"])

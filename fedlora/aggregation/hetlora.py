@@ -18,7 +18,7 @@ zero (e.g. all B still at their zero init) the weights fall back to uniform
 ``Ā[:r]`` and ``B̄[:, :r] · s_g / s_r`` with its own scale ``s_r`` (the paper's
 truncation). Mixed ranks allowed; not exact. The paper's client-side rank
 self-pruning (a training-time feature, not part of aggregation) is
-:mod:`fedlora.hetlora_prune`, on with ``hetlora-prune = true`` (off: every
+:mod:`fedlora.learning.hetlora_prune`, on with ``hetlora-prune = true`` (off: every
 client trains its full rank every round): a pruned client uploads rank
 ``max(1, ⌊γ r⌋)`` and is aggregated here like any client of that rank; the
 server checks that rank (``RANK_MISMATCH`` otherwise) and sends it that rank

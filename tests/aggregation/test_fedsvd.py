@@ -93,8 +93,8 @@ def test_fedsvd_on_one_update_of_the_mean_is_the_rule_on_the_clients():
 
 
 def test_fedsvd_is_declared_secure_and_dp_compatible_but_not_for_server_optimizers():
-    from fedlora import privacy
-    from fedlora.secagg import secagg_compatible
+    from fedlora.privacy import dp as privacy
+    from fedlora.privacy.secagg import secagg_compatible
 
     info = strategy_info("fedsvd")
     assert info.linear and info.refactors and info.equal_ranks and info.exact

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedlora.aggregation import aggregate, aggregation_error, strategy_info
-from fedlora.secagg import secagg_compatible
+from fedlora.privacy.secagg import secagg_compatible
 
 from .helpers import SHAPES, exact_target, random_update
 
@@ -76,7 +76,7 @@ def test_lora_fair_refuses_a_negative_penalty_and_mixed_ranks(rng):
 
 
 def test_lora_fair_is_declared_outside_secure_aggregation_and_dp():
-    from fedlora import privacy
+    from fedlora.privacy import dp as privacy
 
     info = strategy_info("lora-fair")
     assert info.equal_ranks and not info.linear and not info.exact

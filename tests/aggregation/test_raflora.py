@@ -7,7 +7,7 @@ import pytest
 
 from fedlora.aggregation import ClientUpdate, LoraFactors, aggregate, strategy_info
 from fedlora.aggregation.raflora import ROW_NORM
-from fedlora.secagg import secagg_compatible
+from fedlora.privacy.secagg import secagg_compatible
 
 from .helpers import random_update
 

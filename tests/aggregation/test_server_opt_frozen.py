@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fedlora.aggregation import ClientUpdate, LoraFactors, ServerOptimizer, aggregate
-from fedlora.federation import GlobalAdapter
-from fedlora.lora import LORA_A, LORA_B
+from fedlora.federation.global_adapter import GlobalAdapter
+from fedlora.learning.lora import LORA_A, LORA_B
 
 MODULE = "layer.0.query"
 ALPHA, RANK, M, N = 8.0, 4, 6, 5

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedlora.secagg import (
+from fedlora.privacy.secagg import (
     FixedPointCodec,
     SecAggClient,
     SecAggConfig,

@@ -17,7 +17,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from fedlora.secagg import (
+from fedlora.privacy.secagg import (
     FixedPointCodec,
     KeyAdvertisement,
     MaskedInput,
@@ -27,10 +27,10 @@ from fedlora.secagg import (
     Stage,
     UnmaskResponse,
 )
-from fedlora.secagg.encoding import OutOfRange
-from fedlora.secagg.keys import LOW_ORDER_U, check_public_key
-from fedlora.secagg.params import CORRECTNESS_BITS, SECURITY_BITS, choose_parameters
-from fedlora.secagg.shamir import PRIME, SHARE_BYTES
+from fedlora.privacy.secagg.encoding import OutOfRange
+from fedlora.privacy.secagg.keys import LOW_ORDER_U, check_public_key
+from fedlora.privacy.secagg.params import CORRECTNESS_BITS, SECURITY_BITS, choose_parameters
+from fedlora.privacy.secagg.shamir import PRIME, SHARE_BYTES
 
 from .helpers import Federation, assert_matches_plain_sum, make_federation
 
@@ -329,7 +329,7 @@ def test_pairwise_seeds_are_revealed_only_with_t_minus_one_survivors() -> None:
 
 
 def server_request(node: int, peers: list[int], survivors: frozenset[int]):
-    from fedlora.secagg import UnmaskRequest
+    from fedlora.privacy.secagg import UnmaskRequest
     return UnmaskRequest(1, node, survivors, frozenset(peers) - survivors)
 
 

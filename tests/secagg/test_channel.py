@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from fedlora.secagg import ShareAuthenticationError
-from fedlora.secagg.channel import NONCE_BYTES, TAG_BYTES, decrypt_shares, encrypt_shares
+from fedlora.privacy.secagg import ShareAuthenticationError
+from fedlora.privacy.secagg.channel import NONCE_BYTES, TAG_BYTES, decrypt_shares, encrypt_shares
 
 KEY = bytes(range(32))
 PLAIN = b"share-of-b" * 13

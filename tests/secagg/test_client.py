@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fedlora.secagg import (
+from fedlora.privacy.secagg import (
     KeyDirectory,
     ProtocolError,
     PublicKeys,

@@ -6,7 +6,7 @@ import pytest
 
 from fedlora.aggregation import available_strategies
 from fedlora.errors import ConfigError
-from fedlora.secagg import COMPATIBLE, INCOMPATIBLE, SecAggConfig, secagg_compatible
+from fedlora.privacy.secagg import COMPATIBLE, INCOMPATIBLE, SecAggConfig, secagg_compatible
 
 
 def test_every_registered_strategy_is_in_the_matrix() -> None:

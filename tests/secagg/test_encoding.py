@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlora.secagg import ArrayLayout, DecodedSum, FixedPointCodec, flatten_arrays
-from fedlora.secagg.encoding import HEADROOM_BITS
+from fedlora.privacy.secagg import ArrayLayout, DecodedSum, FixedPointCodec, flatten_arrays
+from fedlora.privacy.secagg.encoding import HEADROOM_BITS
 
 
 def _ring_sum(words: list[np.ndarray]) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.secagg.graph import default_degree, neighbour_graph, resolve_degree, ring_order
+from fedlora.privacy.secagg.graph import default_degree, neighbour_graph, resolve_degree, ring_order
 
 SEED = bytes(range(32))
 IDS = [5 * i + 17 for i in range(12)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedlora.secagg.keys import (
+from fedlora.privacy.secagg.keys import (
     CHANNEL_PURPOSE,
     MASK_PURPOSE,
     agree,

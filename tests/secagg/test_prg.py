@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from fedlora.secagg.prg import apply_mask, expand_mask
+from fedlora.privacy.secagg.prg import apply_mask, expand_mask
 
 SEED = bytes(range(32))
 

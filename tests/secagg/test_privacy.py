@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlora.secagg import FixedPointCodec, SecAggConfig, ShamirError, UnmaskResponse
-from fedlora.secagg.prg import SEED_BYTES, apply_mask
-from fedlora.secagg.shamir import combine_shares, reconstruct_value
+from fedlora.privacy.secagg import FixedPointCodec, SecAggConfig, ShamirError, UnmaskResponse
+from fedlora.privacy.secagg.prg import SEED_BYTES, apply_mask
+from fedlora.privacy.secagg.shamir import combine_shares, reconstruct_value
 
 from .helpers import Federation, make_federation, run_round
 

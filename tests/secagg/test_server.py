@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedlora.secagg import (
+from fedlora.privacy.secagg import (
     KeyAdvertisement,
     MaskedInput,
     ProtocolError,
@@ -18,7 +18,7 @@ from fedlora.secagg import (
     ShareBundle,
     Stage,
 )
-from fedlora.secagg.graph import ring_order
+from fedlora.privacy.secagg.graph import ring_order
 
 from .helpers import Federation, assert_matches_plain_sum, make_federation, run_round
 

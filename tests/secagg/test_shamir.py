@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from fedlora.secagg import ShamirError
-from fedlora.secagg.shamir import (
+from fedlora.privacy.secagg import ShamirError
+from fedlora.privacy.secagg.shamir import (
     PRIME,
     SHARE_BYTES,
     combine_shares,

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedlora.secagg import SignatureRejected, UpdateSigner, UpdateVerifier, hash_arrays
-from fedlora.secagg.signing import REASONS, generate_signing_key, public_key_bytes, update_digest
+from fedlora.privacy.secagg import SignatureRejected, UpdateSigner, UpdateVerifier, hash_arrays
+from fedlora.privacy.secagg.signing import (
+    REASONS,
+    generate_signing_key,
+    public_key_bytes,
+    update_digest,
+)
 
 RUN = "run-42"
 NODE = 7

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedlora.secagg.messages import MaskedInput, UnmaskResponse
-from fedlora.secure_wire import masked_content, read_masked, read_unmask, unmask_record
+from fedlora.privacy.secagg.messages import MaskedInput, UnmaskResponse
+from fedlora.privacy.secure_wire import masked_content, read_masked, read_unmask, unmask_record
 
 
 def test_a_masked_input_with_empty_lists_can_be_counted_and_read_back():
@@ -29,6 +29,6 @@ def test_an_unmask_response_with_nobody_dropped_can_be_counted_and_read_back():
     assert record.count_bytes() > 0
     from flwr.app import RecordDict
 
-    from fedlora.secure_wire import SECAGG
+    from fedlora.privacy.secure_wire import SECAGG
     back = read_unmask(RecordDict({SECAGG: record}), sender=1)
     assert back.self_mask_shares == {4: b"s4", 5: b"s5"} and back.mask_key_shares == {}

@@ -1,0 +1,2 @@
+"""Privacy and security: differential privacy, secure aggregation (``secagg``) and signed
+updates."""
