@@ -67,7 +67,7 @@ def test_a_worker_that_exits_is_restarted_then_its_node_is_reported_lost(tmp_pat
     specs = [deploy.NodeSpec(index=i, num_nodes=2, port=0, home=tmp_path,
                              log_path=tmp_path / f"supernode-{i}.log", warm=True)
              for i in range(2)]
-    processes = deploy._Processes()
+    processes = deploy.Processes()
     warnings: list[str] = []
     try:
         workers = deploy.Workers(specs, dict(os.environ), processes, max_restarts=2)

@@ -53,13 +53,9 @@ Layout of ``OUT`` (besides what the ServerApp writes: ``metrics.jsonl``, ``adapt
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import re
 import socket
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +67,29 @@ from fedlora import config
 from fedlora.errors import FedLoraError
 from fedlora.federation.outputs import read_metrics
 from fedlora.runtime import certs
+from fedlora.runtime.deploy_checks import (
+    DeployError,
+    distinct_free_ports,
+    ensure_port_free,
+    node_count,
+    node_data_paths,
+    node_ranks,
+    tls_setting,
+    visible_devices,
+)
+from fedlora.runtime.deploy_nodes import (  # noqa: F401 - flower_version, MAX_... re-exported
+    HOST,
+    MAX_WORKER_RESTARTS,
+    NodeExit,
+    NodeSpec,
+    Processes,
+    Workers,
+    exit_reason,
+    first_exit,
+    flower_version,
+    sleep_watching,
+    warm_setting,
+)
 from fedlora.runtime.launcher import (
     RunFailed,
     StatusPoller,
@@ -81,22 +100,15 @@ from fedlora.runtime.launcher import (
     flwr_env,
     free_port,
     json_tail,
-    refuse_in_fast_tests,
     run_logs,
     submit_run,
     write_connection,
 )
 from fedlora.runtime.reaper import Guarded
-from fedlora.runtime.run_setup import WARM_TESTED_FLOWER
 
 CONNECTION = "fedlora-deploy"
-HOST = "127.0.0.1"
 
 log = logging.getLogger(__name__)
-
-
-class DeployError(FedLoraError):
-    """A launch cannot start; found before any process was started."""
 
 
 class SupernodeFailed(RunFailed):
@@ -106,88 +118,6 @@ class SupernodeFailed(RunFailed):
         super().__init__(f"{node} exited before joining the federation (exit status {status}):"
                          f"\n{reason}\nsee {log_path}")
         self.node, self.status, self.log_path = node, status, log_path
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    """One SuperNode of a launch: its node config, port, home, GPU and key."""
-
-    index: int
-    num_nodes: int
-    port: int
-    home: Path
-    log_path: Path
-    rank: int | None = None
-    data_path: str | None = None
-    gpu: str | None = None  # the CUDA_VISIBLE_DEVICES value
-    private_key: Path | None = None
-    public_key: Path | None = None
-    signing_key: Path | None = None  # its update-signing key (sign-updates)
-    warm: bool = False  # ClientApp tasks run in one long-lived `fedlora worker` process
-    procs: int = 1  # procs-per-node: torch.distributed processes per client (fedlora.learning.ddp)
-
-    @property
-    def name(self) -> str:
-        return f"supernode-{self.index}"
-
-    @property
-    def worker_log_path(self) -> Path:
-        return self.log_path.with_name(f"worker-{self.index}.log")
-
-    def node_config(self) -> str:
-        """``--node-config`` as Flower parses it (TOML values; strings quoted)."""
-        items = [f"partition-id={self.index}", f"num-partitions={self.num_nodes}"]
-        if self.rank is not None:
-            items.append(f"lora-rank={self.rank}")
-        if self.data_path:
-            items.append(f"data-path={json.dumps(self.data_path)}")
-        if self.signing_key:
-            items.append(f"signing-key={json.dumps(str(self.signing_key))}")
-        if self.procs > 1:
-            items.append(f"procs-per-node={self.procs}")
-        return " ".join(items)
-
-    def command(self, superlink: str, ca_cert: Path | None) -> list[str]:
-        cmd = [console_script("flower-supernode"), "--superlink", superlink,
-               "--isolation", "process" if self.warm else "subprocess",
-               "--host", HOST, "--port", str(self.port),
-               "--node-config", self.node_config()]
-        cmd += ["--root-certificates", str(ca_cert)] if ca_cert else ["--insecure"]
-        if self.private_key:
-            cmd += ["--auth-supernode-private-key", str(self.private_key)]
-        return cmd
-
-    def worker_command(self) -> list[str]:
-        """The long-lived executor of a warm node (its Runtime API stays on loopback)."""
-        return [sys.executable, "-m", "fedlora", "worker", "--runtime-api-address",
-                f"{HOST}:{self.port}", "--insecure"]
-
-    def worker_env(self, base: Mapping[str, str]) -> dict[str, str]:
-        """The node's environment, importing the same ``fedlora`` as this launcher."""
-        env = self.env(base)
-        library = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (library, env.get("PYTHONPATH")) if p)
-        return env
-
-    def env(self, base: Mapping[str, str]) -> dict[str, str]:
-        env = dict(base, FLWR_HOME=str(self.home))
-        if self.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.gpu
-        return env
-
-
-@dataclass(frozen=True)
-class NodeExit:
-    """A SuperNode process that ended on its own."""
-
-    node: str
-    status: int
-    log_path: Path
-    reason: str = ""
-
-    def __str__(self) -> str:
-        why = f": {self.reason.splitlines()[0]}" if self.reason else ""
-        return f"{self.node} exited with status {self.status}{why} (log: {self.log_path})"
 
 
 @dataclass
@@ -210,224 +140,8 @@ def superlink_command(port: int, creds: certs.Credentials | None, auth: bool) ->
     return cmd
 
 
-# ---------------------------------------------------------------------- warm workers
-
-MAX_WORKER_RESTARTS = 3  # per node and run; then the node is reported lost
-
-
-def flower_version() -> str:
-    from importlib.metadata import version
-
-    return version("flwr")
-
-
-def warm_setting(warm: bool | None, version: str | None = None) -> tuple[bool, str | None]:
-    """Whether a launch runs warm workers, and a warning to show (or ``None``).
-
-    ``None`` (the default) is warm on the tested Flower versions and cold elsewhere: the worker
-    drives the SuperNode's Runtime API through Flower internals that other versions may have
-    changed. An explicit ``True`` runs warm anyway, with a warning outside the tested range.
-    """
-    version = version or flower_version()
-    minor = ".".join(version.split(".")[:2])
-    tested = minor in WARM_TESTED_FLOWER
-    names = " and ".join(f"{v}.x" for v in WARM_TESTED_FLOWER)
-    if warm is None:
-        if tested:
-            return True, None
-        return False, (f"fedlora worker (warm clients) was tested with Flower {names}; this is "
-                       f"Flower {version}, so each message runs in a fresh flwr-clientapp "
-                       f"process (cold). Pass --warm to try warm workers anyway")
-    if warm and not tested:
-        return True, (f"--warm on Flower {version}: fedlora worker was tested with Flower "
-                      f"{names} only; pass --cold if its nodes fail")
-    return warm, None
-
-
-class Workers:
-    """The ``fedlora worker`` of each warm node, restarted when it exits (its log continues).
-
-    While a worker is down its SuperNode keeps the messages it receives; the one the worker was
-    running when it died gets no reply and counts as a failed client, and the restarted worker
-    takes the next. After :data:`MAX_WORKER_RESTARTS` restarts of one node the node is given
-    up: :meth:`check` returns it as lost and stops its SuperNode, which the SuperLink then
-    reports unavailable to the server.
-    """
-
-    def __init__(self, specs: Sequence[NodeSpec], env: Mapping[str, str],
-                 processes: _Processes, max_restarts: int = MAX_WORKER_RESTARTS) -> None:
-        self.specs = [s for s in specs if s.warm]
-        self.env, self.processes, self.max_restarts = env, processes, max_restarts
-        self.procs = {s.name: processes.start(s.worker_command(), s.worker_env(env),
-                                              s.worker_log_path) for s in self.specs}
-        self.restarts = dict.fromkeys(self.procs, 0)
-        self.given_up: set[str] = set()
-
-    def check(self, warn: Callable[[str], None]) -> list[NodeExit]:
-        """Restart the workers that exited; return the nodes given up on since the last call."""
-        lost = []
-        for spec in self.specs:
-            status = self.procs[spec.name].poll()
-            if status is None or spec.name in self.given_up:
-                continue
-            if self.restarts[spec.name] >= self.max_restarts:
-                self.given_up.add(spec.name)
-                lost.append(NodeExit(spec.name, status, spec.worker_log_path,
-                                     f"its fedlora worker exited {self.restarts[spec.name] + 1} "
-                                     f"times (last status {status}); the node was stopped"))
-                continue
-            self.restarts[spec.name] += 1
-            warn(f"the fedlora worker of {spec.name} exited with status {status} (log: "
-                 f"{spec.worker_log_path}); restarted it ({self.restarts[spec.name]} of "
-                 f"{self.max_restarts}); the message it was running counts as a failed client")
-            self.procs[spec.name] = self.processes.start(
-                spec.worker_command(), spec.worker_env(self.env), spec.worker_log_path,
-                fresh_log=False)
-        return lost
-
-
-# ---------------------------------------------------------------------- checks before starting
-
-
-def node_count(nodes: int | None, gpus: Sequence[int] | None) -> int:
-    if gpus is not None:
-        if nodes is not None and nodes != len(gpus):
-            raise DeployError(f"give either --nodes or --gpus (one SuperNode per GPU); got "
-                              f"--nodes {nodes} and {len(gpus)} GPU(s)")
-        if not gpus:
-            raise DeployError("--gpus needs at least one GPU index, e.g. --gpus 0,1")
-        return len(gpus)
-    if nodes is None:
-        raise DeployError("give the number of SuperNodes (--nodes N) or their GPUs (--gpus 0,1)")
-    if nodes < 1:
-        raise DeployError(f"--nodes must be >= 1; got {nodes}")
-    return nodes
-
-
-def visible_devices(gpus: Sequence[int]) -> list[str]:
-    """The ``CUDA_VISIBLE_DEVICES`` value of each requested GPU index, checked against the
-    devices torch sees here (indices count within this process's own CUDA_VISIBLE_DEVICES)."""
-    import torch
-
-    count = torch.cuda.device_count()
-    bad = sorted({g for g in gpus if not 0 <= g < count})
-    if bad:
-        seen = ("this host has no CUDA GPU (torch.cuda.device_count() is 0)" if count == 0
-                else f"torch sees {count} CUDA device(s): indices 0..{count - 1}")
-        raise DeployError(f"GPU index(es) {bad} do not exist: {seen}; use valid --gpus "
-                          f"indices, or --nodes N to run the SuperNodes on CPU")
-    parent = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-              if d.strip()]
-    return [parent[g] if parent else str(g) for g in gpus]
-
-
-def node_ranks(ranks: Sequence[int] | None, n: int) -> list[int] | None:
-    if ranks is None:
-        return None
-    ranks = list(ranks)
-    if len(ranks) == 1:
-        ranks *= n
-    if len(ranks) != n:
-        raise DeployError(f"--ranks needs one rank per SuperNode ({n}) or a single rank; got "
-                          f"{len(ranks)}: {','.join(map(str, ranks))}")
-    return ranks
-
-
-def node_data_paths(data_paths: Sequence[str | Path] | None, n: int) -> list[str] | None:
-    """Absolute data paths, one per node; each must exist (the nodes run on this host)."""
-    if data_paths is None:
-        return None
-    if len(data_paths) != n:
-        raise DeployError(f"need one data path per SuperNode ({n}); got {len(data_paths)}")
-    paths = [str(Path(p).expanduser().resolve()) for p in data_paths]
-    missing = [p for p in paths if not Path(p).exists()]
-    if missing:
-        raise DeployError(f"data path(s) {missing} do not exist; check --data-path (its "
-                          f"{{partition-id}} is replaced by 0..{n - 1})")
-    quoted = [p for p in paths if '"' in p]
-    if quoted:
-        raise DeployError(f"data path(s) {quoted} contain a double quote, which Flower's "
-                          f"--node-config cannot carry; rename them")
-    return paths
-
-
-def ensure_port_free(port: int) -> None:
-    if not 0 < port < 65536:
-        raise DeployError(f"--port must be in 1..65535; got {port}")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            s.bind((HOST, port))
-        except OSError as exc:
-            raise DeployError(f"port {port} on {HOST} is in use ({exc.strerror}); choose "
-                              f"another --port, or leave it out to use a free one") from None
-
-
-def tls_setting(tls: bool | None, auth: bool, certs_dir: str | Path | None) -> bool:
-    """TLS is on when asked for, or when authentication or a credentials directory needs it."""
-    if tls is None:
-        return auth or certs_dir is not None
-    if auth and not tls:
-        raise DeployError("SuperNode authentication needs TLS (Flower refuses "
-                          "--enable-supernode-auth without it); drop tls=False")
-    if certs_dir is not None and not tls:
-        raise DeployError("a credentials directory was given but TLS is off; drop tls=False")
-    return tls
-
-
-def _distinct_free_ports(count: int, taken: set[int]) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in taken and port not in ports:
-            ports.append(port)
-    return ports
-
 
 # ---------------------------------------------------------------------- processes
-
-
-class _Processes:
-    """Every process of one launch, each under its own reaper; :meth:`stop` stops all."""
-
-    def __init__(self) -> None:
-        self.started: list[Guarded] = []
-
-    def start(self, cmd: list[str], env: Mapping[str, str], log_path: Path,
-              fresh_log: bool = True) -> Guarded:
-        if fresh_log:
-            log_path.write_text("")
-        refuse_in_fast_tests(cmd)
-        proc = Guarded(cmd, env=dict(env), log_path=log_path)
-        self.started.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in self.started:  # signal all reapers first: they stop their trees in parallel
-            if proc.process.stdin:
-                with contextlib.suppress(OSError):
-                    proc.process.stdin.close()
-        for proc in self.started:
-            proc.stop()
-
-
-def exit_reason(log_path: Path, lines: int = 8) -> str:
-    """Why a Flower process ended, from its log: Flower's exit message (``Exit Code: N`` and
-    what follows), a graceful stop, or the last exception lines ("" when there are none)."""
-    try:
-        text = log_path.read_text(errors="replace")
-    except OSError:
-        return ""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
-    start = text.rfind("Exit Code:")
-    if start < 0:
-        if "SuperNode terminated gracefully" in text:
-            return "terminated gracefully (stopped by a signal from outside)"
-        errors = [line.strip() for line in text.splitlines()
-                  if re.match(r"^[\w.]+(Error|Exception): ", line.strip())]
-        return "\n".join(errors[-lines:])
-    block = text[start:].split("For more information", 1)[0]
-    return "\n".join(line.strip() for line in block.splitlines() if line.strip())
 
 
 def _wait_listening(proc: Guarded, port: int, log_path: Path, timeout: float) -> None:
@@ -479,30 +193,13 @@ def online_node_ids(env: Mapping[str, str], cwd: Path) -> set[int]:
     return {int(n["node-id"]) for n in nodes if n.get("status") == "online"}
 
 
-def _first_exit(specs: Sequence[NodeSpec], procs: Sequence[Guarded],
-                known: set[str]) -> NodeExit | None:
-    for spec, proc in zip(specs, procs, strict=True):
-        status = proc.poll()
-        if status is not None and spec.name not in known:
-            return NodeExit(spec.name, status, spec.log_path, exit_reason(spec.log_path))
-    return None
-
-
-def _sleep_watching(procs: Sequence[Guarded], seconds: float) -> None:
-    """Sleep up to ``seconds``, but return as soon as one of ``procs`` that runs now exits."""
-    running = [p for p in procs if p.poll() is None]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and all(p.poll() is None for p in running):
-        time.sleep(0.2)
-
-
 def _wait_online(specs: Sequence[NodeSpec], procs: Sequence[Guarded], link: Guarded,
                  link_log: Path, env: Mapping[str, str], cwd: Path, timeout: float,
                  poll_s: float) -> None:
     deadline = time.monotonic() + timeout
     online: set[int] = set()
     while True:
-        gone = _first_exit(specs, procs, set())
+        gone = first_exit(specs, procs, set())
         if gone:
             hint = ""
             if "Failed to activate SuperNode" in gone.reason:
@@ -519,7 +216,7 @@ def _wait_online(specs: Sequence[NodeSpec], procs: Sequence[Guarded], link: Guar
         if time.monotonic() > deadline:
             raise RunFailed(f"only {len(online)} of {len(specs)} SuperNodes came online within "
                             f"{timeout:.0f}s; see their logs in {specs[0].log_path.parent}")
-        _sleep_watching([*procs, link], poll_s)
+        sleep_watching([*procs, link], poll_s)
 
 
 # ---------------------------------------------------------------------- launch
@@ -576,12 +273,53 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
         The SuperLink failed or the run did not complete (with the reason from its log).
     """
     from fedlora.experiments.attack_catalog import refuse_in_deployment
-    from fedlora.runtime.run_setup import finalize, write_run_config
+    from fedlora.runtime.run_setup import write_run_config
 
     try:
         refuse_in_deployment(flat)
     except FedLoraError as exc:
         raise DeployError(str(exc)) from None
+    plan = _plan(flat, out=out, nodes=nodes, gpus=gpus, tls=tls, auth=auth, certs_dir=certs_dir,
+                 data_paths=data_paths, ranks=ranks, port=port, procs_per_node=procs_per_node)
+    warn = on_warning or log.warning
+    warm, warm_note = warm_setting(warm)
+    if warm_note:
+        warn(warm_note)
+    if settings_record is not None:  # what `fedlora launch --resume` relaunches with
+        plan.out.mkdir(parents=True, exist_ok=True)
+        record = {**settings_record, "warm": warm}  # as resolved: a resume runs the same way
+        (plan.out / "launch-settings.json").write_text(json.dumps(record, default=str))
+    creds, signing_keys = _credentials(plan)
+    run_config = write_run_config(plan.flat, plan.out)
+    link_port = port or free_port()
+    specs = _node_specs(plan, creds, signing_keys, warm, distinct_free_ports(plan.n, {link_port}))
+    return _start_and_follow(plan, creds, specs, run_config, link_port, on_round, warn, poll_s,
+                             startup_timeout)
+
+
+@dataclass
+class _Plan:
+    """A launch's checked inputs: node count, per-node values and the final flat config."""
+
+    n: int
+    out: Path
+    flat: dict[str, Any]
+    tls: bool
+    auth: bool
+    creds: certs.Credentials | None  # from certs_dir; generated later when TLS needs them
+    devices: list[str | None]
+    rank_list: list[int] | None
+    paths: list[str] | None
+    procs_per_node: int
+
+
+def _plan(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None,
+          gpus: Sequence[int] | None, tls: bool | None, auth: bool,
+          certs_dir: str | Path | None, data_paths: Sequence[str | Path] | None,
+          ranks: Sequence[int] | None, port: int | None, procs_per_node: int) -> _Plan:
+    """Check every input :func:`launch` can check before any process starts (its step 1)."""
+    from fedlora.runtime.run_setup import finalize
+
     n = node_count(nodes, gpus)
     if procs_per_node < 1:
         raise DeployError(f"--procs-per-node must be >= 1; got {procs_per_node}")
@@ -600,50 +338,63 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
     if rank_list:
         flat["rank-by-partition"] = ",".join(map(str, rank_list))
     flat = finalize(flat, n, paths)  # each node's file read: columns, rows, labels
-    signing = bool(flat["sign-updates"])
     creds = None  # set exactly when TLS is on
     if certs_dir is not None:
         creds = certs.Credentials.at(certs_dir, n)
-        creds.require(tls=tls, auth=auth, signing=signing)
+        creds.require(tls=tls, auth=auth, signing=bool(flat["sign-updates"]))
     if port is not None:
         ensure_port_free(port)
-    warn = on_warning or log.warning
-    warm, warm_note = warm_setting(warm)
-    if warm_note:
-        warn(warm_note)
+    return _Plan(n, out, flat, tls, auth, creds, devices, rank_list, paths, procs_per_node)
 
-    logs, home = out / "logs", out / ".flwr"
-    logs.mkdir(parents=True, exist_ok=True)
-    if settings_record is not None:  # what `fedlora launch --resume` relaunches with
-        record = {**settings_record, "warm": warm}  # as resolved: a resume runs the same way
-        (out / "launch-settings.json").write_text(json.dumps(record, default=str))
-    if tls and creds is None:
-        creds = certs.generate(out / "certs", nodes=n if auth or signing else 0, force=True)
+
+def _credentials(plan: _Plan) -> tuple[certs.Credentials | None, tuple[Path, ...]]:
+    """The TLS credentials (generated into ``OUT/certs`` when none were given) and each node's
+    update-signing key; sets ``signing-keys`` in ``plan.flat`` when updates are signed."""
+    (plan.out / "logs").mkdir(parents=True, exist_ok=True)
+    creds = plan.creds
+    signing = bool(plan.flat["sign-updates"])
+    if plan.tls and creds is None:
+        creds = certs.generate(plan.out / "certs", nodes=plan.n if plan.auth or signing else 0,
+                               force=True)
     signing_keys: tuple[Path, ...] = ()
     if signing:
-        keys = creds or certs.generate_signing_keys(out / "certs", nodes=n, force=True)
+        keys = creds or certs.generate_signing_keys(plan.out / "certs", nodes=plan.n, force=True)
         signing_keys = keys.signing_keys
-        flat["signing-keys"] = flat["signing-keys"] or str(keys.directory)
-    run_config = write_run_config(flat, out)
-    env, cwd = flwr_env(home), app_dir()
-    link_port = port or free_port()
-    node_ports = _distinct_free_ports(n, {link_port})
-    specs = [NodeSpec(index=i, num_nodes=n, port=node_ports[i], home=home / f"supernode-{i}",
-                      log_path=logs / f"supernode-{i}.log",
-                      rank=rank_list[i] if rank_list else None,
-                      data_path=paths[i] if paths else None, gpu=devices[i],
+        plan.flat["signing-keys"] = plan.flat["signing-keys"] or str(keys.directory)
+    return creds, signing_keys
+
+
+def _node_specs(plan: _Plan, creds: certs.Credentials | None, signing_keys: Sequence[Path],
+                warm: bool, node_ports: Sequence[int]) -> list[NodeSpec]:
+    """One :class:`NodeSpec` per SuperNode (its FLWR_HOME directory created)."""
+    logs, home, auth = plan.out / "logs", plan.out / ".flwr", plan.auth
+    specs = [NodeSpec(index=i, num_nodes=plan.n, port=node_ports[i],
+                      home=home / f"supernode-{i}", log_path=logs / f"supernode-{i}.log",
+                      rank=plan.rank_list[i] if plan.rank_list else None,
+                      data_path=plan.paths[i] if plan.paths else None, gpu=plan.devices[i],
                       private_key=creds.node_keys[i] if auth and creds else None,
                       public_key=creds.node_public_keys[i] if auth and creds else None,
                       signing_key=signing_keys[i] if signing_keys else None, warm=warm,
-                      procs=procs_per_node)
-             for i in range(n)]
+                      procs=plan.procs_per_node)
+             for i in range(plan.n)]
     for spec in specs:
         spec.home.mkdir(parents=True, exist_ok=True)
+    return specs
 
-    processes = _Processes()
+
+def _start_and_follow(plan: _Plan, creds: certs.Credentials | None, specs: Sequence[NodeSpec],
+                      run_config: Path, link_port: int,
+                      on_round: Callable[[dict[str, Any]], None] | None,
+                      warn: Callable[[str], None], poll_s: float,
+                      startup_timeout: float) -> LaunchResult:
+    """Steps 2 to 6 of :func:`launch`: start the SuperLink and SuperNodes, submit the run,
+    follow it, and stop every process started, however it ends."""
+    out, home = plan.out, plan.out / ".flwr"
+    env, cwd = flwr_env(home), app_dir()
+    processes = Processes()
     try:
-        link_log = logs / "superlink.log"
-        link = processes.start(superlink_command(link_port, creds, auth), env, link_log)
+        link_log = out / "logs" / "superlink.log"
+        link = processes.start(superlink_command(link_port, creds, plan.auth), env, link_log)
         _wait_listening(link, link_port, link_log, startup_timeout)
         ca_cert = creds.ca_cert if creds else None
         write_connection(home, link_port, connection=CONNECTION, root_certificates=ca_cert)
@@ -652,11 +403,11 @@ def launch(flat: Mapping[str, Any], *, out: str | Path, nodes: int | None = None
                                       s.log_path) for s in specs]
         workers = Workers(specs, env, processes)
         _wait_online(specs, node_procs, link, link_log, env, cwd, startup_timeout, poll_s)
-        _write_deployment(out, link_port, tls, auth, creds, specs, node_ids)
+        _write_deployment(out, link_port, plan.tls, plan.auth, creds, specs, node_ids)
         (out / "summary.json").unlink(missing_ok=True)  # written when the run completes
         run_id = submit_run(run_config, env, cwd, connection=CONNECTION)
         (out / "flwr-run-id").write_text(str(run_id))
-        return _follow(run_id, out, flat, specs, node_procs, link, link_log, env, cwd,
+        return _follow(run_id, out, plan.flat, specs, node_procs, link, link_log, env, cwd,
                        on_round, warn, poll_s, workers)
     finally:
         processes.stop()
@@ -696,7 +447,7 @@ def _follow(run_id: int, out: Path, flat: Mapping[str, Any], specs: Sequence[Nod
             if len(lost) == len(specs):
                 raise RunFailed(f"{gone}; no SuperNode is left, so run {run_id} cannot "
                                 f"continue (logs in {gone.log_path.parent})")
-        while gone := _first_exit(specs, node_procs, lost):
+        while gone := first_exit(specs, node_procs, lost):
             lost.add(gone.node)
             result.lost_nodes.append(gone)
             alive = len(specs) - len(lost)
@@ -708,7 +459,7 @@ def _follow(run_id: int, out: Path, flat: Mapping[str, Any], specs: Sequence[Nod
                     if not result.records and alive < min_available else "")
             warn(f"{gone}; the run continues with {alive} of {len(specs)} SuperNode(s) (the "
                  f"server counts the lost node's missing replies as failures){note}")
-        _sleep_watching([*node_procs, link, *(workers.procs.values() if workers else ())],
+        sleep_watching([*node_procs, link, *(workers.procs.values() if workers else ())],
                         poll_s)
     status = poller.status
     forward_new_rounds()
