@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 MAX_UINT64 = 2**64 - 1
 
 
@@ -23,3 +25,13 @@ def check_round(server_round: object) -> int:
     ):
         raise ValueError(f"server_round must be an int in [0, 2**64), got {server_round!r}")
     return server_round
+
+
+def check_participants(participants: Iterable[object]) -> frozenset[int]:
+    """The distinct node ids of ``participants`` (each checked by :func:`check_node_id`);
+    raise ``ValueError`` naming any repeated id."""
+    ids = [check_node_id(node, "participant id") for node in participants]
+    if len(set(ids)) != len(ids):
+        repeated = sorted({node for node in ids if ids.count(node) > 1})
+        raise ValueError(f"participant ids must be distinct, got duplicates {repeated}")
+    return frozenset(ids)
