@@ -16,7 +16,10 @@ Pieces, bottom-up (all primitives come from ``cryptography``):
 * :mod:`~fedlora.privacy.secagg.graph` — the seeded neighbour graph;
 * :mod:`~fedlora.privacy.secagg.params` — ``k`` and ``t`` from collusion/dropout bounds (Bell et
 al.);
-* :class:`SecAggClient` / :class:`SecAggServer` — the four-stage protocol;
+* :class:`SecAggClient` / :class:`SecAggServer` — the four-stage protocol, with the server's
+  reply checks in :mod:`~fedlora.privacy.secagg.replies`, its recovery arithmetic in
+  :mod:`~fedlora.privacy.secagg.recovery` and the client's snapshot reader in
+  :mod:`~fedlora.privacy.secagg.snapshot`;
 * :mod:`~fedlora.privacy.secagg.signing` — Ed25519 signatures over updates.
 
 >>> server = SecAggServer(SecAggConfig(), 1, ids, vector_size=d)    # doctest: +SKIP

@@ -59,14 +59,13 @@ from typing import TypeVar
 import numpy as np
 
 from fedlora.errors import ConfigError
-from fedlora.privacy.secagg.channel import decrypt_shares, encrypt_shares
+from fedlora.privacy.secagg.channel import open_share_pairs, seal_share_pairs
 from fedlora.privacy.secagg.config import GroupParameters, SecAggConfig
 from fedlora.privacy.secagg.encoding import FixedPointCodec
-from fedlora.privacy.secagg.errors import ProtocolError, SecAggAborted, ShareAuthenticationError
+from fedlora.privacy.secagg.errors import ProtocolError, SecAggAborted
 from fedlora.privacy.secagg.graph import neighbour_graph
 from fedlora.privacy.secagg.ids import check_node_id, check_round
 from fedlora.privacy.secagg.keys import (
-    CHANNEL_PURPOSE,
     MASK_PURPOSE,
     PublicKeys,
     agree,
@@ -88,9 +87,10 @@ from fedlora.privacy.secagg.messages import (
     UnmaskResponse,
 )
 from fedlora.privacy.secagg.prg import SEED_BYTES, apply_mask
-from fedlora.privacy.secagg.shamir import PRIME, SHARE_BYTES, split_secret
+from fedlora.privacy.secagg.replies import reveals_pair_seeds
+from fedlora.privacy.secagg.shamir import split_secret
+from fedlora.privacy.secagg.snapshot import Snapshot, SnapshotReader
 
-Snapshot = dict[str, int | bytes | list[int] | list[bytes]]
 T = TypeVar("T")
 
 _DONE = -1
@@ -237,24 +237,13 @@ class SecAggClient:
         holders = sorted(neighbours | {self.node_id})
         seed_shares = split_secret(self._self_seed, group.threshold, holders)
         key_shares = split_secret(self._mask_key, group.threshold, holders)
-        encryption_key = load_private_key(self._encryption_key)
-        ciphertexts = {}
-        for peer in sorted(neighbours):
-            channel = agree(
-                encryption_key,
-                keys[peer].encryption,
-                purpose=CHANNEL_PURPOSE,
-                server_round=self.server_round,
-                self_id=self.node_id,
-                peer_id=peer,
-            )
-            ciphertexts[peer] = encrypt_shares(
-                channel,
-                seed_shares[peer] + key_shares[peer],
-                server_round=self.server_round,
-                sender=self.node_id,
-                receiver=peer,
-            )
+        ciphertexts = seal_share_pairs(
+            load_private_key(self._encryption_key),
+            {peer: keys[peer].encryption for peer in neighbours},
+            {peer: seed_shares[peer] + key_shares[peer] for peer in neighbours},
+            server_round=self.server_round,
+            sender=self.node_id,
+        )
         self._group = group
         self._vector_size = directory.vector_size
         self._neighbours = {peer: keys[peer] for peer in neighbours}
@@ -294,15 +283,7 @@ class SecAggClient:
         apply_mask(words, self._self_seed, 1)
         mask_key = load_private_key(self._mask_key)
         for peer in sorted(senders):
-            seed = agree(
-                mask_key,
-                self._neighbours[peer].mask,
-                purpose=MASK_PURPOSE,
-                server_round=self.server_round,
-                self_id=self.node_id,
-                peer_id=peer,
-            )
-            apply_mask(words, seed, 1 if self.node_id < peer else -1)
+            apply_mask(words, self._pair_seed(mask_key, peer), 1 if self.node_id < peer else -1)
         self._peers = senders
         early = {}
         if self._unreadable and len(senders - self._unreadable) >= group.threshold - 1:
@@ -314,6 +295,7 @@ class SecAggClient:
         return MaskedInput(self.server_round, self.node_id, words, self._unreadable, early)
 
     def _pair_seed(self, mask_key: object, peer: int) -> bytes:
+        """``s_{u,p}``: the pairwise mask seed this client shares with ``peer``."""
         return agree(
             mask_key,  # type: ignore[arg-type]
             self._neighbours[peer].mask,
@@ -325,36 +307,15 @@ class SecAggClient:
 
     def _receive_shares(self, ciphertexts: Mapping[int, bytes]) -> frozenset[int]:
         """Decrypt and keep each neighbour's shares; the peers whose shares are unusable."""
-        encryption_key = load_private_key(self._encryption_key)
-        unreadable = set()
-        for peer in sorted(ciphertexts):
-            channel = agree(
-                encryption_key,
-                self._neighbours[peer].encryption,
-                purpose=CHANNEL_PURPOSE,
-                server_round=self.server_round,
-                self_id=self.node_id,
-                peer_id=peer,
-            )
-            try:
-                plain = decrypt_shares(
-                    channel,
-                    ciphertexts[peer],
-                    server_round=self.server_round,
-                    sender=peer,
-                    receiver=self.node_id,
-                )
-            except ShareAuthenticationError:
-                unreadable.add(peer)
-                continue
-            seed_share, key_share = plain[:SHARE_BYTES], plain[SHARE_BYTES:]
-            if len(plain) != 2 * SHARE_BYTES or not all(
-                int.from_bytes(share, "big") < PRIME for share in (seed_share, key_share)
-            ):
-                unreadable.add(peer)
-                continue
-            self._held[peer] = (seed_share, key_share)
-        return frozenset(unreadable)
+        held, unreadable = open_share_pairs(
+            load_private_key(self._encryption_key),
+            {peer: self._neighbours[peer].encryption for peer in ciphertexts},
+            ciphertexts,
+            server_round=self.server_round,
+            receiver=self.node_id,
+        )
+        self._held.update(held)
+        return unreadable
 
     def _unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         survivors, dropped = frozenset(request.survivors), frozenset(request.dropped)
@@ -502,7 +463,7 @@ class SecAggClient:
         ProtocolError
             ``"BAD_SNAPSHOT"`` when a field is missing or has the wrong type.
         """
-        state = _SnapshotReader(snapshot)
+        state = SnapshotReader(snapshot)
         client = cls(state.get_int("node_id"), config, state.get_int("server_round"))
         stage = state.get_int("stage")
         if stage not in (_DONE, _FAILED, *Stage):
@@ -533,61 +494,3 @@ class SecAggClient:
         client._unreadable = frozenset(state.get_ints("unreadable_ids"))
         client._revealed = frozenset(state.get_ints("revealed_ids"))
         return client
-
-
-def reveals_pair_seeds(survivors: frozenset[int], dropped: frozenset[int], node: int,
-                       revealed: frozenset[int], threshold: int) -> bool:
-    """Whether client ``node`` sends pairwise seeds of its dropped peers at stage 3.
-
-    Only if some dropped peer's seed is still unrevealed and at least ``t − 1`` peers
-    listed as survivors have a seed it never revealed (at stage 2, ``revealed``): its own
-    input then keeps ``t − 1`` pairwise masks that no reply of its own can remove. The
-    server applies the same rule to know which seeds to expect.
-    """
-    return bool(dropped - revealed) and len(survivors - {node} - revealed) >= threshold - 1
-
-
-class _SnapshotReader:
-    """Typed access to a snapshot mapping, raising ``BAD_SNAPSHOT`` on any mismatch."""
-
-    def __init__(self, snapshot: Mapping[str, object]) -> None:
-        self._snapshot = snapshot
-
-    def _get(self, key: str) -> object:
-        if key not in self._snapshot:
-            raise ProtocolError("BAD_SNAPSHOT", f"the snapshot has no {key!r}; use snapshot()")
-        return self._snapshot[key]
-
-    def get_int(self, key: str) -> int:
-        value = self._get(key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ProtocolError("BAD_SNAPSHOT", f"snapshot[{key!r}] must be an int, got {value!r}")
-        return value
-
-    def get_bytes(self, key: str) -> bytes:
-        value = self._get(key)
-        if not isinstance(value, bytes):
-            raise ProtocolError("BAD_SNAPSHOT", f"snapshot[{key!r}] must be bytes")
-        return value
-
-    def get_ints(self, key: str) -> list[int]:
-        value = self._get(key)
-        if not isinstance(value, list | tuple) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            raise ProtocolError("BAD_SNAPSHOT", f"snapshot[{key!r}] must be a list of ints")
-        return list(value)
-
-    def get_bytes_list(self, key: str) -> list[bytes]:
-        value = self._get(key)
-        if not isinstance(value, list | tuple) or not all(isinstance(v, bytes) for v in value):
-            raise ProtocolError("BAD_SNAPSHOT", f"snapshot[{key!r}] must be a list of bytes")
-        return list(value)
-
-    def columns(self, ids: str, first: str, second: str) -> list[tuple[int, bytes, bytes]]:
-        columns = self.get_ints(ids), self.get_bytes_list(first), self.get_bytes_list(second)
-        if len({len(column) for column in columns}) != 1:
-            raise ProtocolError(
-                "BAD_SNAPSHOT", f"snapshot lists {ids!r}, {first!r}, {second!r} differ in length"
-            )
-        return list(zip(*columns, strict=True))
