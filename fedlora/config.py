@@ -44,6 +44,7 @@ CHECKPOINTINGS = ("auto", "on", "off")
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """``model.*`` keys: the base model, its task, dtype, truncation and quantization."""
     name: str = _f("minilm", "'minilm', 'smollm2', a local model directory or a hub id")
     task: str = _f("seq-cls", "seq-cls (sequence classification) or causal-lm")
     dtype: str = _f("float32", "dtype of the frozen base weights: " + ", ".join(DTYPES))
@@ -65,6 +66,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
+    """``lora.*`` keys: the adapter every client trains (rank, alpha, targets, DoRA, rsLoRA)."""
     r: int = _f(8, "LoRA rank (default for every client)")
     alpha: float = _f(16.0, "lora_alpha; scaling is alpha/r (alpha/sqrt(r) with rsLoRA)")
     dropout: float = _f(0.05, "lora_dropout")
@@ -91,16 +93,19 @@ class LoraConfig:
 
     @property
     def target_module_list(self) -> list[str] | str:
+        """``target-modules`` as PEFT takes it: a list of names, or the string ``"all-linear"``."""
         names = list(_csv(self.target_modules))
         return "all-linear" if names == ["all-linear"] else names
 
     @property
     def modules_to_save_list(self) -> list[str]:
+        """``modules-to-save`` as a list of module names (empty: none)."""
         return list(_csv(self.modules_to_save))
 
 
 @dataclass(frozen=True)
 class DataConfig:
+    """``data.*`` keys: the corpus, how it is split over the clients, and tokenization."""
     source: str = _f("bbc-news", "bbc-news, chatterbot, or files (your own, see data.path)")
     path: str = _f("", "files source: a .jsonl/.json/.csv/.parquet file or a directory of them "
                    "({partition-id} is replaced; a node's data-path overrides it)")
@@ -135,6 +140,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """``train.*`` keys: each client's local optimisation (steps, batch, optimizer, memory)."""
     local_steps: int = _f(10, "optimizer steps per client per round")
     batch_size: int = _f(16, "examples per micro-batch (per optimizer step with "
                          "grad-accum-steps = 1)")
@@ -173,6 +179,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """``eval.*`` keys: the server's evaluation, logged samples and lm-eval tasks."""
     batch_size: int = _f(64, "examples per evaluation batch")
     samples: int = _f(3, "causal-lm: greedy answers to the first N held-out prompts, logged "
                          "per round to samples.jsonl (0 = none)")
@@ -192,6 +199,7 @@ class EvalConfig:
         _positive("eval.tasks-limit", self.tasks_limit, zero_ok=True)
 
     def task_list(self) -> list[str]:
+        """``eval.tasks`` as a list of lm-eval task names (empty: none)."""
         return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
 

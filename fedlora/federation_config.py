@@ -22,6 +22,9 @@ SAMPLINGS = ("uniform", "data-size")
 
 @dataclass(frozen=True)
 class FederationConfig:
+    """Top-level keys: rounds, sampling, the aggregation rule and its options, robustness
+    limits, checkpoints, secure aggregation, DP, signed updates and simulated attacks.
+    """
     num_server_rounds: int = _f(3, "federated rounds")
     num_clients: int = _f(2, "simulated clients `fedlora run` starts (--num-clients overrides "
                           "it); under `flwr run .` the federation's options.num-supernodes "
@@ -253,6 +256,7 @@ class FederationConfig:
         return max(1, min(max(k, self.min_train_nodes), available))
 
     def dp_spec(self) -> Any:
+        """The DP keys as a :class:`fedlora.privacy.dp.DPSpec` (which validates them)."""
         from fedlora.privacy.dp import DPSpec
 
         return DPSpec(self.dp_mode, self.dp_clip_norm, self.dp_noise_multiplier, self.dp_delta)

@@ -46,5 +46,6 @@ class AdaptiveClip:
         return self.bound
 
     def state(self) -> dict[str, float]:
+        """The clip state a checkpoint keeps (bound, quantile, learning rate), as plain floats."""
         return {"bound": self.bound, "quantile": self.quantile,
                 "learning_rate": self.learning_rate}

@@ -26,6 +26,9 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
+    """`fedlora certs`: generate a CA, the SuperLink certificate (SANs from ``--hosts``) and
+    ``--nodes`` SuperNode key pairs into ``--dir``, and print where each file went; 0.
+    """
     from fedlora.runtime import certs
 
     hosts = [h for item in args.hosts or [] for h in item.split(",") if h.strip()]
@@ -45,6 +48,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    """`fedlora launch`: resolve the run config like `fedlora run`, start a SuperLink and one
+    SuperNode per ``--nodes``/``--gpus`` on this host (:func:`fedlora.runtime.deploy.launch`),
+    print each round, and return 0 once the run completed (``--resume``: relaunch a directory).
+    """
     from rich.markup import escape
 
     from fedlora.runtime import deploy, run_setup
@@ -235,6 +242,9 @@ def add_commands(subparsers: Any) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    """`fedlora worker`: serve a warm node's ClientApp messages on ``--runtime-api-address``
+    until the SuperNode (or ``--parent-pid``) goes away (:func:`fedlora.runtime.warm.serve`).
+    """
     from fedlora.runtime import warm
 
     try:

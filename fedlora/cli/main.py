@@ -24,6 +24,9 @@ from fedlora.runtime.run_setup import (
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`fedlora run`: resolve the config (preset, ``--config``, ``-c``), run it on Flower's
+    simulation engine, print each round, log to the ``--tracker`` trackers; 0 on completion.
+    """
     from rich.markup import escape
 
     from fedlora.runtime.launcher import RunFailed, run_simulation
@@ -85,6 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
+    """`fedlora experiment`: run every cell of a sweep spec (``--seeds``, ``--resume``) with a
+    progress bar, rewrite the report after each cell, and print where it is; 0 when all ran.
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -171,6 +177,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """`fedlora report`: rewrite ``summary.md``, ``report.html`` and ``runs.csv`` of a sweep output
+    directory from what it holds now (``--reference``: compare against that rule).
+    """
     from fedlora.experiments import report
     from fedlora.experiments import sweep as experiment
 
@@ -185,6 +194,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def read_metrics_safe(directory: Path) -> list[dict[str, Any]]:
+    """The records of ``directory/metrics.jsonl``, or ``[]`` while it is missing or half-written."""
     from fedlora.federation.outputs import read_metrics
 
     try:
@@ -194,12 +204,16 @@ def read_metrics_safe(directory: Path) -> list[dict[str, Any]]:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    """`fedlora config`: print every run-config key with its type, default and help."""
     for key, (typ, default, help_text) in config.schema().items():
         print(f"{key:32} {typ.__name__:6} {default!r:22} {help_text}")
     return 0
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
+    """`fedlora strategies`: print each aggregation rule with whether it takes mixed ranks, is
+    exact, modifies the base, and runs under secure aggregation and DP.
+    """
     from fedlora.aggregation import available_strategies, strategy_info
     from fedlora.privacy.dp import DP_STRATEGIES
     from fedlora.privacy.secagg import secagg_compatible
@@ -215,6 +229,9 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """`fedlora export`: merge a run's global adapter into its base model and save it to
+    ``--merged`` in ``--dtype`` (:func:`fedlora.learning.export.export_merged`).
+    """
     from fedlora.learning.export import export_merged
 
     out = export_merged(args.run_dir, args.merged, args.dtype)
@@ -223,6 +240,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """`fedlora eval`: score a run directory or adapter on lm-eval ``--tasks`` and write
+    ``<task>.json`` to ``--out`` (default ``RUN/eval``); ``--list-tasks`` lists the shipped ones.
+    """
     from fedlora.learning import lmeval
 
     if args.list_tasks:
@@ -248,6 +268,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_tracker_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--tracker`` (repeatable: mlflow, tensorboard) and ``--tracking-dir`` to ``parser``."""
     parser.add_argument("--tracker", choices=["mlflow", "tensorboard"], action="append",
                         help="also log the config, every metrics record as it arrives and the "
                              "adapter to an MLflow file store or TensorBoard event files "
@@ -259,6 +280,7 @@ def add_tracker_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_attacks(args: argparse.Namespace) -> int:
+    """`fedlora attacks`: print the simulated attacks and what each one does."""
     from fedlora.experiments import attack_catalog
 
     for line in attack_catalog.describe():
@@ -267,6 +289,7 @@ def cmd_attacks(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fedlora`` argument parser: every subcommand with its options and handler (``func``)."""
     parser = argparse.ArgumentParser(prog="fedlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     deploy_cli.add_commands(sub)  # `fedlora certs`, `fedlora launch` (deployment engine)
@@ -342,6 +365,9 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``fedlora`` command line on ``argv``; its exit status (2 after a
+    :class:`FedLoraError`, whose message goes to stderr without a traceback).
+    """
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -249,6 +249,9 @@ def render(spec: Spec, series: list[Series], tables: dict[str, list[RuleStats]],
 
 def write(spec: Spec, series: list[Series], tables: dict[str, list[RuleStats]], out: Path
           ) -> Path:
+    """Write ``out/report.html`` (atomically, through a temporary file) from the series, the
+    analysis tables and ``out/summary.md``; its path.
+    """
     path = out / "report.html"
     summary = (out / "summary.md").read_text() if (out / "summary.md").exists() else ""
     tmp = path.with_suffix(".tmp")

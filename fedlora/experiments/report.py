@@ -125,6 +125,9 @@ def _final(records: list[dict[str, Any]], metric: str) -> float | None:
 
 def rounds_to_target(records: list[dict[str, Any]], metric: str, target: float,
                      higher_is_better: bool) -> int | None:
+    """The first round whose ``metric`` reaches ``target`` (at or above it when
+    ``higher_is_better``, else at or below), or ``None`` if none does.
+    """
     for rec in records:
         value = rec.get(metric)
         if value is None:
@@ -149,6 +152,10 @@ def _mb(n: float) -> str:
 
 def summary_markdown(spec: Spec, series: list[Series], wall_s: float | None = None,
                      timing: dict[str, Any] | None = None) -> str:
+    """``summary.md``: the sweep's settings, machine and base config, then per setting one
+    table row per rule and baseline (final metric, rounds to target, MB, aggregation error,
+    wall time), the paired comparison and the sweep's overhead.
+    """
     metric, target = spec.metric, spec.target
     lines = [f"# Experiment `{spec.name}`", ""]
     if spec.description:
@@ -267,6 +274,9 @@ def _target_cells(reached: list[tuple[int, float] | None]) -> tuple[str, str]:
 
 
 def paired_markdown(spec: Spec, table: list[RuleStats] | None) -> list[str]:
+    """The Markdown lines comparing each rule with the reference, paired by seed (Δ of the final
+    metric and of rounds to target, with their intervals); ``[]`` without a table.
+    """
     if not table:
         return []
     target = f" {spec.target}" if spec.target is not None else ""
@@ -342,6 +352,7 @@ def overhead(spec: Spec, series: list[Series], timing: dict[str, Any] | None
 
 def overhead_markdown(spec: Spec, series: list[Series], timing: dict[str, Any] | None
                       ) -> list[str]:
+    """The "Sweep overhead" section (:func:`overhead`) as Markdown lines; ``[]`` when unknown."""
     o = overhead(spec, series, timing)
     if o is None:
         return []

@@ -30,6 +30,7 @@ class Series:
 
 @dataclass
 class Row:
+    """The runs of one rule (``label``) in one setting, one per seed."""
     setting: str
     label: str
     kind: str
@@ -37,6 +38,7 @@ class Row:
 
 
 def group(series: list[Series]) -> list[Row]:
+    """``series`` grouped into one :class:`Row` per (setting, label), in first-seen order."""
     rows: dict[tuple[str, str], Row] = {}
     for s in series:
         key = (s.setting, s.label)

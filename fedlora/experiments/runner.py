@@ -51,6 +51,9 @@ class Runner:
         self.trackers = trackers if trackers is not None else Trackers()
 
     def prepare(self) -> None:
+        """Create the output directory with ``spec.toml`` (and ``overrides.json`` for changed
+        seeds); raise :class:`SpecError` if it holds results and ``resume`` is off.
+        """
         cells_dir = self.out / "cells"
         if cells_dir.exists() and any(cells_dir.iterdir()) and not self.resume:
             raise SpecError(f"{self.out} already holds results of an experiment; pass --resume "
@@ -65,10 +68,14 @@ class Runner:
             overrides.unlink(missing_ok=True)
 
     def pending(self) -> list[Cell]:
+        """The cells whose ``cell.json`` does not say ``done`` (all in a fresh directory)."""
         return [c for c in self.spec.cells()
                 if (cell_status(self.out / "cells" / c.id) or {}).get("status") != "done"]
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
+        """Run one cell on the simulation engine into ``cells/<id>/``, logging it to the trackers;
+        its status (``done`` or ``failed`` with the error, and ``wall_s``), also in ``cell.json``.
+        """
         from fedlora.runtime.launcher import Placement, RunFailed, run_simulation
 
         directory = self.out / "cells" / cell.id
@@ -105,6 +112,9 @@ class Runner:
         return status
 
     def run_baselines(self, setting: Arm, seed: int) -> None:
+        """Run the spec's baselines (e.g. central, local) of ``setting`` and ``seed`` that are not
+        done yet, into ``baselines/<setting>--seed<seed>/<kind>/``.
+        """
         directory = self.out / "baselines" / f"{slug(setting.label)}--seed{seed}"
         for kind in self.spec.baselines:
             target = directory / kind
@@ -133,6 +143,9 @@ class Runner:
             _write_json(target / "cell.json", status)
 
     def run(self) -> list[dict[str, Any]]:
+        """Run every pending cell and the baselines of its setting and seed, rewriting the report
+        and ``timing.json`` after each; the statuses of the cells run.
+        """
         started = time.perf_counter()
         reporting = 0.0
 

@@ -61,6 +61,7 @@ class Interval:
     method: str
 
     def excludes_zero(self) -> bool:
+        """Whether the interval lies wholly above or below 0 (never for method ``none``)."""
         return self.method != "none" and (self.low > 0 or self.high < 0)
 
 
@@ -114,6 +115,7 @@ def curve_area(records: Sequence[dict[str, Any]], metric: str, upto: int | None 
 
 
 def final_value(records: Sequence[dict[str, Any]], metric: str) -> float | None:
+    """The last value of ``metric`` after round 0, or ``None`` if it was never logged."""
     values = [r[metric] for r in records if r.get(metric) is not None and int(r["round"]) > 0]
     return float(values[-1]) if values else None
 

@@ -75,17 +75,22 @@ class Arm:
 
 @dataclass(frozen=True)
 class Cell:
+    """One run of a sweep: a setting, a strategy and a seed."""
     setting: Arm
     strategy: Arm
     seed: int
 
     @property
     def id(self) -> str:
+        """The cell's directory name, ``<setting>--<strategy>--seed<seed>`` (slugs)."""
         return f"{slug(self.setting.label)}--{slug(self.strategy.label)}--seed{self.seed}"
 
 
 @dataclass
 class Spec:
+    """A parsed experiment spec: base config, strategy and setting arms, seeds, the metric
+    (and target) reported, the reference rule, baselines and per-client CPUs.
+    """
     name: str
     description: str
     base: dict[str, Any]
@@ -102,9 +107,11 @@ class Spec:
 
     @property
     def higher_is_better(self) -> bool:
+        """Whether a larger ``metric`` is better (not for losses, perplexities and errors)."""
         return not any(word in self.metric for word in ("loss", "perplexity", "error"))
 
     def cells(self) -> list[Cell]:
+        """Every (setting, strategy, seed) combination, settings outermost."""
         return [Cell(setting, strategy, seed) for setting in self.settings
                 for strategy in self.strategies for seed in self.seeds]
 
@@ -242,6 +249,9 @@ def with_seeds(spec: Spec, count: int) -> Spec:
 
 
 def set_reference(spec: Spec, label: str) -> Spec:
+    """Compare every rule with the strategy labelled ``label``; ``spec``, changed. Raises
+    :class:`SpecError` listing the labels when there is none such.
+    """
     labels = [a.label for a in spec.strategies]
     if label not in labels:
         raise SpecError(f"reference {label!r} is not a strategy label of {spec.name!r}; "
@@ -265,6 +275,7 @@ def load_output_spec(out: Path) -> Spec:
 
 
 def load_spec(path: str | Path) -> Spec:
+    """Parse the experiment spec TOML at ``path``; :class:`SpecError` if it does not exist."""
     path = Path(path).expanduser()
     if not path.exists():
         raise SpecError(f"experiment spec {str(path)!r} does not exist")
@@ -283,4 +294,5 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def cell_status(directory: Path) -> dict[str, Any] | None:
+    """The ``cell.json`` of a cell or baseline directory, or ``None`` while there is none."""
     return _read_json(directory / "cell.json")

@@ -75,6 +75,9 @@ class MlflowTracker:
         self.run_id: str | None = None
 
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+        """Open a nested run ``run_name`` under the sweep's parent run, with ``tags`` (prefixed
+        ``fedlora.``) and ``params`` (the flat config, values cut to 6000 characters).
+        """
         from mlflow.entities import Param
 
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
@@ -85,6 +88,7 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def log(self, record: Mapping[str, Any]) -> None:
+        """Log every finite number of ``record`` as a metric at ``step = record["round"]``."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -94,15 +98,18 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
     def artifact(self, path: Path) -> None:
+        """Log the directory ``path`` (the final adapter) as an artifact of the current run."""
         if path.is_dir():
             self.client.log_artifacts(self.run_id, str(path), artifact_path=path.name)
 
     def end(self, status: str) -> None:
+        """Terminate the current run, FINISHED when ``status`` is ``"done"`` else FAILED."""
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, "FINISHED" if status == "done" else "FAILED")
             self.run_id = None
 
     def close(self) -> None:
+        """Terminate the sweep's parent run (FINISHED)."""
         self.client.set_terminated(self.parent, "FINISHED")
 
 
@@ -120,6 +127,9 @@ class TensorBoardTracker:
         self.writer: Any = None
 
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> None:
+        """Open an event-file writer in ``<dir>/<run_name>``; write ``params`` as a Markdown
+        table and ``tags`` as text.
+        """
         self.writer = self._writer_cls(log_dir=str(self.directory / run_name))
         table = "| key | value |\n|---|---|\n" + "".join(
             f"| {k} | {v} |\n" for k, v in sorted(params.items()))
@@ -128,22 +138,26 @@ class TensorBoardTracker:
             self.writer.add_text("tags", ", ".join(f"{k}={v}" for k, v in tags.items()), 0)
 
     def log(self, record: Mapping[str, Any]) -> None:
+        """Write every finite number of ``record`` as a scalar at ``step = record["round"]``."""
         step = int(record.get("round", 0))
         for key, value in _numbers(record).items():
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
     def artifact(self, path: Path) -> None:
+        """Record the absolute path of ``path`` as text (TensorBoard has no artifact store)."""
         if path.exists():
             self.writer.add_text("adapter", str(path.resolve()), 0)
 
     def end(self, status: str) -> None:
+        """Write ``status`` as text and close the current run's writer."""
         if self.writer is not None:
             self.writer.add_text("status", status, 0)
             self.writer.close()
             self.writer = None
 
     def close(self) -> None:
+        """End a run still open, with status ``"closed"``."""
         if self.writer is not None:
             self.end("closed")
 
@@ -169,18 +183,23 @@ class Safe:
 
     def start(self, run_name: str, params: Mapping[str, Any],
               tags: Mapping[str, str] | None = None) -> None:
+        """Start a run on the wrapped tracker (no ``tags``: none), unless it failed before."""
         self._call(lambda: self.tracker.start(run_name, params, tags or {}), "start run")
 
     def log(self, record: Mapping[str, Any]) -> None:
+        """Log ``record`` on the wrapped tracker, unless it failed before."""
         self._call(lambda: self.tracker.log(record), "log")
 
     def artifact(self, path: Path) -> None:
+        """Log ``path`` as an artifact on the wrapped tracker, unless it failed before."""
         self._call(lambda: self.tracker.artifact(path), "artifact")
 
     def end(self, status: str) -> None:
+        """End the run on the wrapped tracker with ``status``, unless it failed before."""
         self._call(lambda: self.tracker.end(status), "end run")
 
     def close(self) -> None:
+        """Close the wrapped tracker, unless it failed before."""
         self._call(lambda: self.tracker.close(), "close")
 
 
@@ -195,22 +214,27 @@ class Trackers:
 
     def start(self, run_name: str, params: Mapping[str, Any],
               tags: Mapping[str, str] | None = None) -> None:
+        """Start a run ``run_name`` with ``params`` and ``tags`` on every tracker."""
         for t in self.items:
             t.start(run_name, params, tags)
 
     def log(self, record: Mapping[str, Any]) -> None:
+        """Log one ``metrics.jsonl`` record on every tracker."""
         for t in self.items:
             t.log(record)
 
     def artifact(self, path: Path) -> None:
+        """Log ``path`` (the final adapter directory) on every tracker."""
         for t in self.items:
             t.artifact(path)
 
     def end(self, status: str) -> None:
+        """End the current run on every tracker (``status``: ``"done"`` or why it stopped)."""
         for t in self.items:
             t.end(status)
 
     def close(self) -> None:
+        """Close every tracker (the sweep is over)."""
         for t in self.items:
             t.close()
 

@@ -41,6 +41,7 @@ class CheckpointError(FedLoraError):
 
 @dataclass
 class Checkpoint:
+    """One loaded server checkpoint: its round, JSON state, arrays and directory."""
     round: int
     state: dict[str, Any]
     arrays: dict[str, np.ndarray]

@@ -217,6 +217,7 @@ class GlobalAdapter:
     @classmethod
     def from_state(cls, state: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
                    ) -> GlobalAdapter:
+        """Rebuild a global adapter from :meth:`state_dict`'s ``(state, arrays)`` (a checkpoint)."""
         adapter = _get_factors(arrays, "adapter", state["adapter"])
         heads = {key: arrays[f"head/{key}"] for key in state["heads"]}
         glob = cls(adapter, heads, float(state["lora_alpha"]), bool(state["rslora"]))

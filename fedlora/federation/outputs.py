@@ -53,12 +53,14 @@ class RunOutputs:
         (self.dir / "config.json").write_text(json.dumps(to_flat(cfg), indent=2, sort_keys=True))
 
     def log_round(self, record: Mapping[str, Any]) -> None:
+        """Append ``record`` as one line of ``metrics.jsonl`` and fsync it."""
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(_clean(record), sort_keys=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
     def write_json(self, name: str, payload: Mapping[str, Any]) -> Path:
+        """Write ``payload`` to ``<run dir>/<name>`` atomically (temporary file, then rename)."""
         path = self.dir / name
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(_clean(payload), indent=2))
@@ -67,6 +69,7 @@ class RunOutputs:
 
     @property
     def adapter_dir(self) -> Path:
+        """Where the global adapter is saved in PEFT format: ``<run dir>/adapter``."""
         return self.dir / "adapter"
 
 
@@ -141,6 +144,7 @@ def client_memory(metrics: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def read_metrics(directory: str | Path) -> list[dict[str, Any]]:
+    """The records of ``directory/metrics.jsonl`` in order (``[]`` when it does not exist)."""
     path = Path(directory) / "metrics.jsonl"
     if not path.exists():
         return []

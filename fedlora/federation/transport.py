@@ -254,6 +254,7 @@ def pack_correction(correction: Mapping[str, LoraFactors]) -> ArrayRecord:
 
 
 def unpack_correction(record: ArrayRecord) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A base-correction record as ``module -> (B, A)`` factors."""
     arrays = unpack(record)
     modules = sorted(k[: -len(".correction_A")] for k in arrays if k.endswith(".correction_A"))
     return {m: (arrays[m + ".correction_B"], arrays[m + ".correction_A"]) for m in modules}

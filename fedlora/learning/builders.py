@@ -17,12 +17,14 @@ if TYPE_CHECKING:  # torch, transformers and peft load lazily: `fedlora run` che
 
 
 def device() -> str:
+    """``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def data_spec(cfg: RunConfig) -> data.DataSpec:
+    """The run's data keys (and its seed and task) as a :class:`fedlora.learning.data.DataSpec`."""
     d = cfg.data
     return data.DataSpec(
         source=d.source, task=cfg.model.task, path=d.path, partitioner=d.partitioner,
@@ -34,6 +36,9 @@ def data_spec(cfg: RunConfig) -> data.DataSpec:
 
 
 def num_labels(cfg: RunConfig) -> int:
+    """Classes of a seq-cls run: ``model.num-labels``, else the labels of the corpus (0 for
+    causal-lm); :class:`ConfigError` when neither gives any.
+    """
     if cfg.model.task != "seq-cls":
         return 0
     if cfg.model.num_labels:
@@ -46,6 +51,9 @@ def num_labels(cfg: RunConfig) -> int:
 
 
 def model_spec(cfg: RunConfig) -> ModelSpec:
+    """The run's model keys as a :class:`fedlora.learning.lora.ModelSpec` (path resolved, device
+    and gradient checkpointing decided here).
+    """
     from fedlora.learning.lora import ModelSpec
 
     return ModelSpec(
@@ -63,6 +71,7 @@ def gradient_checkpointing(cfg: RunConfig) -> bool:
 
 
 def adapter_spec(cfg: RunConfig, rank: int) -> AdapterSpec:
+    """The run's LoRA keys as a :class:`fedlora.learning.lora.AdapterSpec` of rank ``rank``."""
     from fedlora.learning.lora import AdapterSpec
 
     lo = cfg.lora
@@ -76,6 +85,9 @@ def adapter_spec(cfg: RunConfig, rank: int) -> AdapterSpec:
 
 
 def train_spec(cfg: RunConfig, server_round: int, partition_id: int) -> TrainSpec:
+    """The run's training keys as a :class:`fedlora.learning.training.TrainSpec` for one client
+    round, seeded by (run seed, ``server_round``, ``partition_id``).
+    """
     from fedlora.learning.training import TrainSpec
 
     t = cfg.train

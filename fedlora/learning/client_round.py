@@ -41,6 +41,9 @@ class Lru(Generic[V]):
         self._values: OrderedDict[Hashable, V] = OrderedDict()
 
     def get(self, key: Hashable, build: Callable[[], V]) -> V:
+        """The value of ``key``, built with ``build()`` and cached on a miss (evicting the least
+        recently used value beyond ``capacity``).
+        """
         if key in self._values:
             self._values.move_to_end(key)
             return self._values[key]
@@ -54,6 +57,7 @@ class Lru(Generic[V]):
         return len(self._values)
 
     def clear(self) -> None:
+        """Drop every cached value."""
         self._values.clear()
 
 
@@ -92,6 +96,10 @@ class Node:
 
     @classmethod
     def from_configs(cls, cfg: RunConfig, node_config: Mapping[str, Any]) -> Node:
+        """The node's facts from its node config (``partition-id``, ``num-partitions``, optional
+        ``lora-rank``, ``data-path``, ``procs-per-node``); :class:`ConfigError` when they are
+        missing or out of range.
+        """
         try:
             pid = int(node_config["partition-id"])
             num = int(node_config["num-partitions"])
@@ -186,6 +194,9 @@ class BaseState:
 
     def advance(self, increment: Mapping[str, tuple[np.ndarray, np.ndarray]], start: int,
                 end: int) -> BaseState:
+        """This state with the server's base-correction ``increment`` (versions ``start..end``)
+        stacked on; :class:`ConfigError` when ``start`` is not the version applied here.
+        """
         if start != self.version:
             raise ConfigError(f"base correction out of sync: the server sent versions "
                               f"{start}..{end}, this client has applied {self.version}")
@@ -196,6 +207,9 @@ class BaseState:
         return BaseState(end, merged)
 
     def apply_to(self, model: Any) -> None:
+        """Set the accumulated base correction as ``model``'s frozen base delta (tagged with the
+        version, so an unchanged one is not applied twice).
+        """
         deltas = {m: (f.b, f.a) for m, f in (self.factors or {}).items()}
         lora.set_base_delta(model, deltas, tag=self.version)
 

@@ -28,6 +28,7 @@ TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
 
 
 def shipped_tasks() -> list[str]:
+    """The lm-eval task names fedlora ships (its YAML files), sorted."""
     return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
 
 
@@ -125,6 +126,7 @@ def write(results: dict[str, dict[str, Any]], directory: Path, extra: dict[str, 
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
+    """``results`` as a fixed-width text table: one line per task and metric."""
     lines = [f"{'task':28} {'metric':12} {'value':>10}"]
     for task, metrics in results.items():
         for key, value in metrics.items():

@@ -81,10 +81,12 @@ class AdapterSpec:
     init: str = "default"
 
     def with_rank(self, r: int) -> AdapterSpec:
+        """This spec with rank ``r``."""
         return replace(self, r=r)
 
     @property
     def scale(self) -> float:
+        """The LoRA scaling ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
         return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
 
 
@@ -227,6 +229,7 @@ def _check_targets(model: torch.nn.Module, spec: AdapterSpec) -> None:
 
 
 def peft_config(spec: AdapterSpec, task: str) -> Any:
+    """The ``peft.LoraConfig`` of ``spec`` for ``task`` (seq-cls or causal-lm)."""
     from peft import LoraConfig, TaskType
 
     targets = spec.target_modules if spec.target_modules == "all-linear" else list(

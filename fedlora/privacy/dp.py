@@ -63,6 +63,9 @@ DP_STRATEGIES = ("fedit", "ffa", "fedsa", "rolora", "fedsvd")
 
 @dataclass(frozen=True)
 class DPSpec:
+    """Client-level DP settings: ``mode`` (off, central, local, distributed), the clip norm, the
+    noise multiplier and the ``delta`` epsilon is reported for; validated on creation.
+    """
     mode: str = "off"
     clip_norm: float = 1.0
     noise_multiplier: float = 1.0
@@ -84,6 +87,7 @@ class DPSpec:
 
     @property
     def enabled(self) -> bool:
+        """Whether DP is on (``mode`` is not ``off``)."""
         return self.mode != "off"
 
 
@@ -260,6 +264,7 @@ class Accountant:
         return accountant
 
     def record_round(self, sampled: int) -> None:
+        """Count one noised release with ``sampled`` clients (runs of equal sizes are merged)."""
         if self.events and self.events[-1][0] == sampled:
             self.events[-1] = (sampled, self.events[-1][1] + 1)
         else:
@@ -289,9 +294,11 @@ class Accountant:
         return out
 
     def state(self) -> list[list[int]]:
+        """The recorded releases as ``[[sample size, rounds], ...]`` (for a checkpoint)."""
         return [list(e) for e in self.events]
 
     def load(self, state: list[list[int]]) -> None:
+        """Restore the releases from :meth:`state`'s list."""
         self.events = [(int(s), int(c)) for s, c in state]
 
 
@@ -319,6 +326,9 @@ class ReleaseLog:
         self.path.unlink(missing_ok=True)
 
     def append(self, server_round: int, sample: int, population: int) -> None:
+        """Append and fsync one round attempt (``round``, ``sample``, ``population``), first
+        ending a line a crash left torn.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"round": server_round, "sample": sample, "population": population})
         with self.path.open("a+", encoding="utf-8") as fh:

@@ -138,6 +138,9 @@ def directory_record(directory: KeyDirectory,
 
 
 def read_directory(record: Any) -> KeyDirectory:
+    """The :class:`KeyDirectory` of :func:`directory_record`; :class:`PayloadError`
+    (``MALFORMED``) on a missing, mistyped or unequal-length field.
+    """
     fields = _Fields(record, "key directory")
     ids = fields.get_ints("node-ids")
     masks, encryption = fields.get_bytes_list("mask-keys"), fields.get_bytes_list("encryption-keys")
@@ -150,6 +153,7 @@ def read_directory(record: Any) -> KeyDirectory:
 
 
 def relayed_record(relayed: RelayedShares) -> ConfigRecord:
+    """Stage 1 to one client: the ciphertexts its neighbours sent it, by sender."""
     senders = sorted(relayed.ciphertexts)
     return _record({"server-round": relayed.server_round, "receiver": relayed.receiver,
                          "senders": senders,
@@ -157,6 +161,7 @@ def relayed_record(relayed: RelayedShares) -> ConfigRecord:
 
 
 def read_relayed(record: Any) -> RelayedShares:
+    """The :class:`RelayedShares` of :func:`relayed_record`; :class:`PayloadError` if malformed."""
     fields = _Fields(record, "relayed shares")
     senders, ciphertexts = fields.get_ints("senders"), fields.get_bytes_list("ciphertexts")
     fields.same_length(senders, ciphertexts)
@@ -166,12 +171,16 @@ def read_relayed(record: Any) -> RelayedShares:
 
 
 def unmask_request_record(request: UnmaskRequest) -> ConfigRecord:
+    """Stage 2 to one client: which of its peers survived and which dropped."""
     return _record({"server-round": request.server_round, "receiver": request.receiver,
                          "survivors": sorted(request.survivors),
                          "dropped": sorted(request.dropped)})
 
 
 def read_unmask_request(record: Any) -> UnmaskRequest:
+    """The :class:`UnmaskRequest` of :func:`unmask_request_record`; :class:`PayloadError` if
+    malformed.
+    """
     fields = _Fields(record, "unmask request")
     return UnmaskRequest(server_round=fields.get_int("server-round"),
                          receiver=fields.get_int("receiver"),
@@ -183,6 +192,7 @@ def read_unmask_request(record: Any) -> UnmaskRequest:
 
 
 def advert_record(advert: KeyAdvertisement) -> ConfigRecord:
+    """A client's stage-0 reply: its two public keys for the round."""
     return _record({"server-round": advert.server_round, "mask-key": advert.keys.mask,
                          "encryption-key": advert.keys.encryption})
 
@@ -196,6 +206,7 @@ def read_advert(content: RecordDict, sender: int) -> KeyAdvertisement:
 
 
 def bundle_record(bundle: ShareBundle) -> ConfigRecord:
+    """A client's stage-1 reply: one ciphertext per neighbour and its self-mask commitment."""
     receivers = sorted(bundle.ciphertexts)
     return _record({"server-round": bundle.server_round, "receivers": receivers,
                          "ciphertexts": [bundle.ciphertexts[r] for r in receivers],
@@ -203,6 +214,9 @@ def bundle_record(bundle: ShareBundle) -> ConfigRecord:
 
 
 def read_bundle(content: RecordDict, sender: int) -> ShareBundle:
+    """The :class:`ShareBundle` of ``sender`` (Flower's node id) from its stage-1 reply;
+    :class:`PayloadError` if malformed.
+    """
     fields = _Fields(_secagg(content), "share bundle")
     receivers, ciphertexts = fields.get_ints("receivers"), fields.get_bytes_list("ciphertexts")
     fields.same_length(receivers, ciphertexts)
@@ -219,6 +233,9 @@ def _record(fields: dict[str, Any]) -> ConfigRecord:
 
 
 def masked_content(masked: MaskedInput) -> RecordDict:
+    """A client's stage-2 reply: the masked uint32 words as an array, and in the config record
+    its complaints (``no-shares-of``) and the pairwise seeds it reveals early.
+    """
     seeds = sorted(masked.pair_seeds)
     return RecordDict({SECAGG: _record({"server-round": masked.server_round,
                                              "no-shares-of": sorted(masked.no_shares_of),
@@ -258,6 +275,9 @@ def read_masked(content: RecordDict, sender: int, vector_size: int) -> MaskedInp
 
 
 def unmask_record(response: UnmaskResponse) -> ConfigRecord:
+    """A client's stage-3 reply: self-mask shares of survivors, mask-key shares of dropped
+    peers and pairwise seeds, each list keyed by owner.
+    """
     survivors, dropped = sorted(response.self_mask_shares), sorted(response.mask_key_shares)
     return _record({
         "server-round": response.server_round,
@@ -270,6 +290,9 @@ def unmask_record(response: UnmaskResponse) -> ConfigRecord:
 
 
 def read_unmask(content: RecordDict, sender: int) -> UnmaskResponse:
+    """The :class:`UnmaskResponse` of ``sender`` from its stage-3 reply; :class:`PayloadError`
+    if malformed.
+    """
     fields = _Fields(_secagg(content), "unmask response")
     owners = fields.get_ints("self-mask-owners")
     shares = fields.get_bytes_list("self-mask-shares")

@@ -71,10 +71,12 @@ class Credentials:
                    tuple(d / f"signing-{i}.pub" for i in range(nodes)))
 
     def files(self) -> list[Path]:
+        """Every file of the credentials (CA, server, node and signing keys), for checks."""
         return [self.ca_cert, self.ca_key, self.server_cert, self.server_key,
                 *self.node_keys, *self.node_public_keys, *self.signing_files()]
 
     def signing_files(self) -> list[Path]:
+        """The nodes' update-signing private and public keys."""
         return [*self.signing_keys, *self.signing_public_keys]
 
     def require(self, *, tls: bool, auth: bool, signing: bool = False) -> None:

@@ -122,12 +122,18 @@ class SupernodeFailed(RunFailed):
 
 @dataclass
 class LaunchResult:
+    """What a completed launch returns: every ``metrics.jsonl`` record, the Flower run id and
+    the SuperNodes lost on the way.
+    """
     records: list[dict[str, Any]]
     run_id: int
     lost_nodes: list[NodeExit] = field(default_factory=list)
 
 
 def superlink_command(port: int, creds: certs.Credentials | None, auth: bool) -> list[str]:
+    """The ``flower-superlink`` command line of a deployment on 127.0.0.1:``port``: TLS from
+    ``creds`` (insecure without), SuperNode authentication with ``auth``.
+    """
     cmd = [console_script("flower-superlink"), "--isolation", "subprocess", "--host", HOST,
            "--port", str(port), "--disable-runtime-dependency-installation"]
     if creds is None:
@@ -183,6 +189,7 @@ def register_keys(specs: Sequence[NodeSpec], env: Mapping[str, str], cwd: Path
 
 
 def online_node_ids(env: Mapping[str, str], cwd: Path) -> set[int]:
+    """The ids of the SuperNodes the SuperLink lists as online (empty when ``flwr`` fails)."""
     res = flwr_cli(["supernode", "list", CONNECTION, "--format", "json"], env, cwd)
     if res.returncode != 0:
         return set()

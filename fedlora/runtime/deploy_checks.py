@@ -18,6 +18,9 @@ class DeployError(FedLoraError):
 
 
 def node_count(nodes: int | None, gpus: Sequence[int] | None) -> int:
+    """The number of SuperNodes: ``nodes``, or one per GPU in ``gpus``; :class:`DeployError`
+    when both disagree, neither is given or the count is < 1.
+    """
     if gpus is not None:
         if nodes is not None and nodes != len(gpus):
             raise DeployError(f"give either --nodes or --gpus (one SuperNode per GPU); got "
@@ -50,6 +53,9 @@ def visible_devices(gpus: Sequence[int]) -> list[str]:
 
 
 def node_ranks(ranks: Sequence[int] | None, n: int) -> list[int] | None:
+    """One LoRA rank per node (a single rank applies to all), or ``None``; :class:`DeployError`
+    when the count matches neither.
+    """
     if ranks is None:
         return None
     ranks = list(ranks)
@@ -80,6 +86,7 @@ def node_data_paths(data_paths: Sequence[str | Path] | None, n: int) -> list[str
 
 
 def ensure_port_free(port: int) -> None:
+    """Raise :class:`DeployError` unless ``port`` is in 1..65535 and free on 127.0.0.1."""
     if not 0 < port < 65536:
         raise DeployError(f"--port must be in 1..65535; got {port}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -104,6 +111,7 @@ def tls_setting(tls: bool | None, auth: bool, certs_dir: str | Path | None) -> b
 
 
 def distinct_free_ports(count: int, taken: set[int]) -> list[int]:
+    """``count`` distinct free ports, none of them in ``taken``."""
     ports: list[int] = []
     while len(ports) < count:
         port = free_port()

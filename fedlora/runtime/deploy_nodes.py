@@ -41,10 +41,12 @@ class NodeSpec:
 
     @property
     def name(self) -> str:
+        """``supernode-<index>``: the node's name in logs, warnings and ``deployment.json``."""
         return f"supernode-{self.index}"
 
     @property
     def worker_log_path(self) -> Path:
+        """The log of the node's warm ``fedlora worker``, next to its SuperNode log."""
         return self.log_path.with_name(f"worker-{self.index}.log")
 
     def node_config(self) -> str:
@@ -61,6 +63,9 @@ class NodeSpec:
         return " ".join(items)
 
     def command(self, superlink: str, ca_cert: Path | None) -> list[str]:
+        """The ``flower-supernode`` command line connecting to ``superlink`` (TLS with ``ca_cert``,
+        else insecure; authenticated when the node has a private key).
+        """
         cmd = [console_script("flower-supernode"), "--superlink", superlink,
                "--isolation", "process" if self.warm else "subprocess",
                "--host", HOST, "--port", str(self.port),
@@ -83,6 +88,7 @@ class NodeSpec:
         return env
 
     def env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """``base`` with the node's own FLWR_HOME and, with a GPU, its ``CUDA_VISIBLE_DEVICES``."""
         env = dict(base, FLWR_HOME=str(self.home))
         if self.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu
@@ -111,6 +117,9 @@ class Processes:
 
     def start(self, cmd: list[str], env: Mapping[str, str], log_path: Path,
               fresh_log: bool = True) -> Guarded:
+        """Start ``cmd`` under a reaper, logging to ``log_path`` (emptied unless ``fresh_log`` is
+        false); refused in fast tests.
+        """
         if fresh_log:
             log_path.write_text("")
         refuse_in_fast_tests(cmd)
@@ -119,6 +128,7 @@ class Processes:
         return proc
 
     def stop(self) -> None:
+        """Stop every process started: signal all reapers first, then wait for each."""
         for proc in self.started:  # signal all reapers first: they stop their trees in parallel
             if proc.process.stdin:
                 with contextlib.suppress(OSError):
@@ -131,6 +141,7 @@ MAX_WORKER_RESTARTS = 3  # per node and run; then the node is reported lost
 
 
 def flower_version() -> str:
+    """The installed ``flwr`` version string."""
     from importlib.metadata import version
 
     return version("flwr")

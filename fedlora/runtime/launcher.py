@@ -111,6 +111,7 @@ def flwr_env(home: Path) -> dict[str, str]:
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -151,6 +152,9 @@ class ManagedSuperLink:
 
     @classmethod
     def start(cls, home: Path, env: Mapping[str, str], timeout: float = 60.0) -> ManagedSuperLink:
+        """Start a simulation SuperLink on a free port with its log in ``home``; wait up to
+        ``timeout`` seconds until it listens (:class:`RunFailed` if it exits or never does).
+        """
         port = free_port()
         home.mkdir(parents=True, exist_ok=True)
         log_path = home / "superlink.log"
@@ -173,6 +177,7 @@ class ManagedSuperLink:
         raise RunFailed(f"flower-superlink did not listen on 127.0.0.1:{port} within {timeout}s")
 
     def stop(self) -> None:
+        """Stop the SuperLink and everything it started."""
         self.process.stop()
 
 
@@ -197,11 +202,15 @@ def write_connection(home: Path, port: int, *, connection: str = CONNECTION,
 
 def flwr_cli(args: list[str], env: Mapping[str, str], cwd: Path, timeout: float = 120
           ) -> subprocess.CompletedProcess:
+    """Run the ``flwr`` CLI with ``args`` in ``cwd`` (output captured, ``timeout`` seconds)."""
     return subprocess.run([console_script("flwr"), *args], env=dict(env), cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 
 def json_tail(text: str) -> Any:
+    """The JSON object that ends ``text`` (``flwr --format json`` output after its log lines);
+    :class:`RunFailed` when there is none.
+    """
     start = text.find("{")
     if start < 0:
         raise RunFailed(f"unexpected flwr output: {text.strip()[-500:]}")
@@ -223,6 +232,9 @@ def submit_run(run_config: Path, env: Mapping[str, str], cwd: Path, *extra: str,
 
 def run_status(run_id: int, env: Mapping[str, str], cwd: Path,
                connection: str = CONNECTION) -> str:
+    """The status of run ``run_id`` from ``flwr ls`` (e.g. ``finished:completed``), or
+    ``"unknown"`` when ``flwr`` fails or does not list it.
+    """
     res = flwr_cli(["ls", connection, "--run-id", str(run_id), "--format", "json"], env, cwd)
     if res.returncode != 0:
         return "unknown"
@@ -251,6 +263,9 @@ class StatusPoller:
         self.status = "unknown"
 
     def finished(self) -> bool:
+        """Whether the run has finished, asking ``flwr ls`` at most every ``every`` seconds (more
+        often once the ServerApp's marker file exists); the status is kept in ``status``.
+        """
         wait = self.after_marker if self.marker.exists() else self.every
         if time.monotonic() - self.last >= wait:
             self.status = run_status(self.run_id, self.env, self.cwd, self.connection)
@@ -260,6 +275,7 @@ class StatusPoller:
 
 def run_logs(run_id: int, env: Mapping[str, str], cwd: Path,
              connection: str = CONNECTION) -> str:
+    """The run's log as ``flwr log --show`` prints it (stdout and stderr)."""
     res = flwr_cli(["log", str(run_id), connection, "--show"], env, cwd, timeout=60)
     return res.stdout + res.stderr
 
@@ -282,6 +298,7 @@ class SharedSuperLink:
         self.starts = 0  # SuperLinks started so far (one, unless a run took one down)
 
     def link(self) -> ManagedSuperLink:
+        """The running SuperLink, (re)started when there is none or it exited."""
         if self._link is not None and self._link.process.poll() is not None:
             self._link.stop()
             self._link = None
@@ -293,6 +310,7 @@ class SharedSuperLink:
         return self._link
 
     def stop(self) -> None:
+        """Stop the shared SuperLink, if one runs."""
         if self._link is not None:
             self._link.stop()
             self._link = None

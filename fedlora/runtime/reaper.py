@@ -60,6 +60,8 @@ def descendants(root: int) -> list[int]:
 
 
 class Reaper:
+    """CMD as a child of this process (a child subreaper once :func:`main` set it): collects
+    exited orphans, and stops the whole tree when asked."""
     def __init__(self, cmd: list[str], grace: float) -> None:
         self.grace = grace
         self.stop_requested = threading.Event()
@@ -110,6 +112,9 @@ class Reaper:
         return False
 
     def run(self) -> int:
+        """Reap until CMD exits or a stop is requested, then stop every descendant; CMD's exit
+        status (0 when stopped on request).
+        """
         while not self.stop_requested.is_set() and self.child_status is None:
             self.reap()
             self.stop_requested.wait(0.2)
@@ -138,9 +143,11 @@ class Guarded:
 
     @property
     def pid(self) -> int:
+        """The reaper process's pid."""
         return self.process.pid
 
     def poll(self) -> int | None:
+        """The reaper's exit status (CMD's), or ``None`` while it runs."""
         return self.process.poll()
 
     def stop(self) -> None:
@@ -156,6 +163,9 @@ class Guarded:
 
 
 def main(argv: list[str]) -> int:
+    """``python -m fedlora.runtime.reaper [--grace S] -- CMD ...``: run CMD until it exits or
+    stdin closes, then stop all it started; CMD's exit status (2 on a usage error).
+    """
     if "--" not in argv:
         print("usage: python -m fedlora.runtime.reaper [--grace SECONDS] -- CMD ...",
         file=sys.stderr)

@@ -30,10 +30,12 @@ DEFAULT_PRESET = "bbc-minilm"
 
 
 def presets() -> list[str]:
+    """The names of the shipped run-config presets (``simulations/configs/*.toml``), sorted."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
 def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested TOML table as flat dotted keys (``{"lora": {"r": 8}}`` -> ``{"lora.r": 8}``)."""
     out: dict[str, Any] = {}
     for key, value in table.items():
         if isinstance(value, dict):
@@ -44,6 +46,9 @@ def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_toml(path: Path) -> dict[str, Any]:
+    """The flat keys of the TOML file at ``path``; :class:`FedLoraError` if it is missing or
+    invalid.
+    """
     try:
         return flatten(tomllib.loads(path.read_text()))
     except FileNotFoundError as exc:

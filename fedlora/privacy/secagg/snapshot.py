@@ -24,18 +24,21 @@ class SnapshotReader:
         return self._snapshot[key]
 
     def get_int(self, key: str) -> int:
+        """``snapshot[key]`` as an int (not a bool)."""
         value = self._get(key)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ProtocolError("BAD_SNAPSHOT", f"snapshot[{key!r}] must be an int, got {value!r}")
         return value
 
     def get_bytes(self, key: str) -> bytes:
+        """``snapshot[key]`` as bytes."""
         value = self._get(key)
         if not isinstance(value, bytes):
             raise ProtocolError("BAD_SNAPSHOT", f"snapshot[{key!r}] must be bytes")
         return value
 
     def get_ints(self, key: str) -> list[int]:
+        """``snapshot[key]`` as a list of ints."""
         value = self._get(key)
         if not isinstance(value, list | tuple) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
@@ -44,12 +47,14 @@ class SnapshotReader:
         return list(value)
 
     def get_bytes_list(self, key: str) -> list[bytes]:
+        """``snapshot[key]`` as a list of bytes."""
         value = self._get(key)
         if not isinstance(value, list | tuple) or not all(isinstance(v, bytes) for v in value):
             raise ProtocolError("BAD_SNAPSHOT", f"snapshot[{key!r}] must be a list of bytes")
         return list(value)
 
     def columns(self, ids: str, first: str, second: str) -> list[tuple[int, bytes, bytes]]:
+        """The lists ``ids``, ``first`` and ``second`` zipped into rows (of equal length)."""
         columns = self.get_ints(ids), self.get_bytes_list(first), self.get_bytes_list(second)
         if len({len(column) for column in columns}) != 1:
             raise ProtocolError(
