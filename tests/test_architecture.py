@@ -191,3 +191,98 @@ def test_server_never_imports_client_side_modules(server_module, project_graph):
         f"{server_module} imports client-side modules {client_side}: move what both sides use "
         "into a shared module (e.g. the wire helpers) and import it from there"
     )
+
+
+# --------------------------------------------------------------------- house rules: size, docs
+
+MAX_LINES = 500
+SIZED_PACKAGES = (*PACKAGES, "benchmarks")
+
+
+def long_files(root: Path, packages: tuple[str, ...], limit: int = MAX_LINES) -> list[str]:
+    """``path (N lines)`` for every ``.py`` file under ``root/<package>`` over ``limit`` lines."""
+    out = []
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            lines = len(path.read_text().splitlines())
+            if lines > limit:
+                out.append(f"{path.relative_to(root)} ({lines} lines)")
+    return out
+
+
+def _public(name: str) -> bool:
+    return not name.startswith("_")
+
+
+def missing_docstrings(path: Path, root: Path) -> list[str]:
+    """``path:line kind name`` for each public function, method or class of a module without
+    a docstring. Public: its name and every enclosing class's name lack a leading underscore
+    (dunder methods are covered by their class); functions nested in functions are not API."""
+    out: list[str] = []
+
+    def visit(body: list[ast.stmt], prefix: str) -> None:
+        for node in body:
+            if isinstance(node, ast.ClassDef) and _public(node.name):
+                if ast.get_docstring(node) is None:
+                    out.append(f"{path.relative_to(root)}:{node.lineno} class {prefix}{node.name}")
+                visit(node.body, f"{prefix}{node.name}.")
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) \
+                    and _public(node.name) and ast.get_docstring(node) is None:
+                kind = "method" if prefix else "function"
+                out.append(f"{path.relative_to(root)}:{node.lineno} {kind} {prefix}{node.name}")
+
+    visit(ast.parse(path.read_text(), filename=str(path)).body, "")
+    return out
+
+
+def test_long_files_lists_each_file_over_the_limit(tmp_path):
+    # Prepare: one file at the limit, one just over it
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "ok.py").write_text("x = 1\n" * 500)
+    (tmp_path / "pkg" / "big.py").write_text("x = 1\n" * 501)
+
+    # Execute
+    offenders = long_files(tmp_path, ("pkg",))
+
+    # Assert
+    assert offenders == ["pkg/big.py (501 lines)"]
+
+
+def test_missing_docstrings_finds_public_functions_methods_and_classes_only(tmp_path):
+    # Prepare: documented and undocumented names, public and private, nested and dunder
+    path = tmp_path / "mod.py"
+    path.write_text(
+        'def documented():\n    """Yes."""\n'
+        "def bare():\n    def inner():\n        pass\n"
+        "def _private():\n    pass\n"
+        'class Public:\n    """Yes."""\n'
+        "    def __init__(self):\n        pass\n"
+        "    def method(self):\n        pass\n"
+        "    @property\n    def view(self):\n        return 1\n"
+        "class Bare:\n    pass\n"
+        "class _Hidden:\n    def method(self):\n        pass\n"
+    )
+
+    # Execute
+    offenders = missing_docstrings(path, tmp_path)
+
+    # Assert
+    assert offenders == ["mod.py:3 function bare", "mod.py:12 method Public.method",
+                         "mod.py:15 method Public.view", "mod.py:17 class Bare"]
+
+
+def test_no_source_file_is_over_500_lines():
+    offenders = long_files(ROOT, SIZED_PACKAGES)
+    assert not offenders, (
+        f"files over {MAX_LINES} lines (house rule, issue 17); split each along a seam into "
+        "cohesive modules and re-export what callers import:\n" + "\n".join(offenders))
+
+
+def test_every_public_function_method_and_class_has_a_docstring():
+    offenders = [line for package in PACKAGES
+                 for path in sorted((ROOT / package).rglob("*.py"))
+                 for line in missing_docstrings(path, ROOT)]
+    assert not offenders, (
+        f"{len(offenders)} public functions, methods or classes without a docstring (house "
+        "rule, issue 17); give each one a useful line (what it does, the arguments worth "
+        "naming, what it returns or raises):\n" + "\n".join(offenders))
