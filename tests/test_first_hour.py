@@ -196,6 +196,17 @@ def test_a_node_without_any_data_path_says_which_keys_to_set(tmp_path):
     assert "data.path" in error and "data-path" in error and "neither is set" in error
 
 
+def test_no_evaluation_with_only_node_data_paths_says_the_nodes_hold_the_files():
+    from fedlora.learning.evaluator import no_evaluation_reason
+
+    cfg = config.from_flat(tiny_config(**{"data.source": "files", "model.num-labels": 5}))
+
+    reason = no_evaluation_reason(cfg, server_has_data=False)
+
+    assert "data-path" in reason and "data.heldout-path" in reason
+    assert "cannot read data.path ''" not in reason
+
+
 def test_fedlora_run_with_files_but_no_data_path_is_refused(tmp_path, launcher, capsys):
     rc, seconds = fedlora_run(tmp_path, "data.source=files model.num-labels=5")
 
