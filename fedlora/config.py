@@ -131,11 +131,9 @@ class DataConfig:
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"data.test-fraction must be in (0, 1); got {self.test_fraction}")
         _positive("data.max-length", self.max_length)
-        if self.source == "files" and not self.path:
-            raise ConfigError(
-                "data.source = 'files' needs data.path (or a node's data-path); "
-                "point it at a .jsonl/.csv/.parquet file"
-            )
+        # data.source = files without data.path is valid: in deployment each SuperNode names its
+        # file (node config data-path), which the ServerApp never sees; `fedlora run` and a node
+        # with neither refuse it (run_setup.preflight, data.own_split).
 
 
 @dataclass(frozen=True)

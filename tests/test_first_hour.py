@@ -166,6 +166,54 @@ def test_per_client_files_with_heldout_path_are_evaluated_centrally_and_reload_t
     assert again["eval-loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-5)
 
 
+def test_deployment_job_with_only_node_data_paths_trains_and_evaluates_centrally(tmp_path):
+    """docs/deployment.md's job.toml: ``data.source = "files"`` and no ``data.path`` (the
+    ServerApp never sees the nodes' configs); each SuperNode names its file and rank in its
+    node config, the server evaluates the whole held-out file."""
+    heldout = write_rows(tmp_path / "heldout.jsonl", 45)
+    flat = tiny_config(**{"data.source": "files", "model.num-labels": 5,
+                          "num-server-rounds": 1, "strategy": "flexlora",
+                          "data.heldout-path": str(heldout)})
+    flat.pop("data.path", None)
+    nodes = [{"partition-id": i, "num-partitions": 2, "lora-rank": r,
+              "data-path": str(write_rows(tmp_path / f"node-{i}.jsonl", 30))}
+             for i, r in enumerate((4, 8))]
+
+    records = serve(tmp_path, flat, nodes)
+
+    assert records[-1]["round"] == 1 and records[-1]["num_accepted"] == 2
+    assert all("eval_accuracy" in r for r in records)
+
+
+def test_a_node_without_any_data_path_says_which_keys_to_set(tmp_path):
+    flat = tiny_config(**{"data.source": "files", "model.num-labels": 5})
+    flat.pop("data.path", None)
+    grid = InProcessGrid(client_app, [{"partition-id": 0, "num-partitions": 1}], flat)
+
+    [reply] = grid.send_and_receive(capability_query(grid))
+
+    error = reply.content["caps"].get(client.DATA_ERROR)
+    assert "data.path" in error and "data-path" in error and "neither is set" in error
+
+
+def test_no_evaluation_with_only_node_data_paths_says_the_nodes_hold_the_files():
+    from fedlora.learning.evaluator import no_evaluation_reason
+
+    cfg = config.from_flat(tiny_config(**{"data.source": "files", "model.num-labels": 5}))
+
+    reason = no_evaluation_reason(cfg, server_has_data=False)
+
+    assert "data-path" in reason and "data.heldout-path" in reason
+    assert "cannot read data.path ''" not in reason
+
+
+def test_fedlora_run_with_files_but_no_data_path_is_refused(tmp_path, launcher, capsys):
+    rc, seconds = fedlora_run(tmp_path, "data.source=files model.num-labels=5")
+
+    err = refused(capsys, launcher, rc, seconds)
+    assert "data.path" in err and "site-{partition-id}.jsonl" in err
+
+
 def test_no_evaluation_is_said_at_start_up_and_in_every_round_line(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     records = serve(tmp_path, own_files_config(tmp_path), NODES)

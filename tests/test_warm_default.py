@@ -174,3 +174,15 @@ def test_a_warm_workers_memory_stays_flat_over_20_rounds(tmp_path):
     assert worker_log.count("(completed)") == 21  # one process served every round
     third, last = records[3]["client_rss_mb_max"], records[20]["client_rss_mb_max"]
     assert last <= 1.05 * third, {r: records[r]["client_rss_mb_max"] for r in range(1, 21)}
+
+
+def test_worker_prints_each_flower_log_line_once():
+    """A worker's log had every Flower line twice (Flower's own handler and the root's)."""
+    code = ("import logging; from fedlora.runtime.warm import configure_logging; "
+            "configure_logging(); logging.getLogger('flwr').warning('retrying in 0.29 seconds')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("retrying in 0.29 seconds") == 1, done.stderr
+    assert " flwr retrying" in done.stderr  # the root handler's format: time, logger, message

@@ -84,6 +84,9 @@ def _chatterbot() -> datasets.Dataset:
 
 
 PARTITION_TEMPLATE = "{partition-id}"
+NO_DATA_PATH = ("data.source = 'files' needs a file: set data.path (e.g. "
+                "data.path=/data/site-{partition-id}.jsonl) or, on a SuperNode, the node config "
+                "data-path (--node-config 'data-path=\"/data/site-0.jsonl\"'); neither is set")
 
 
 def _resolve_files(path: str, partition_id: int | None, key: str = "data.path / data-path"
@@ -316,6 +319,8 @@ def client_split(spec: DataSpec, partition_id: int, num_partitions: int,
 def own_split(spec: DataSpec, partition_id: int, data_path: str | None = None
               ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train, held-out) rows of a node's own file(s): ``data_path`` or ``spec.path``."""
+    if not (data_path or spec.path):
+        raise DataError(NO_DATA_PATH)
     local = load_files(data_path or spec.path, spec.task, partition_id, spec.num_labels,
                        "data-path (node config)" if data_path else "data.path")
     train, test = (train_test_split(local, spec) if len(local) > 1 else (local, local))
@@ -336,7 +341,7 @@ def heldout(spec: DataSpec) -> datasets.Dataset | None:
         return load_files(spec.heldout_path, spec.task, None, spec.num_labels,
                           "data.heldout-path")
     if spec.source == "files":
-        if PARTITION_TEMPLATE in spec.path:
+        if PARTITION_TEMPLATE in spec.path or not spec.path:
             return None
         try:
             corpus = load_files(spec.path, spec.task, None, spec.num_labels, "data.path")

@@ -242,6 +242,8 @@ def no_evaluation_reason(cfg: RunConfig, server_has_data: bool) -> str | None:
         return None
     if cfg.data.source != "files":
         why = "the server has no held-out data"
+    elif not cfg.data.path:
+        why = "each node names its own file (node config data-path), the server has none"
     elif data.PARTITION_TEMPLATE in cfg.data.path:
         why = f"data.path {cfg.data.path!r} names the clients' files ({data.PARTITION_TEMPLATE})"
     else:

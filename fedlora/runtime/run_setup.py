@@ -220,6 +220,8 @@ def _check_own_files(cfg: config.RunConfig, clients: int, node_paths: list[str] 
     from fedlora.learning import builders, data
 
     template = data.PARTITION_TEMPLATE
+    if not node_paths and not cfg.data.path:
+        raise FedLoraError(data.NO_DATA_PATH)
     if node_paths:
         paths, key = list(node_paths), "--data-path"
     else:

@@ -173,6 +173,19 @@ def forget_modules_under(directory: Path) -> None:
         sys.path.remove(root)
 
 
+def configure_logging() -> None:
+    """One timestamped line per log record. Flower's ``flwr`` logger has its own console handler
+    and also propagates to the root logger, so each of its lines came out twice; its handler
+    goes, and the root handler prints them (with their debug lines, as before)."""
+    from flwr.common.logger import ConsoleHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    flwr_log = logging.getLogger("flwr")
+    for handler in [h for h in flwr_log.handlers if isinstance(h, ConsoleHandler)]:
+        flwr_log.removeHandler(handler)
+
+
 def serve(runtime_api_address: str, root_certificates: str | None = None,
           parent_pid: int | None = None, poll_interval: float = 0.1) -> None:
     """``fedlora worker``: run until stopped (SIGTERM, Ctrl-C, or the parent's exit)."""
@@ -184,8 +197,7 @@ def serve(runtime_api_address: str, root_certificates: str | None = None,
         certificates = path.read_bytes()
     if parent_pid:
         start_parent_process_monitor(parent_pid)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    configure_logging()
     log.info("fedlora worker serving %s (pid %d)", runtime_api_address, os.getpid())
     try:
         Worker(runtime_api_address, certificates, poll_interval).serve()
