@@ -81,7 +81,7 @@ def _prepare(msg: Message, context: Context):
     if "correction" in msg.content:
         base = base.advance(unpack_correction(msg.content["correction"]),
                             int(instructions["base-from"]), int(instructions["base-to"]))
-    base.apply_to(model)
+    base.apply_to(model, node.rank)
     arrays = unpack(msg.content["arrays"])
     if instructions.get("personal") == "b" and PERSONAL in context.state:
         arrays.update(unpack(context.state[PERSONAL]))  # FedSA: this node's own B

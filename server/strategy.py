@@ -434,7 +434,7 @@ class FederatedLora:
             config["lora-rank"] = node.rank
         have = self.base_version.get(node.partition_id, 0)
         if have < self.glob.version:
-            content["correction"] = pack_correction(self.glob.correction_since(have))
+            content["correction"] = pack_correction(self.glob.correction_since(have, node.rank))
             config["base-from"], config["base-to"] = have, self.glob.version
         content["config"] = config  # one copy per node: nodes get different arrays and configs
         return (Message(content, dst_node_id=node.node_id, message_type=message_type,
@@ -993,6 +993,9 @@ class FederatedLora:
         (HetLoRA keeps the components nobody trained from it), and a ``received`` option
         what each update's client was sent (robust clips the round's change)."""
         options = dict(plan.options)
+        if self.glob.base_init:  # a lower-rank node's upload + the components it holds frozen
+            updates = [dataclasses.replace(u, factors=self.glob.fill_tail(u.factors))
+                       for u in updates]
         if "previous" in self.info.options:
             options["previous"] = self.glob.adapter
         if "received" in self.info.options:  # what each client was sent (the global before)
