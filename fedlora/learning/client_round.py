@@ -197,8 +197,8 @@ class BaseState:
         return BaseState(end, merged)
 
     def apply_to(self, model: Any, rank: int = 0) -> None:
-        """Give ``model``'s base these corrections (``rank``: the node's, which its base-init
-        residual depends on, so virtual clients of two ranks sharing a cached base differ)."""
+        """Give ``model``'s base these corrections (``rank``: the node's with a base-dependent
+        init, whose residual depends on it; 0 otherwise)."""
         deltas = {m: (f.b, f.a) for m, f in (self.factors or {}).items()}
         lora.set_base_delta(model, deltas, tag=(self.version, rank))
 

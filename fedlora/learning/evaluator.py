@@ -20,6 +20,7 @@ from fedlora.aggregation import LoraFactors
 from fedlora.config import RunConfig
 from fedlora.federation.global_adapter import GlobalAdapter, join_arrays, split_arrays
 from fedlora.learning import builders, data, lora, training
+from fedlora.learning.base_init import base_dependent_init
 from fedlora.learning.loading import MANIFEST
 
 
@@ -36,8 +37,8 @@ class ServerModel:
                                                            seed=cfg.fl.seed)
         self.model.eval()
         # PiSSA / OLoRA: computed once here, from the base as this server loaded it
-        self.base_init = (lora.base_dependent_init(self.model, self.adapter, cfg.model.task,
-                                                   cfg.fl.seed) if base_init else {})
+        self.base_init = (base_dependent_init(self.model, self.adapter, cfg.model.task,
+                                              cfg.fl.seed) if base_init else {})
         # the server merges ΔW into the frozen weights, so its own LoRA factors stay zero
         arrays = lora.adapter_arrays(self.model)
         self._zero_factors = {k: np.zeros_like(v) for k, v in arrays.items()
