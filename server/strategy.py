@@ -48,7 +48,7 @@ from fedlora.aggregation.clipping import AdaptiveClip
 from fedlora.aggregation.diagnostics import tier_diagnostics
 from fedlora.aggregation.robust import robust_heads
 from fedlora.aggregation.weighting import cap_weights
-from fedlora.config import RunConfig, to_flat
+from fedlora.config import BASE_INIT_MIXED_RANKS, RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
 from fedlora.federation import checkpoint, wire_schema
 from fedlora.federation.fastagg import weighted_mean_records
@@ -357,6 +357,8 @@ class FederatedLora:
                         node.node_id, node.rank, self.cfg.fl.strategy, rank,
                         ", ".join(mixed_rank_strategies()))
             kept = [n for n in kept if n.rank == rank]
+        if self.glob.base_init:  # lora.init = pissa / olora: nodes' declared ranks (deployment)
+            kept = base_init_nodes(self.cfg, kept, self.glob.init_rank)
         return kept
 
     # ------------------------------------------------------------------ rounds
@@ -1170,3 +1172,23 @@ def _last_line(reason: str) -> str:
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     hits = [line for line in lines if "Error: " in line or "Exception: " in line]
     return (hits[-1] if hits else lines[-1] if lines else "")[:500]
+
+
+def base_init_nodes(cfg: RunConfig, nodes: list[NodeInfo], init_rank: int) -> list[NodeInfo]:
+    """Under a base-dependent init: nodes above the init's rank are dropped (RANK_MISMATCH:
+    no residual for them), and mixed declared ranks need a rule that completes their uploads
+    (the run config's own ranks were checked at start-up)."""
+    for node in nodes:
+        if node.rank > init_rank:
+            log(WARNING, "Partition %d (node %d) announces LoRA rank %d; lora.init = %s was "
+                "computed at rank %d (lora.r / rank-by-partition): dropped (RANK_MISMATCH)",
+                node.partition_id, node.node_id, node.rank, cfg.lora.init, init_rank)
+    nodes = [n for n in nodes if n.rank <= init_rank]
+    ranks = sorted({n.rank for n in nodes})
+    if len(ranks) > 1 and (cfg.fl.strategy not in BASE_INIT_MIXED_RANKS
+                           or cfg.fl.secure_aggregation):
+        raise ConfigError(f"lora.init = {cfg.lora.init}: the nodes announce ranks {ranks}; "
+                          f"mixed ranks run with {', '.join(BASE_INIT_MIXED_RANKS)} without "
+                          f"secure-aggregation (strategy {cfg.fl.strategy!r}); give every node "
+                          f"one lora-rank or set lora.init = default")
+    return nodes

@@ -106,6 +106,19 @@ def test_procs_per_node_is_refused_since_the_residual_lives_in_rank_0():
                                              "procs-per-node": 2})
 
 
+def test_declared_ranks_above_the_init_are_dropped_and_mixed_ones_need_a_completing_rule():
+    """Deployment: nodes declare their lora-rank. Above the init's rank R (lora.r = 4) a node
+    has no residual and is dropped; mixed declared ranks under flora stop the run."""
+    flat = tiny_config(**{"lora.init": "pissa", "lora.r": 4, "strategy": "hetlora",
+                          "num-server-rounds": 1})
+    records, *_ = run_rounds(flat, 3, node_extra=lambda i: {"lora-rank": [2, 4, 8][i]})
+    assert records[1]["clients"] == [0, 1]
+    flora = tiny_config(**{"lora.init": "pissa", "lora.r": 4, "strategy": "flora",
+                           "num-server-rounds": 1})
+    with pytest.raises(ConfigError, match="mixed ranks run with hetlora"):
+        run_rounds(flora, 2, node_extra=lambda i: {"lora-rank": [2, 4][i]})
+
+
 # ----------------------------------------------------------------------------- server init
 
 
