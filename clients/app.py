@@ -81,7 +81,8 @@ def _prepare(msg: Message, context: Context):
     if "correction" in msg.content:
         base = base.advance(unpack_correction(msg.content["correction"]),
                             int(instructions["base-from"]), int(instructions["base-to"]))
-    base.apply_to(model)
+    # a base init's residual depends on the rank: virtual clients of two ranks differ
+    base.apply_to(model, node.rank if lora.is_base_dependent(cfg.lora.init) else 0)
     arrays = unpack(msg.content["arrays"])
     if instructions.get("personal") == "b" and PERSONAL in context.state:
         arrays.update(unpack(context.state[PERSONAL]))  # FedSA: this node's own B

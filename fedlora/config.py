@@ -35,11 +35,18 @@ QUANTIZATIONS = ("none", "nf4", "int8")
 DATA_SOURCES = ("bbc-news", "chatterbot", "files")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 LORA_BIASES = ("none", "all", "lora_only")
-LORA_INITS = ("default", "gaussian")
+LORA_INITS = ("default", "gaussian", "pissa", "olora")  # and pissa_niter_<k>
 # fedlora.learning.training
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 AUTOCASTS = ("none", "bf16", "fp16")
 CHECKPOINTINGS = ("auto", "on", "off")
+
+
+def is_base_dependent(init: str) -> bool:
+    """Whether ``lora.init`` derives the factors from the base weights (PiSSA, OLoRA; peft
+    rewrites such a base to the residual ``W - s B0 A0``)."""
+    k = init[len("pissa_niter_"):] if init.startswith("pissa_niter_") else ""
+    return init in ("pissa", "olora") or (k.isdigit() and int(k) >= 1)
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,9 @@ class LoraConfig:
     use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA): each module's magnitude vector "
                         "travels as a head, averaged by examples; equal-rank linear rules, "
                         "float32 unquantized base only")
-    init: str = _f("default", "init of lora_A: default (kaiming-uniform) or gaussian")
+    init: str = _f("default", "LoRA init: default (kaiming-uniform A, B = 0), gaussian, or "
+                   "the base-dependent pissa, pissa_niter_<k>, olora (peft's names: computed "
+                   "once on the server, the residual base sent to every node)")
 
     def __post_init__(self) -> None:
         _positive("lora.r", self.r)
@@ -89,7 +98,9 @@ class LoraConfig:
         if not _csv(self.target_modules):
             raise ConfigError("lora.target-modules is empty; name modules like 'query,value'")
         _choice("lora.bias", self.bias, LORA_BIASES)
-        _choice("lora.init", self.init, LORA_INITS)
+        if self.init not in LORA_INITS and not is_base_dependent(self.init):
+            raise ConfigError(f"lora.init must be one of {', '.join(LORA_INITS)} or "
+                              f"pissa_niter_<k> (k >= 1 subspace iterations); got {self.init!r}")
 
     @property
     def target_module_list(self) -> list[str] | str:
@@ -231,6 +242,8 @@ class RunConfig:
             raise ConfigError(f"lora.r {self.lora.r} exceeds max-rank {self.fl.max_rank}")
         if self.lora.use_dora:
             _check_dora(self)
+        if is_base_dependent(self.lora.init):
+            _check_base_init(self)
         attack_catalog.check(self)
 
     def rank_for_partition(self, partition_id: int) -> int:
@@ -302,6 +315,34 @@ def _check_dora(cfg: RunConfig) -> None:
             f"quantized weight keeps it in a side buffer that DoRA's weight norm does not "
             f"see; set model.dtype = 'float32' and model.quantization = 'none', or "
             f"lora.use-dora = false")
+
+
+BASE_INIT_MIXED_RANKS = ("hetlora", "flexlora")  # mixed-rank rules tested on a residual base
+
+
+def _check_base_init(cfg: RunConfig) -> None:
+    """Refuse what a base-dependent ``lora.init`` (PiSSA, OLoRA) cannot run exactly.
+
+    Each node holds the residual of its own rank (``W - s·B0[:, :r]·A0[:r]``): a rule that
+    restarts the adapter on a merged base (flora) would count a low-rank tier's untrained
+    components twice, and a masked sum or a self-pruned rank cannot be completed with them.
+    """
+    init = f"lora.init = {cfg.lora.init}"
+    if cfg.lora.use_dora or cfg.model.quantization != "none":
+        raise ConfigError(f"{init} needs a plain LoRA adapter on an unquantized base (got "
+                          f"lora.use-dora = {cfg.lora.use_dora}, model.quantization = "
+                          f"{cfg.model.quantization!r}); set lora.init = default or drop those")
+    if cfg.fl.hetlora_prune:
+        raise ConfigError(f"{init} with hetlora-prune: a pruned node would drop principal "
+                          f"components of its base; set hetlora-prune = false")
+    if len(set(cfg.fl.ranks())) > 1 and cfg.fl.strategy not in BASE_INIT_MIXED_RANKS:
+        raise ConfigError(f"{init} with mixed ranks runs with {', '.join(BASE_INIT_MIXED_RANKS)}"
+                          f" (strategy {cfg.fl.strategy!r}); use one of them, one rank, or "
+                          f"lora.init = default")
+    if len(set(cfg.fl.ranks())) > 1 and cfg.fl.secure_aggregation:
+        raise ConfigError(f"{init} with mixed ranks and secure-aggregation: the server "
+                          f"completes each low-rank update with its frozen components, which a "
+                          f"masked sum does not allow; use one rank or lora.init = default")
 
 
 def _check_type(key: str, value: Any, expected: type) -> Any:

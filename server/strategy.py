@@ -48,7 +48,7 @@ from fedlora.aggregation.clipping import AdaptiveClip
 from fedlora.aggregation.diagnostics import tier_diagnostics
 from fedlora.aggregation.robust import robust_heads
 from fedlora.aggregation.weighting import cap_weights
-from fedlora.config import RunConfig, to_flat
+from fedlora.config import BASE_INIT_MIXED_RANKS, RunConfig, to_flat
 from fedlora.errors import ConfigError, PayloadError
 from fedlora.federation import checkpoint, wire_schema
 from fedlora.federation.fastagg import weighted_mean_records
@@ -357,6 +357,8 @@ class FederatedLora:
                         node.node_id, node.rank, self.cfg.fl.strategy, rank,
                         ", ".join(mixed_rank_strategies()))
             kept = [n for n in kept if n.rank == rank]
+        if self.glob.base_init:  # lora.init = pissa / olora: nodes' declared ranks (deployment)
+            kept = base_init_nodes(self.cfg, kept, self.glob.init_rank)
         return kept
 
     # ------------------------------------------------------------------ rounds
@@ -434,7 +436,7 @@ class FederatedLora:
             config["lora-rank"] = node.rank
         have = self.base_version.get(node.partition_id, 0)
         if have < self.glob.version:
-            content["correction"] = pack_correction(self.glob.correction_since(have))
+            content["correction"] = pack_correction(self.glob.correction_since(have, node.rank))
             config["base-from"], config["base-to"] = have, self.glob.version
         content["config"] = config  # one copy per node: nodes get different arrays and configs
         return (Message(content, dst_node_id=node.node_id, message_type=message_type,
@@ -993,6 +995,9 @@ class FederatedLora:
         (HetLoRA keeps the components nobody trained from it), and a ``received`` option
         what each update's client was sent (robust clips the round's change)."""
         options = dict(plan.options)
+        if self.glob.base_init:  # a lower-rank node's upload + the components it holds frozen
+            updates = [dataclasses.replace(u, factors=self.glob.fill_tail(u.factors))
+                       for u in updates]
         if "previous" in self.info.options:
             options["previous"] = self.glob.adapter
         if "received" in self.info.options:  # what each client was sent (the global before)
@@ -1167,3 +1172,23 @@ def _last_line(reason: str) -> str:
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     hits = [line for line in lines if "Error: " in line or "Exception: " in line]
     return (hits[-1] if hits else lines[-1] if lines else "")[:500]
+
+
+def base_init_nodes(cfg: RunConfig, nodes: list[NodeInfo], init_rank: int) -> list[NodeInfo]:
+    """Under a base-dependent init: nodes above the init's rank are dropped (RANK_MISMATCH:
+    no residual for them), and mixed declared ranks need a rule that completes their uploads
+    (the run config's own ranks were checked at start-up)."""
+    for node in nodes:
+        if node.rank > init_rank:
+            log(WARNING, "Partition %d (node %d) announces LoRA rank %d; lora.init = %s was "
+                "computed at rank %d (lora.r / rank-by-partition): dropped (RANK_MISMATCH)",
+                node.partition_id, node.node_id, node.rank, cfg.lora.init, init_rank)
+    nodes = [n for n in nodes if n.rank <= init_rank]
+    ranks = sorted({n.rank for n in nodes})
+    if len(ranks) > 1 and (cfg.fl.strategy not in BASE_INIT_MIXED_RANKS
+                           or cfg.fl.secure_aggregation):
+        raise ConfigError(f"lora.init = {cfg.lora.init}: the nodes announce ranks {ranks}; "
+                          f"mixed ranks run with {', '.join(BASE_INIT_MIXED_RANKS)} without "
+                          f"secure-aggregation (strategy {cfg.fl.strategy!r}); give every node "
+                          f"one lora-rank or set lora.init = default")
+    return nodes

@@ -153,7 +153,7 @@ def test_accepted_types_are_normalised(key: str, value: Any, expected: Any) -> N
         ({"lora.dropout": -0.1}, "lora.dropout must be in [0, 1)"),
         ({"lora.target-modules": " , "}, "lora.target-modules is empty"),
         ({"lora.bias": "some"}, "lora.bias must be one of"),
-        ({"lora.init": "pissa"}, "lora.init must be one of"),
+        ({"lora.init": "loftq"}, "lora.init must be one of"),
         ({"fraction-train": 0.0}, "fraction-train must be in (0, 1]"),
         ({"fraction-train": 1.01}, "fraction-train must be in (0, 1]"),
         ({"num-train-nodes": -1}, "num-train-nodes must be >= 0"),

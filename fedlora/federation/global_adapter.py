@@ -83,8 +83,15 @@ def compress(f: LoraFactors, rtol: float = 1e-7) -> LoraFactors:
 # ----------------------------------------------------------------------------- state
 
 
-def initial_view(factors: Mapping[str, LoraFactors], lora_alpha: float, rslora: bool) -> View:
-    """Slices of the seeded initial adapter (built at the largest rank, B = 0)."""
+def initial_view(factors: Mapping[str, LoraFactors], lora_alpha: float, rslora: bool,
+                 base_init: bool = False) -> View:
+    """Slices of the seeded initial adapter (built at the largest rank).
+
+    With the default init (B = 0) a rank-``r`` client gets ``A[:r]``, ``B[:, :r]`` as they are.
+    A base-dependent init (``base_init``: PiSSA, OLoRA) refolds the scale evenly,
+    ``√c·A[:r]``, ``√c·B[:, :r]`` with ``c = s_R / s_r``, so that ``s_r·B A = s_R·B0[:, :r]
+    A0[:r]``: the top ``r`` components of the init (for PiSSA exactly peft's own rank-``r``
+    PiSSA init, up to the signs of singular vectors)."""
 
     def view(rank: int) -> dict[str, LoraFactors]:
         scale = scale_for_rank(rank, lora_alpha, rslora)
@@ -92,7 +99,8 @@ def initial_view(factors: Mapping[str, LoraFactors], lora_alpha: float, rslora: 
         for module, f in factors.items():
             if rank > f.rank:
                 raise ValueError(f"initial adapter has rank {f.rank}; a client asked for {rank}")
-            out[module] = LoraFactors(a=f.a[:rank], b=f.b[:, :rank], scale=scale)
+            root = float(np.sqrt(f.scale / scale)) if base_init else 1.0
+            out[module] = LoraFactors(a=f.a[:rank] * root, b=f.b[:, :rank] * root, scale=scale)
         return out
 
     return view
@@ -109,13 +117,21 @@ class GlobalAdapter:
         Initial declared heads (e.g. the classifier), shared by all ranks.
     lora_alpha, rslora
         Scaling of every client adapter.
+    base_init
+        ``factors`` are a base-dependent init (PiSSA, OLoRA: ``B0 A0 != 0``). Every node then
+        holds the residual of its rank ``r``, ``W - s_R·B0[:, :r]·A0[:r]`` (:meth:`residual`),
+        sent as base correction 1, so that its effective weight at round 0 is ``W`` whatever
+        its rank. The server's global model is the rank-``R`` one; the upload of a lower-rank
+        node is completed with the components it holds frozen (:meth:`fill_tail`).
     """
 
     def __init__(self, factors: Mapping[str, LoraFactors], heads: Mapping[str, np.ndarray],
-                 lora_alpha: float, rslora: bool) -> None:
+                 lora_alpha: float, rslora: bool, base_init: bool = False) -> None:
         self.lora_alpha = lora_alpha
         self.rslora = rslora
-        self.view: View = initial_view(factors, lora_alpha, rslora)
+        self.base_init = base_init
+        self.init_factors = dict(factors) if base_init else {}
+        self.view: View = initial_view(factors, lora_alpha, rslora, base_init)
         self._view_kind = "initial"
         self.heads = dict(heads)
         self.result: AggregationResult | None = None
@@ -125,18 +141,56 @@ class GlobalAdapter:
 
     @property
     def version(self) -> int:
-        """Number of base corrections applied so far."""
-        return len(self.corrections)
+        """Number of base corrections applied so far (the residual of a base init counts)."""
+        return len(self.corrections) + int(self.base_init)
+
+    @property
+    def init_rank(self) -> int:
+        """Rank ``R`` of the base-dependent init (0 without one)."""
+        return max((f.rank for f in self.init_factors.values()), default=0)
+
+    def residual(self, rank: int) -> dict[str, LoraFactors]:
+        """The base correction that turns ``W`` into a rank-``rank`` node's residual,
+        ``-s_R·B0[:, :r] @ A0[:r]`` as scale-1 factors (empty without a base init)."""
+        if self.base_init and rank > self.init_rank:
+            raise ValueError(f"the base-dependent init has rank {self.init_rank}; a client "
+                             f"asked for {rank}")
+        return {m: LoraFactors(a=f.a[:rank], b=-f.scale * f.b[:, :rank], scale=1.0)
+                for m, f in self.init_factors.items()}
+
+    def fill_tail(self, factors: Mapping[str, LoraFactors]) -> dict[str, LoraFactors]:
+        """A rank-``r < R`` upload on a base init, completed to rank ``R`` with the components
+        ``r..R`` that node holds frozen in its residual: ``A = [A_k; A0[r:]]``, ``B = [(s_r /
+        s_R)·B_k, B0[:, r:]]`` at scale ``s_R``, so ``s_R·B A = s_r·B_k A_k + s_R·B0[:, r:]
+        A0[r:]``: the node's model relative to the rank-``R`` residual, exactly."""
+        if not self.base_init:
+            return dict(factors)
+        out = {}
+        for module, f in factors.items():
+            init = self.init_factors[module]
+            if f.rank >= init.rank:
+                out[module] = f
+                continue
+            a = np.concatenate([f.a, init.a[f.rank:]], axis=0)
+            b = np.concatenate([f.b * (f.scale / init.scale), init.b[:, f.rank:]], axis=1)
+            out[module] = LoraFactors(a=a.astype(f.a.dtype), b=b.astype(f.b.dtype),
+                                      scale=init.scale)
+        return out
 
     def arrays_for(self, rank: int) -> dict[str, np.ndarray]:
         """The adapter a client of ``rank`` loads (its own shapes and scale)."""
         return join_arrays(self.view(rank), self.heads)
 
-    def correction_since(self, version: int) -> dict[str, LoraFactors]:
-        """Sum of the corrections from ``version`` on, as compact scale-1 factors per module."""
+    def correction_since(self, version: int, rank: int | None = None
+                         ) -> dict[str, LoraFactors]:
+        """Sum of the corrections from ``version`` on, as compact scale-1 factors per module.
+        With a base init, correction 1 is the residual of ``rank`` (default: the init's)."""
         if not 0 <= version <= self.version:
             raise ValueError(f"base version {version} is outside 0..{self.version}")
-        pending = self.corrections[version:]
+        log = self.correction_log()
+        if self.base_init and rank is not None:
+            log[0] = self.residual(rank)
+        pending = log[version:]
         modules = sorted({m for c in pending for m in c})
         return {m: stack([c[m] for c in pending if m in c]) for m in modules}
 
@@ -173,14 +227,19 @@ class GlobalAdapter:
         self.updates += 1
 
     def export_factors(self) -> dict[str, LoraFactors]:
-        """Total ΔW relative to the original base, per module: every correction + the adapter."""
-        if self.updates == 0:
+        """Total ΔW relative to the original base, per module: every correction (with a base
+        init, first the rank-``R`` residual) + the adapter."""
+        if self.updates == 0 and not self.base_init:
             return {}
-        out = {}
+        out = {}  # a base init before any round: residual + init, ΔW = 0 up to rounding
         for module, g in self.adapter.items():
-            parts = [c[module] for c in self.corrections if module in c]
+            parts = [c[module] for c in self.correction_log() if module in c]
             out[module] = stack([*parts, g])
         return out
+
+    def correction_log(self) -> list[dict[str, LoraFactors]]:
+        """The server's corrections in order (the rank-``R`` residual first with a base init)."""
+        return ([self.residual(self.init_rank)] if self.base_init else []) + self.corrections
 
 
     # ------------------------------------------------------------------ checkpoints
@@ -194,7 +253,9 @@ class GlobalAdapter:
                                  "adapter": _put_factors(arrays, "adapter", self.adapter),
                                  "heads": sorted(self.heads),
                                  "corrections": [_put_factors(arrays, f"corr{i}", c)
-                                                 for i, c in enumerate(self.corrections)]}
+                                                 for i, c in enumerate(self.corrections)],
+                                 "base_init": self.base_init,
+                                 "init": _put_factors(arrays, "init", self.init_factors)}
         for key, value in self.heads.items():
             arrays[f"head/{key}"] = value
         if self._view_kind == "result":
@@ -220,7 +281,9 @@ class GlobalAdapter:
         """Rebuild a global adapter from :meth:`state_dict`'s ``(state, arrays)`` (a checkpoint)."""
         adapter = _get_factors(arrays, "adapter", state["adapter"])
         heads = {key: arrays[f"head/{key}"] for key in state["heads"]}
-        glob = cls(adapter, heads, float(state["lora_alpha"]), bool(state["rslora"]))
+        glob = cls(adapter, heads, float(state["lora_alpha"]), bool(state["rslora"]),
+                   base_init=bool(state.get("base_init", False)))
+        glob.init_factors = _get_factors(arrays, "init", state.get("init", {}))
         glob.updates = int(state["updates"])
         glob.corrections = [_get_factors(arrays, f"corr{i}", c)
                             for i, c in enumerate(state["corrections"])]

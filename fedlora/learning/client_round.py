@@ -71,13 +71,14 @@ _HELDOUT: Lru[list[dict]] = Lru(4)  # tokenized held-out examples (one for packa
 BASE_MODIFYING = ("flora", "fedex")
 
 
-def check_procs(strategy: str, procs: int) -> None:
+def check_procs(strategy: str, procs: int, init: str = "default") -> None:
     """Refuse a ``procs-per-node`` the node cannot run (:mod:`fedlora.learning.ddp` trains with
     it)."""
     if procs < 1:
         raise ConfigError(f"procs-per-node must be >= 1; got {procs}")
-    if procs > 1 and strategy in BASE_MODIFYING:
-        raise ConfigError(f"procs-per-node = {procs} cannot run strategy {strategy!r}: its base "
+    if procs > 1 and (strategy in BASE_MODIFYING or lora.is_base_dependent(init)):
+        what = f"lora.init = {init}" if lora.is_base_dependent(init) else f"strategy {strategy!r}"
+        raise ConfigError(f"procs-per-node = {procs} cannot run {what}: its base "
                           f"correction lives in rank 0 only; use procs-per-node = 1")
     if procs > 1 and torch.cuda.is_available() and torch.cuda.device_count() < procs:
         raise ConfigError(f"procs-per-node = {procs} needs one GPU per process; this node sees "
@@ -113,7 +114,7 @@ class Node:
         if not 0 < rank <= cfg.fl.max_rank:
             raise ConfigError(f"lora-rank {rank} of node {pid} is outside 1..{cfg.fl.max_rank}")
         procs = int(node_config.get("procs-per-node", 1))
-        check_procs(cfg.fl.strategy, procs)
+        check_procs(cfg.fl.strategy, procs, cfg.lora.init)
         return cls(pid, num, rank, str(node_config.get("data-path", "")), procs)
 
 
@@ -206,12 +207,11 @@ class BaseState:
             merged[module] = stack([*parts, LoraFactors(a=a, b=b, scale=1.0)])
         return BaseState(end, merged)
 
-    def apply_to(self, model: Any) -> None:
-        """Set the accumulated base correction as ``model``'s frozen base delta (tagged with the
-        version, so an unchanged one is not applied twice).
-        """
+    def apply_to(self, model: Any, rank: int = 0) -> None:
+        """Give ``model``'s base these corrections (``rank``: the node's with a base-dependent
+        init, whose residual depends on it; 0 otherwise)."""
         deltas = {m: (f.b, f.a) for m, f in (self.factors or {}).items()}
-        lora.set_base_delta(model, deltas, tag=self.version)
+        lora.set_base_delta(model, deltas, tag=(self.version, rank))
 
 
 def train_round(model: Any, tokenizer: Any, train_examples: list[dict],

@@ -20,6 +20,7 @@ from fedlora.aggregation import LoraFactors
 from fedlora.config import RunConfig
 from fedlora.federation.global_adapter import GlobalAdapter, join_arrays, split_arrays
 from fedlora.learning import builders, data, lora, training
+from fedlora.learning.base_init import base_dependent_init
 from fedlora.learning.loading import MANIFEST
 
 
@@ -28,10 +29,16 @@ class ServerModel:
 
     def __init__(self, cfg: RunConfig, max_rank: int) -> None:
         self.cfg = cfg
+        base_init = lora.is_base_dependent(cfg.lora.init)
+        if base_init:  # the init's rank R is the global model's: the largest configured rank
+            max_rank = max(cfg.fl.ranks() or (cfg.lora.r,))
         self.adapter = builders.adapter_spec(cfg, max_rank)
         self.model, self.tokenizer = lora.build_peft_model(builders.model_spec(cfg), self.adapter,
                                                            seed=cfg.fl.seed)
         self.model.eval()
+        # PiSSA / OLoRA: computed once here, from the base as this server loaded it
+        self.base_init = (base_dependent_init(self.model, self.adapter, cfg.model.task,
+                                              cfg.fl.seed) if base_init else {})
         # the server merges ΔW into the frozen weights, so its own LoRA factors stay zero
         arrays = lora.adapter_arrays(self.model)
         self._zero_factors = {k: np.zeros_like(v) for k, v in arrays.items()
@@ -65,8 +72,11 @@ class ServerModel:
     def initial_global(self) -> GlobalAdapter:
         """The seeded initial adapter (largest rank; smaller ranks get its leading slice)."""
         arrays = lora.adapter_arrays(self.model)
+        for module, (a, b) in self.base_init.items():
+            arrays[module + lora.LORA_A], arrays[module + lora.LORA_B] = a, b
         factors, heads = split_arrays(arrays, self.adapter.scale)
-        return GlobalAdapter(factors, heads, self.adapter.alpha, self.adapter.use_rslora)
+        return GlobalAdapter(factors, heads, self.adapter.alpha, self.adapter.use_rslora,
+                             base_init=bool(self.base_init))
 
     def _load(self, glob: GlobalAdapter) -> None:
         total = glob.export_factors()
@@ -127,7 +137,7 @@ class ServerModel:
     def export(self, glob: GlobalAdapter, directory: Path) -> Path:
         """Save the global model as a PEFT adapter directory (ΔW as LoRA factors + heads)."""
         total = glob.export_factors()
-        if not total:  # no round finished: the initial adapter
+        if not total:  # no round finished: the initial adapter (B = 0 unless a base init)
             total = {m: LoraFactors(a=f.a, b=f.scale * f.b, scale=1.0)
                      for m, f in glob.view(self.adapter.r).items()}
         rank = max(f.rank for f in total.values())

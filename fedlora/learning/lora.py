@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedlora.config import is_base_dependent
 from fedlora.errors import ConfigError, PayloadError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -244,7 +245,11 @@ def peft_config(spec: AdapterSpec, task: str) -> Any:
         modules_to_save=list(spec.modules_to_save) or None,
         use_rslora=spec.use_rslora,
         use_dora=spec.use_dora,
-        init_lora_weights=True if spec.init == "default" else spec.init,
+        # a base-dependent init is computed once, on the server (base_dependent_init); every
+        # other model gets a plain LoRA shell whose factors the server's arrays overwrite, so
+        # peft never rewrites a node's (or an export's) base weights
+        init_lora_weights=(True if spec.init == "default" or is_base_dependent(spec.init)
+                           else spec.init),
     )
 
 
