@@ -75,3 +75,14 @@ def test_paper_split_matches_the_authors_redistribution(rng, rslora):
 def test_unknown_split_is_refused(rng):
     with pytest.raises(ValueError, match="balanced, init-a, paper"):
         aggregate("flexlora", [random_update(rng, 2, shapes=SHAPES)], split="even")
+
+
+def test_config_offers_every_split_the_rule_accepts():
+    from fedlora import config
+    from fedlora.aggregation.flexlora import SPLITS
+
+    for split in SPLITS:
+        assert config.from_flat({**config.defaults(), "flexlora-split": split}).fl.flexlora_split \
+            == split
+    with pytest.raises(config.ConfigError, match="balanced, init-a, paper"):
+        config.from_flat({**config.defaults(), "flexlora-split": "even"})
