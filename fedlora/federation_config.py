@@ -69,7 +69,8 @@ class FederationConfig:
                                    "<dir>/<partition-id>/; a node config personal-adapter-dir "
                                    "overrides it ('' = off; `fedlora run` sets OUT/personal)")
     flexlora_split: str = _f("balanced", "flexlora: how Σ is split between the factors: "
-                             "'balanced' (Σ^½ each) or 'init-a' (A rows at PEFT-init norm)")
+                             "'balanced' (Σ^½ each), 'init-a' (A rows at PEFT-init norm) or "
+                             "'paper' (the authors' code: orthonormal A, Σ in B)")
     rolora_first_phase: str = _f("b", "rolora: factor trained in round 1 ('b' or 'a')")
     lora_fair_lambda: float = _f(0.01, "lora-fair: weight of the penalty on the server's "
                                  "correction of B (0 = the least-squares correction)")
@@ -176,7 +177,7 @@ class FederationConfig:
         _choice("rolora-first-phase", self.rolora_first_phase, ("a", "b"))
         _positive("lora-fair-lambda", self.lora_fair_lambda, zero_ok=True)
         self._check_hetlora_prune()
-        _choice("flexlora-split", self.flexlora_split, ("balanced", "init-a"))
+        _choice("flexlora-split", self.flexlora_split, ("balanced", "init-a", "paper"))
         _choice("robust-reducer", self.robust_reducer, ("median", "trimmed-mean", "mean"))
         if not 0 <= self.robust_trim < 0.5:
             raise ConfigError(f"robust-trim must be in [0, 0.5); got {self.robust_trim}")

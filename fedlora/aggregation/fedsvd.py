@@ -26,10 +26,20 @@ Deviations from the paper:
 
 * the paper's privacy setting is DP-SGD on each client (example-level); here DP is
   fedlora's client-level DP on the uploaded ``B`` update, which the paper does not evaluate;
-* the SVD is taken every round (the paper's summary also mentions refactorising
-  periodically; no period option is offered);
+* the SVD is taken every round: the authors' code has a period
+  (``--recalculate-svd-period``, default 1, and ``--svd-warmup-steps``, default 0) and both of
+  its published scripts use period 1; no period option is offered here;
 * the server optimizers (FedAdam …) are refused: ``A`` is replaced by a rotation each
   round, so ``new − previous`` is not a pseudo-gradient (``StrategyInfo.refactors``).
+
+Code check (branch papers): the paper's text could not be retrieved with this project's
+tools, but the authors' code could (github.com/seanie12/fed-svd, commit 36650e2). It matches
+the rule above: clients train B only (``--model ffa``) and the server averages the B
+updates with the clients' example-count weights (``B ← B + Σ_k p_k ΔB_k``, which is
+``Σ_k p_k B_k`` since every client starts from the same B); then ``reinit_lora`` (in
+``misc/utils.py``) takes ``torch.linalg.svd(B @ A)`` and sets ``A = V_rᵀ``,
+``B = U_r diag(Σ_r)``, the LoRA scale unchanged. The first round trains on PEFT's random
+``A``, as here.
 """
 
 from __future__ import annotations

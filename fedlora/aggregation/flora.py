@@ -16,6 +16,13 @@ draws it at rank ``r`` (a prefix of any larger draw). Pass a different seed
 each round. A client that skipped a round must still apply that round's
 correction before loading the new adapter — the server keeps the
 corrections it has not delivered yet. Mixed ranks allowed.
+
+Code check (branch papers): the authors' code (ATP-1010/FederatedLLM,
+``fed_utils/model_aggregation.py``) stacks ``p_k A_k`` along the rank axis and ``B_k``
+unweighted (the same product), gives every client ``lora_alpha = 2 r_k`` so that all scales
+are equal, loads the stacked adapter onto the global model and gives each client a fresh
+PEFT adapter on top of it every round: the rule above, with ``s_k`` folded into ``B`` so that
+unequal client scales are allowed too.
 """
 
 from __future__ import annotations

@@ -37,6 +37,15 @@ from the round's seed, ``B = 0``; see :class:`~fedlora.aggregation.views.PrefixV
 Deviation from the paper: the paper's zero-padded average leaves such
 components at ``A = B = 0``, where LoRA's gradients are exactly zero, so a
 rank-``r`` tier loses them for good after one round without it.
+
+Paper check (branch papers): the paper's method section could not be retrieved with this
+project's tools; its Figure 2 caption, quoted by a third-party review, could: zero-pad the
+smaller-rank modules to ``r_max``, weight each client by ``‖S_k‖ / Z`` computed from its
+reconstructed ``ΔW_k = B_k A_k``, average the padded modules, truncate for the next
+client's rank. That is the rule above. Two readings are ours: the norm is taken per LoRA
+module (the caption writes one module), and of ``s_k B_k A_k``, the client's effective
+update (the paper's notation has no LoRA scale), with B refolded to the global scale
+before averaging.
 """
 
 from __future__ import annotations

@@ -46,13 +46,19 @@ Deviations from the paper and choices of ours:
   ``sqrt(σ_i / s_r)``, far smaller, which slows B's learning);
 * not available under secure aggregation or DP: the SVD needs each client's product.
 
-Paper check (branch hetprune): the project's search tools return the paper's abstract and
-summaries (arXiv 2602.13486v2), not section 5. They state: heterogeneous FedLoRA *with
+Paper check (branches hetprune, papers): the project's search tools return the paper's
+abstract, its table of contents (§5 "raFLoRA Method") and summaries (arXiv 2602.13486v1/v2),
+not §5 itself, and no code of the authors. What they state: heterogeneous FedLoRA *with
 SVD-based allocation*; local updates decomposed into rank partitions; each partition
-aggregated "weighted by its effective client contributions". The SVD allocation and the
-per-partition weights over the clients holding the partition match; whether "effective
-contribution" means more than re-normalising ``p_k`` over the holders (the first deviation
-above) could not be read: no behaviour was changed.
+aggregated "weighted by its effective client contributions"; the collapse theorem (energy
+outside the smallest shared rank decays geometrically, ``1 − ρ ≤ C γᵗ``) is stated for
+rank-agnostic weights. The SVD allocation and the per-partition weights over the clients
+holding the partition match; whether "effective contribution" means more than
+re-normalising ``p_k`` over the holders (the first deviation above) could not be read: no
+behaviour was changed. FedHL (arXiv 2505.18494), the issue's alternative, was not better
+specified by what could be read (a third-party implementation gives only
+``W_{t+1} = W_t + Σ_k p_k (W_k − W_t^{(r_k)})`` with ``p_k`` "optimised from the truncation
+error"), so raFLoRA stays.
 """
 
 from __future__ import annotations

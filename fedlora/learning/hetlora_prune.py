@@ -34,8 +34,19 @@ Deviations, and what could not be checked:
 * not available with secure aggregation (the server could not see a pruned rank in a
   masked sum) or with differential privacy (the update's sensitivity is defined on the
   received shapes): :mod:`fedlora.config` refuses those combinations;
-* the values ``γ = 0.99`` and the decision rule are as we read §3 of the paper; the search
-  tools of this project returned only summaries of it, so ``λ``'s default is our choice.
+* **what could not be checked** (branch papers): the paper's §3 could not be retrieved
+  with this project's tools (arXiv 2401.06432 and its EMNLP 2024 version: abstract and
+  first page only). Its Figure 2 caption, quoted by a third-party review, covers only the
+  server side (:mod:`fedlora.aggregation.hetlora`). Public third-party implementations of
+  the pruning read §3 differently from this module in two points, which are therefore
+  open: (1) the regulariser as the product of the tail factors' norms,
+  ``λ Σ_modules ‖B[:, tail]‖_F ‖A[tail]‖_F`` (an upper bound of the norm used here), and
+  (2) the decision as "the tail score after local training is below the tail score of the
+  adapter the client received this round" rather than below its value at the end of the
+  client's previous round (PabloE-KAIST/FedLoRA-public, ``2_yamls/hetlora/README.md``:
+  both points, ``γ = 0.99``, weight 0.01; several copies of a ``self_pruning_regularisation``
+  helper: point 1). This module was left as it is, with ``γ = 0.99`` and ``λ = 1e-3``
+  (ours); neither reading is confirmed by the paper's text.
 """
 
 from __future__ import annotations
