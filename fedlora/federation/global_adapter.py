@@ -19,29 +19,33 @@ from fedlora.aggregation import (
     AggregationResult,
     LoraFactors,
     ServerOptimizer,
-    scale_for_rank,
     strategy_info,
     weighted_mean,
 )
 from fedlora.aggregation.linalg import factored_svd
+from fedlora.aggregation.patterns import ModulePattern, module_rank, module_scale
 from fedlora.aggregation.views import FreshInitView, PrefixView
 from fedlora.learning.lora import LORA_A, LORA_B
 
-View = Callable[[int], Mapping[str, LoraFactors]]
+View = Callable[[int | Mapping[str, int]], Mapping[str, LoraFactors]]
 
 
 # ----------------------------------------------------------------------------- naming
 
 
-def split_arrays(arrays: Mapping[str, np.ndarray], scale: float
+def split_arrays(arrays: Mapping[str, np.ndarray], scale: float | Callable[[str, int], float]
                  ) -> tuple[dict[str, LoraFactors], dict[str, np.ndarray]]:
-    """peft-named arrays → (LoRA factors per module, heads)."""
+    """peft-named arrays → (LoRA factors per module, heads).
+
+    ``scale`` is every module's scale, or ``scale(module, rank)`` for each module's own (per
+    module ranks and alphas: :meth:`GlobalAdapter.scale_of`), ``rank`` being the rows of A."""
     factors: dict[str, LoraFactors] = {}
     heads: dict[str, np.ndarray] = {}
     for key, value in arrays.items():
         if key.endswith(LORA_A):
             module = key[: -len(LORA_A)]
-            factors[module] = LoraFactors(a=value, b=arrays[module + LORA_B], scale=scale)
+            s = scale(module, int(np.shape(value)[0])) if callable(scale) else scale
+            factors[module] = LoraFactors(a=value, b=arrays[module + LORA_B], scale=s)
         elif not key.endswith(LORA_B):
             heads[key] = value
     return factors, heads
@@ -83,15 +87,19 @@ def compress(f: LoraFactors, rtol: float = 1e-7) -> LoraFactors:
 # ----------------------------------------------------------------------------- state
 
 
-def initial_view(factors: Mapping[str, LoraFactors], lora_alpha: float, rslora: bool) -> View:
-    """Slices of the seeded initial adapter (built at the largest rank, B = 0)."""
+def initial_view(factors: Mapping[str, LoraFactors], lora_alpha: float, rslora: bool,
+                 pattern: ModulePattern | None = None) -> View:
+    """Slices of the seeded initial adapter (built at the largest rank, B = 0); under a rank
+    pattern each module is sliced to its own rank for the client."""
 
-    def view(rank: int) -> dict[str, LoraFactors]:
-        scale = scale_for_rank(rank, lora_alpha, rslora)
+    def view(client_rank: int | Mapping[str, int]) -> dict[str, LoraFactors]:
         out = {}
         for module, f in factors.items():
+            rank = module_rank(pattern, module, client_rank)
             if rank > f.rank:
-                raise ValueError(f"initial adapter has rank {f.rank}; a client asked for {rank}")
+                raise ValueError(f"initial adapter has rank {f.rank} at {module}; a client "
+                                 f"asked for {rank}")
+            scale = module_scale(pattern, module, rank, lora_alpha, rslora)
             out[module] = LoraFactors(a=f.a[:rank], b=f.b[:, :rank], scale=scale)
         return out
 
@@ -109,13 +117,17 @@ class GlobalAdapter:
         Initial declared heads (e.g. the classifier), shared by all ranks.
     lora_alpha, rslora
         Scaling of every client adapter.
+    pattern
+        Per-module ranks and alphas (``lora.rank-pattern`` / ``lora.alpha-pattern``), or
+        ``None``.
     """
 
     def __init__(self, factors: Mapping[str, LoraFactors], heads: Mapping[str, np.ndarray],
-                 lora_alpha: float, rslora: bool) -> None:
+                 lora_alpha: float, rslora: bool, pattern: ModulePattern | None = None) -> None:
         self.lora_alpha = lora_alpha
         self.rslora = rslora
-        self.view: View = initial_view(factors, lora_alpha, rslora)
+        self.pattern = pattern
+        self.view: View = initial_view(factors, lora_alpha, rslora, pattern)
         self._view_kind = "initial"
         self.heads = dict(heads)
         self.result: AggregationResult | None = None
@@ -131,6 +143,11 @@ class GlobalAdapter:
     def arrays_for(self, rank: int) -> dict[str, np.ndarray]:
         """The adapter a client of ``rank`` loads (its own shapes and scale)."""
         return join_arrays(self.view(rank), self.heads)
+
+    def scale_of(self, module: str, rank: int) -> float:
+        """A client's scale of ``module`` trained at (module) rank ``rank``: its alpha (the
+        alpha pattern's, else ``lora_alpha``) over ``rank`` (``sqrt(rank)`` under rsLoRA)."""
+        return module_scale(self.pattern, module, rank, self.lora_alpha, self.rslora)
 
     def correction_since(self, version: int) -> dict[str, LoraFactors]:
         """Sum of the corrections from ``version`` on, as compact scale-1 factors per module."""
@@ -163,8 +180,8 @@ class GlobalAdapter:
                              for f in sorted(result.frozen | set(frozen)))
             frozen_keys = [k for k in aggregated if suffixes and k.endswith(suffixes)]
             new = optimizer.step(previous, aggregated, frozen=frozen_keys)
-            adapter, heads = split_arrays(new, scale_for_rank(rank, self.lora_alpha, self.rslora))
-            view = _fixed_view(adapter)
+            adapter, heads = split_arrays(new, self.scale_of)
+            view = _fixed_view(adapter, self.pattern)
         self.result = result
         self.adapter = adapter
         self.view = view
@@ -190,6 +207,7 @@ class GlobalAdapter:
         exactly: the same arrays (same dtypes) and the same view for every rank."""
         arrays: dict[str, np.ndarray] = {}
         state: dict[str, Any] = {"lora_alpha": self.lora_alpha, "rslora": self.rslora,
+                                 "pattern": _pattern_state(self.pattern),
                                  "updates": self.updates, "view_kind": self._view_kind,
                                  "adapter": _put_factors(arrays, "adapter", self.adapter),
                                  "heads": sorted(self.heads),
@@ -219,23 +237,25 @@ class GlobalAdapter:
                    ) -> GlobalAdapter:
         adapter = _get_factors(arrays, "adapter", state["adapter"])
         heads = {key: arrays[f"head/{key}"] for key in state["heads"]}
-        glob = cls(adapter, heads, float(state["lora_alpha"]), bool(state["rslora"]))
+        pattern = _pattern_from(state.get("pattern"))
+        glob = cls(adapter, heads, float(state["lora_alpha"]), bool(state["rslora"]), pattern)
         glob.updates = int(state["updates"])
         glob.corrections = [_get_factors(arrays, f"corr{i}", c)
                             for i, c in enumerate(state["corrections"])]
         glob._view_kind = state["view_kind"]
         if glob._view_kind == "fixed":
-            glob.view = _fixed_view(adapter)
+            glob.view = _fixed_view(adapter, pattern)
         elif glob._view_kind == "result":
             v = state["view"]
             if v["type"] == "prefix":
                 glob.view = PrefixView(_get_factors(arrays, "view", v["factors"]),
                                        v["lora_alpha"], v["rslora"], v["split"],
-                                       v["fixed_rank"], v["strategy"], int(v.get("seed", 0)))
+                                       v["fixed_rank"], v["strategy"], int(v.get("seed", 0)),
+                                       pattern)
             else:
                 glob.view = FreshInitView({m: tuple(s) for m, s in v["shapes"].items()},
                                           v["lora_alpha"], v["rslora"], v["seed"],
-                                          np.dtype(v["dtype"]))
+                                          np.dtype(v["dtype"]), pattern)
         return glob
 
 
@@ -254,14 +274,32 @@ def _get_factors(arrays: Mapping[str, np.ndarray], prefix: str, scales: Mapping[
                            scale=float(scale)) for m, scale in scales.items()}
 
 
-def _fixed_view(factors: Mapping[str, LoraFactors]) -> View:
-    def view(rank: int) -> dict[str, LoraFactors]:
-        ranks = {f.rank for f in factors.values()}
-        if ranks != {rank}:
-            raise ValueError(f"global adapter has rank {ranks}; a client asked for {rank}")
+def _fixed_view(factors: Mapping[str, LoraFactors], pattern: ModulePattern | None = None
+                ) -> View:
+    def view(rank: int | Mapping[str, int]) -> dict[str, LoraFactors]:
+        for module, f in factors.items():
+            if f.rank != module_rank(pattern, module, rank):
+                raise ValueError(f"global adapter has rank {f.rank} at {module}; a client of "
+                                 f"rank {rank} cannot load it")
         return dict(factors)
 
     return view
+
+
+def _pattern_state(pattern: ModulePattern | None) -> dict[str, Any] | None:
+    """A rank/alpha pattern as JSON (``None`` stays ``None``)."""
+    if pattern is None:
+        return None
+    return {"reference_rank": pattern.reference_rank, "ranks": [list(p) for p in pattern.ranks],
+            "alphas": [list(p) for p in pattern.alphas]}
+
+
+def _pattern_from(state: Mapping[str, Any] | None) -> ModulePattern | None:
+    if state is None:
+        return None
+    return ModulePattern(int(state["reference_rank"]),
+                         tuple((str(k), int(v)) for k, v in state["ranks"]),
+                         tuple((str(k), float(v)) for k, v in state["alphas"]))
 
 
 def aggregate_heads(heads: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]

@@ -79,8 +79,13 @@ class AdapterSpec:
     use_rslora: bool = False
     use_dora: bool = False  # M.lora_magnitude_vector (out,) travels as a head
     init: str = "default"
+    # peft's rank_pattern / alpha_pattern, (key, value) in matching order; the ranks are this
+    # adapter's own (already combined with its r: fedlora.aggregation.patterns)
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
 
     def with_rank(self, r: int) -> AdapterSpec:
+        """The same adapter at rank ``r`` (its rank pattern left as it is)."""
         return replace(self, r=r)
 
     @property
@@ -213,17 +218,41 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
 
 
 def _check_targets(model: torch.nn.Module, spec: AdapterSpec) -> None:
-    if spec.target_modules == "all-linear":
-        return
     candidates = linear_module_names(model)
     module_names = [name for name, _ in model.named_modules()]
-    missing = [t for t in spec.target_modules
-               if not any(n == t or n.endswith("." + t) for n in module_names)]
-    if missing:
-        raise ConfigError(
-            f"lora.target-modules {missing} are not modules of this model; candidates: "
-            f"{', '.join(candidates)}"
-        )
+    if spec.target_modules != "all-linear":
+        missing = [t for t in spec.target_modules
+                   if not any(n == t or n.endswith("." + t) for n in module_names)]
+        if missing:
+            raise ConfigError(
+                f"lora.target-modules {missing} are not modules of this model; candidates: "
+                f"{', '.join(candidates)}"
+            )
+    _check_patterns(model, spec)
+
+
+def _check_patterns(model: torch.nn.Module, spec: AdapterSpec) -> None:
+    """Every rank/alpha pattern key must match a module LoRA adapts (else peft ignores it)."""
+    from fedlora.aggregation.patterns import match_key
+
+    if not (spec.rank_pattern or spec.alpha_pattern):
+        return
+    from transformers.pytorch_utils import Conv1D
+
+    if spec.target_modules == "all-linear":
+        adapted = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)
+                   and n.rsplit(".", 1)[-1] not in HEAD_MODULES]
+    else:
+        adapted = [n for n, _ in model.named_modules()
+                   if any(n == t or n.endswith("." + t) for t in spec.target_modules)]
+    for label, pattern in (("rank", spec.rank_pattern), ("alpha", spec.alpha_pattern)):
+        unknown = [k for k, _ in pattern if not any(match_key([k], n) for n in adapted)]
+        if unknown:
+            raise ConfigError(
+                f"lora.{label}-pattern keys {unknown} match none of the adapted modules "
+                f"(lora.target-modules = {spec.target_modules!r}, e.g. "
+                f"{', '.join(adapted[:3])}); name a suffix of one of them, like "
+                f"{adapted[0].rsplit('.', 1)[-1]!r}")
 
 
 def peft_config(spec: AdapterSpec, task: str) -> Any:
@@ -242,6 +271,8 @@ def peft_config(spec: AdapterSpec, task: str) -> Any:
         use_rslora=spec.use_rslora,
         use_dora=spec.use_dora,
         init_lora_weights=True if spec.init == "default" else spec.init,
+        rank_pattern=dict(spec.rank_pattern),
+        alpha_pattern=dict(spec.alpha_pattern),
     )
 
 
