@@ -40,7 +40,6 @@ from fedlora.aggregation import (
     UpdateRejected,
     aggregate,
     mixed_rank_strategies,
-    scale_for_rank,
     strategy_info,
     validate_update,
 )
@@ -57,7 +56,6 @@ from fedlora.federation.outputs import client_memory, rss_mb
 from fedlora.federation.transport import nbytes, pack, pack_correction, unpack
 from fedlora.federation.wire_schema import select_outgoing
 from fedlora.learning import hetlora_prune
-from fedlora.learning.lora import LORA_A
 from fedlora.privacy import dp as privacy
 from fedlora.privacy import secure_hetlora, signed_wire
 from fedlora.privacy.secagg.signing import SignatureRejected, UpdateVerifier
@@ -978,11 +976,9 @@ class FederatedLora:
         of result (and view) as from the individual replies, and server optimizers apply as
         usual. Returns the result, the mean heads and that update.
         """
-        rank = node.rank
-        if self.cfg.fl.strategy == "hetlora":  # secure: every upload was padded to one rank
-            rank = next(v.shape[0] for k, v in mean.items() if k.endswith(LORA_A))
-        scale = scale_for_rank(rank, self.glob.lora_alpha, self.glob.rslora)
-        factors, heads = split_arrays({**sent, **mean}, scale)
+        # each module's scale from the rank it arrived at (secure hetlora: every upload was
+        # padded to one rank) and its alpha (lora.alpha-pattern)
+        factors, heads = split_arrays({**sent, **mean}, self.glob.scale_of)
         update = ClientUpdate(factors=factors, num_examples=weight)
         return self._aggregate([update], plan, server_round), heads, update
 
