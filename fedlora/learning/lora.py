@@ -90,6 +90,9 @@ class AdapterSpec:
 
     @property
     def scale(self) -> float:
+        """``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``): the scale of every module that the
+        rank and alpha patterns do not name (for the others:
+        :func:`fedlora.aggregation.patterns.module_scale`)."""
         return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
 
 
