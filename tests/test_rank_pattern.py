@@ -205,6 +205,39 @@ def test_every_rule_aggregates_each_module_at_its_own_rank_and_alpha(rule):
                 np.testing.assert_allclose(dense(f), best, atol=1e-9 * s[0])
 
 
+@pytest.mark.parametrize(("rule", "optimizer"), [("flexlora", None), ("flora", None),
+                                                  ("fedit", "fedadam")])
+def test_the_global_adapter_with_a_pattern_round_trips_through_a_checkpoint(rule, optimizer):
+    """The server's global adapter (prefix, fresh-init and server-optimizer views) keeps its
+    pattern in a checkpoint: every tier gets the same per-module arrays after a restore."""
+
+    from fedlora.aggregation import ServerOptimizer
+    from fedlora.federation.global_adapter import GlobalAdapter
+
+    rng = np.random.default_rng(1)
+    top = 8
+    init = {m: LoraFactors(a=rng.normal(size=(PATTERN.rank(m, top), k)),
+                           b=np.zeros((o, PATTERN.rank(m, top))),
+                           scale=module_alpha(m) / PATTERN.rank(m, top))
+            for m, (o, k) in SHAPES.items()}
+    glob = GlobalAdapter(init, {}, ALPHA, False, PATTERN)
+    tiers = (4,) if rule == "fedit" else (2, 4, 8)
+    updates = [random_update(rng, r, 10) for r in ((4, 4) if rule == "fedit" else (2, 8))]
+    result = aggregate(rule, updates, lora_alpha=ALPHA, pattern=PATTERN, max_rank=16, seed=5)
+    glob.apply(result, {}, ServerOptimizer(optimizer) if optimizer else None,
+               rank=4 if optimizer else None)
+    state, arrays = glob.state_dict()
+    again = GlobalAdapter.from_state(json.loads(json.dumps(state)), arrays)
+    assert again.pattern == PATTERN
+    for tier in tiers:
+        a, b = glob.arrays_for(tier), again.arrays_for(tier)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert np.array_equal(a[key], b[key]), key
+        assert a["layer.0.value.lora_A.weight"].shape[0] == PATTERN.rank("layer.0.value", tier)
+        assert a["layer.0.query.lora_A.weight"].shape[0] == PATTERN.rank("layer.0.query", tier)
+
+
 # ----------------------------------------------------------------------------- in process
 
 
