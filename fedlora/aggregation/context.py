@@ -107,6 +107,9 @@ def build_context(
     RoundContext
     """
     check_common_options(lora_alpha=lora_alpha, rslora=rslora, seed=seed, max_rank=max_rank)
+    if lora_alpha is None and pattern is not None and pattern.alphas:
+        raise ValueError("lora_alpha=None infers alpha from one module's scale, which an alpha "
+                         "pattern makes ambiguous; pass lora_alpha (the unpatterned modules')")
     if lora_alpha is None:
         first = updates[0].factors[min(updates[0].factors)]
         lora_alpha = alpha_from_scale(first.scale, first.rank, rslora)
