@@ -205,12 +205,18 @@ def test_every_rule_aggregates_each_module_at_its_own_rank_and_alpha(rule):
                 np.testing.assert_allclose(dense(f), best, atol=1e-9 * s[0])
 
 
+def test_an_alpha_pattern_needs_an_explicit_lora_alpha():
+    """Inferring lora_alpha from the first module's scale is ambiguous under an alpha pattern."""
+    updates = [random_update(np.random.default_rng(0), 4, 10)]
+    with pytest.raises(ValueError, match="pass lora_alpha"):
+        aggregate("fedit", updates, pattern=PATTERN)
+
+
 @pytest.mark.parametrize(("rule", "optimizer"), [("flexlora", None), ("flora", None),
                                                   ("fedit", "fedadam")])
 def test_the_global_adapter_with_a_pattern_round_trips_through_a_checkpoint(rule, optimizer):
     """The server's global adapter (prefix, fresh-init and server-optimizer views) keeps its
     pattern in a checkpoint: every tier gets the same per-module arrays after a restore."""
-
     from fedlora.aggregation import ServerOptimizer
     from fedlora.federation.global_adapter import GlobalAdapter
 

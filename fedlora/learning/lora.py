@@ -90,9 +90,7 @@ class AdapterSpec:
 
     @property
     def scale(self) -> float:
-        """``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``): the scale of every module that the
-        rank and alpha patterns do not name (for the others:
-        :func:`fedlora.aggregation.patterns.module_scale`)."""
+        """``alpha / r`` (``alpha / sqrt(r)``) of the modules no rank/alpha pattern names."""
         return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
 
 
@@ -231,23 +229,20 @@ def _check_targets(model: torch.nn.Module, spec: AdapterSpec) -> None:
                 f"lora.target-modules {missing} are not modules of this model; candidates: "
                 f"{', '.join(candidates)}"
             )
-    _check_patterns(model, spec)
+    if spec.rank_pattern or spec.alpha_pattern:
+        _check_patterns(model, spec)
 
 
 def _check_patterns(model: torch.nn.Module, spec: AdapterSpec) -> None:
     """Every rank/alpha pattern key must match a module LoRA adapts (else peft ignores it)."""
-    from fedlora.aggregation.patterns import match_key
-
-    if not (spec.rank_pattern or spec.alpha_pattern):
-        return
     from transformers.pytorch_utils import Conv1D
 
-    if spec.target_modules == "all-linear":
-        adapted = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)
-                   and n.rsplit(".", 1)[-1] not in HEAD_MODULES]
-    else:
-        adapted = [n for n, _ in model.named_modules()
-                   if any(n == t or n.endswith("." + t) for t in spec.target_modules)]
+    from fedlora.aggregation.patterns import match_key
+
+    linear, targets = (torch.nn.Linear, Conv1D), spec.target_modules
+    adapted = [n for n, m in model.named_modules() if (
+        isinstance(m, linear) and n.rsplit(".", 1)[-1] not in HEAD_MODULES
+        if targets == "all-linear" else any(n == t or n.endswith("." + t) for t in targets))]
     for label, pattern in (("rank", spec.rank_pattern), ("alpha", spec.alpha_pattern)):
         unknown = [k for k, _ in pattern if not any(match_key([k], n) for n in adapted)]
         if unknown:
