@@ -89,10 +89,17 @@ class LoraConfig:
     init: str = _f("default", "LoRA init: default (kaiming-uniform A, B = 0), gaussian, or "
                    "the base-dependent pissa, pissa_niter_<k>, olora (peft's names: computed "
                    "once on the server, the residual base sent to every node)")
+    rank_pattern: str = _f("", "per-module ranks, e.g. 'query=16,value=4' (peft's rank_pattern: "
+                           "a key matches a module name ending in it, as a regex): the ranks of "
+                           "a client at rank lora.r; a client of rank r gets ceil(p*r/lora.r)")
+    alpha_pattern: str = _f("", "per-module lora_alpha, e.g. 'query=32' (peft's alpha_pattern); "
+                            "the same for every client rank")
 
     def __post_init__(self) -> None:
         _positive("lora.r", self.r)
         _positive("lora.alpha", self.alpha)
+        self.rank_pattern_items()
+        self.alpha_pattern_items()
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout must be in [0, 1); got {self.dropout}")
         if not _csv(self.target_modules):
@@ -112,6 +119,25 @@ class LoraConfig:
     def modules_to_save_list(self) -> list[str]:
         """``modules-to-save`` as a list of module names (empty: none)."""
         return list(_csv(self.modules_to_save))
+
+    def rank_pattern_items(self) -> tuple[tuple[str, int], ...]:
+        """Parsed ``lora.rank-pattern``: ``(key, rank)`` pairs in the order written."""
+        return tuple((k, int(v)) for k, v in _pattern("lora.rank-pattern", self.rank_pattern,
+                                                      int))
+
+    def alpha_pattern_items(self) -> tuple[tuple[str, float], ...]:
+        """Parsed ``lora.alpha-pattern``: ``(key, alpha)`` pairs in the order written."""
+        return _pattern("lora.alpha-pattern", self.alpha_pattern, float)
+
+
+
+def _pattern(key: str, text: str, kind: type) -> tuple[tuple[str, Any], ...]:
+    from fedlora.aggregation.patterns import parse_pattern
+
+    try:
+        return parse_pattern(text, kind)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -240,11 +266,29 @@ class RunConfig:
         ranks = self.fl.ranks() or (self.lora.r,)
         if max(ranks) > self.fl.max_rank:
             raise ConfigError(f"lora.r {self.lora.r} exceeds max-rank {self.fl.max_rank}")
+        if self.lora.rank_pattern or self.lora.alpha_pattern:
+            self._check_patterns(max(ranks))
         if self.lora.use_dora:
             _check_dora(self)
         if is_base_dependent(self.lora.init):
             _check_base_init(self)
         attack_catalog.check(self)
+
+    def _check_patterns(self, top: int) -> None:
+        """Per-module ranks/alphas: within max-rank at the largest client rank, and not with
+        the features whose uploads assume one rank and one scale for every module."""
+        for key, p in self.lora.rank_pattern_items():
+            scaled = -(-p * top // self.lora.r)
+            if scaled > self.fl.max_rank:
+                raise ConfigError(f"lora.rank-pattern {key}={p} gives a rank-{top} client rank "
+                                  f"{scaled} (ceil({p}*{top}/lora.r={self.lora.r})), above "
+                                  f"max-rank {self.fl.max_rank}; lower it or raise max-rank")
+        for flag, on in (("secure-aggregation", self.fl.secure_aggregation),
+                         ("hetlora-prune", self.fl.hetlora_prune)):
+            if on:
+                raise ConfigError(f"lora.rank-pattern / lora.alpha-pattern are not supported "
+                                  f"with {flag} (its uploads share one rank and one scale "
+                                  f"across modules); set {flag} = false or clear the patterns")
 
     def rank_for_partition(self, partition_id: int) -> int:
         """LoRA rank of a simulated client (``rank-by-partition`` cycles over partitions)."""
@@ -332,6 +376,10 @@ def _check_base_init(cfg: RunConfig) -> None:
         raise ConfigError(f"{init} needs a plain LoRA adapter on an unquantized base (got "
                           f"lora.use-dora = {cfg.lora.use_dora}, model.quantization = "
                           f"{cfg.model.quantization!r}); set lora.init = default or drop those")
+    if cfg.lora.rank_pattern or cfg.lora.alpha_pattern:
+        raise ConfigError(f"{init} with lora.rank-pattern / lora.alpha-pattern: the residual "
+                          f"base is defined for one rank per node; drop the patterns or set "
+                          f"lora.init = default")
     if cfg.fl.hetlora_prune:
         raise ConfigError(f"{init} with hetlora-prune: a pruned node would drop principal "
                           f"components of its base; set hetlora-prune = false")

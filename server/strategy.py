@@ -40,7 +40,6 @@ from fedlora.aggregation import (
     UpdateRejected,
     aggregate,
     mixed_rank_strategies,
-    scale_for_rank,
     strategy_info,
     validate_update,
 )
@@ -57,7 +56,6 @@ from fedlora.federation.outputs import client_memory, rss_mb
 from fedlora.federation.transport import nbytes, pack, pack_correction, unpack
 from fedlora.federation.wire_schema import select_outgoing
 from fedlora.learning import hetlora_prune
-from fedlora.learning.lora import LORA_A
 from fedlora.privacy import dp as privacy
 from fedlora.privacy import secure_hetlora, signed_wire
 from fedlora.privacy.secagg.signing import SignatureRejected, UpdateVerifier
@@ -481,7 +479,7 @@ class FederatedLora:
             node, sent = self._pruned_reply(node, arrays, sent)
         # frozen or personal factors were not sent back: they are what this node received
         full = {**sent, **arrays}
-        scale = scale_for_rank(node.rank, self.glob.lora_alpha, self.glob.rslora)
+        scale = self.glob.scale_of  # per module: its alpha over the rank it arrived at
         factors, heads = split_arrays(full, scale)
         sent_factors, sent_heads = split_arrays(sent, scale)
         for key, value in heads.items():
@@ -490,7 +488,8 @@ class FederatedLora:
         # under DP every update weighs the same: an example count would scale its sensitivity
         update = ClientUpdate(factors=factors, num_examples=1 if self.dp.enabled else n)
         validate_update(update, {m: (f.b.shape[0], f.a.shape[1]) for m, f in sent_factors.items()},
-                        max_rank=self.cfg.fl.max_rank, declared_rank=node.rank)
+                        max_rank=self.cfg.fl.max_rank, declared_rank=node.rank,
+                        pattern=self.glob.pattern)
         bounded, heads = self._bound_norm(update, heads, sent_factors, sent_heads)
         return Accepted(node, bounded, heads, metrics,
                         record if bounded is update else None)
@@ -979,11 +978,9 @@ class FederatedLora:
         of result (and view) as from the individual replies, and server optimizers apply as
         usual. Returns the result, the mean heads and that update.
         """
-        rank = node.rank
-        if self.cfg.fl.strategy == "hetlora":  # secure: every upload was padded to one rank
-            rank = next(v.shape[0] for k, v in mean.items() if k.endswith(LORA_A))
-        scale = scale_for_rank(rank, self.glob.lora_alpha, self.glob.rslora)
-        factors, heads = split_arrays({**sent, **mean}, scale)
+        # each module's scale from the rank it arrived at (secure hetlora: every upload was
+        # padded to one rank) and its alpha (lora.alpha-pattern)
+        factors, heads = split_arrays({**sent, **mean}, self.glob.scale_of)
         update = ClientUpdate(factors=factors, num_examples=weight)
         return self._aggregate([update], plan, server_round), heads, update
 
@@ -1001,10 +998,11 @@ class FederatedLora:
         if "previous" in self.info.options:
             options["previous"] = self.glob.adapter
         if "received" in self.info.options:  # what each client was sent (the global before)
-            options["received"] = [self.glob.view(next(iter(u.factors.values())).rank)
+            options["received"] = [self.glob.view({m: f.rank for m, f in u.factors.items()})
                                    for u in updates]
         return aggregate(self.cfg.fl.strategy, updates, lora_alpha=self.glob.lora_alpha,
                          rslora=self.glob.rslora, max_rank=self.cfg.fl.max_rank,
+                         pattern=self.glob.pattern,
                          seed=self.cfg.fl.seed * 100_003 + server_round, **options)
 
     def _adopt_secure(self, outcome: SecureOutcome, sent: Mapping[int, Mapping[str, np.ndarray]],

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedlora.aggregation.factors import ClientUpdate, LoraFactors
-from fedlora.aggregation.scaling import alpha_from_scale, scale_for_rank
+from fedlora.aggregation.patterns import ModulePattern, module_scale
+from fedlora.aggregation.scaling import alpha_from_scale
 from fedlora.aggregation.weighting import example_weights, output_dtype
 
 
@@ -40,6 +41,9 @@ class RoundContext:
         ``module -> (out_features, in_features)``.
     dtype
         Floating dtype of the outputs.
+    pattern
+        Per-module ranks and alphas (:class:`~fedlora.aggregation.patterns.ModulePattern`),
+        or ``None``; rules read a module's alpha through :meth:`scale`.
     """
 
     lora_alpha: float
@@ -49,15 +53,18 @@ class RoundContext:
     weights: np.ndarray
     shapes: Mapping[str, tuple[int, int]]
     dtype: np.dtype
+    pattern: ModulePattern | None = None
 
     @property
     def modules(self) -> tuple[str, ...]:
         """Module names, sorted."""
         return tuple(sorted(self.shapes))
 
-    def scale(self, rank: int) -> float:
-        """Global LoRA scale of a rank-``rank`` adapter."""
-        return scale_for_rank(rank, self.lora_alpha, self.rslora)
+    def scale(self, rank: int, module: str | None = None) -> float:
+        """Global LoRA scale of a rank-``rank`` adapter of ``module`` (its alpha-pattern
+        alpha, else ``lora_alpha``; ``module=None``: ``lora_alpha``)."""
+        pattern = self.pattern if module is not None else None
+        return module_scale(pattern, module or "", rank, self.lora_alpha, self.rslora)
 
     @staticmethod
     def factors_of(updates: Sequence[ClientUpdate], module: str) -> list[LoraFactors]:
@@ -73,6 +80,7 @@ def build_context(
     rslora: bool,
     seed: int,
     max_rank: int | None,
+    pattern: ModulePattern | None = None,
 ) -> RoundContext:
     """Resolve the common options against validated updates.
 
@@ -91,12 +99,17 @@ def build_context(
         Non-negative integer seed.
     max_rank
         Positive integer or ``None``.
+    pattern
+        Per-module ranks and alphas, or ``None``.
 
     Returns
     -------
     RoundContext
     """
     check_common_options(lora_alpha=lora_alpha, rslora=rslora, seed=seed, max_rank=max_rank)
+    if lora_alpha is None and pattern is not None and pattern.alphas:
+        raise ValueError("lora_alpha=None infers alpha from one module's scale, which an alpha "
+                         "pattern makes ambiguous; pass lora_alpha (the unpatterned modules')")
     if lora_alpha is None:
         first = updates[0].factors[min(updates[0].factors)]
         lora_alpha = alpha_from_scale(first.scale, first.rank, rslora)
@@ -109,11 +122,13 @@ def build_context(
         weights=example_weights(updates),
         shapes=dict(shapes),
         dtype=output_dtype(arrays),
+        pattern=pattern,
     )
 
 
 def check_common_options(
-    *, lora_alpha: float | None, rslora: bool, seed: int, max_rank: int | None
+    *, lora_alpha: float | None, rslora: bool, seed: int, max_rank: int | None,
+    pattern: ModulePattern | None = None,
 ) -> None:
     """Reject ill-typed or out-of-range common options before any update is inspected.
 
@@ -127,6 +142,8 @@ def check_common_options(
     """
     if not isinstance(rslora, bool):
         raise TypeError(f"rslora must be a bool, got {rslora!r}")
+    if pattern is not None and not isinstance(pattern, ModulePattern):
+        raise TypeError(f"pattern must be a ModulePattern or None, got {type(pattern).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if max_rank is not None and (

@@ -37,7 +37,7 @@ def fedex(updates: Sequence[ClientUpdate], context: RoundContext) -> Aggregation
     base_correction = {}
     for module in context.modules:
         factors = context.factors_of(updates, module)
-        mean = mean_factors(factors, context.weights, context.scale(factors[0].rank))
+        mean = mean_factors(factors, context.weights, context.scale(factors[0].rank, module))
         sent = mean.astype(context.dtype)
         b_st, a_st = stack_factors(factors, context.weights)  # (m, K r), (K r, n)
         b = np.concatenate([b_st, -sent.scale * sent.b.astype(np.float64)], axis=1)  # (m, (K+1) r)

@@ -36,6 +36,6 @@ def factorwise_mean(
     global_factors = {}
     for module in context.modules:
         factors = context.factors_of(updates, module)
-        mean = mean_factors(factors, context.weights, context.scale(factors[0].rank))
+        mean = mean_factors(factors, context.weights, context.scale(factors[0].rank, module))
         global_factors[module] = mean.astype(context.dtype)
     return global_factors

@@ -56,7 +56,7 @@ def mean_b_under_shared_a(updates: Sequence[ClientUpdate], context: RoundContext
         check_shared_factor(
             factors, "a", module=module, client_ids=client_ids, rule=rule, rtol=frozen_rtol
         )
-        scale = context.scale(factors[0].rank)
+        scale = context.scale(factors[0].rank, module)
         fold = folded_weights(factors, context.weights, scale)
         out[module] = (factors[0].a, weighted_sum([f.b for f in factors], fold), scale)
     return out

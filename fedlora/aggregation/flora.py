@@ -11,7 +11,7 @@ and every client merge ``B_st @ A_st`` into their frozen weights, and the
 new global adapter is a fresh PEFT-style init (``A ~ U(-1/sqrt(n), 1/sqrt(n))``,
 ``B = 0``) drawn from the ``seed`` option, so
 ``effective_delta = B_st A_st + s · 0 · A = ΔW*`` exactly. ``global_factors``
-hold the fresh adapter at the round's largest client rank; ``for_client(r)``
+hold the fresh adapter at the round's largest client rank (per module); ``for_client(r)``
 draws it at rank ``r`` (a prefix of any larger draw). Pass a different seed
 each round. A client that skipped a round must still apply that round's
 correction before loading the new adapter — the server keeps the
@@ -50,8 +50,9 @@ def flora(updates: Sequence[ClientUpdate], context: RoundContext) -> Aggregation
         rslora=context.rslora,
         seed=context.seed,
         dtype=context.dtype,
+        pattern=context.pattern,
     )
-    r_max = max(f.rank for u in updates for f in u.factors.values())
+    r_max = {m: max(f.rank for f in context.factors_of(updates, m)) for m in context.modules}
     return AggregationResult(
         strategy="flora",
         global_factors=view(r_max),

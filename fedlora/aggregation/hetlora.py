@@ -91,7 +91,7 @@ def hetlora(
         trained = np.flatnonzero(prev.b.any(axis=0)) if prev is not None else np.array([])
         kept_rank = int(trained[-1]) + 1 if trained.size else 0  # beyond: B = 0, never trained
         r_max = max([f.rank for f in factors] + [kept_rank])
-        scale = context.scale(r_max)
+        scale = context.scale(r_max, module)
         norms = np.array(
             [
                 factored_frobenius_norm(f.scale * f.b.astype(np.float64), f.a.astype(np.float64))

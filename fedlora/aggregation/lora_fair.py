@@ -78,7 +78,7 @@ def lora_fair(
     global_factors = {}
     for module in context.modules:
         factors = context.factors_of(updates, module)
-        scale = context.scale(factors[0].rank)
+        scale = context.scale(factors[0].rank, module)
         mean = mean_factors(factors, context.weights, scale)  # float64 (Ā, B̄)
         delta_b = correction(factors, context.weights, scale, mean, lambda_)
         global_factors[module] = LoraFactors(a=mean.a, b=mean.b + delta_b, scale=scale).astype(

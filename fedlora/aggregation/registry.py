@@ -19,6 +19,9 @@ Common options, accepted by every rule:
     Seed for fresh random initialisations (pass a per-round value).
 ``max_rank: int | None = None``
     Reject updates above this rank.
+``pattern: ModulePattern | None = None``
+    Per-module ranks and alphas (:mod:`fedlora.aggregation.patterns`): module scales use
+    each module's alpha, and a client of rank ``r`` receives each module at its own rank.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from fedlora.aggregation.result import AggregationResult
 from fedlora.aggregation.validation import validate_round
 
 COMMON_OPTIONS: Mapping[str, Any] = MappingProxyType(
-    {"lora_alpha": None, "rslora": False, "seed": 0, "max_rank": None}
+    {"lora_alpha": None, "rslora": False, "seed": 0, "max_rank": None, "pattern": None}
 )
 REQUIRED = inspect.Parameter.empty
 _NAME = re.compile(r"[a-z][a-z0-9_]*(-[a-z0-9_]+)*")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -13,6 +12,7 @@ import numpy as np
 from fedlora.aggregation.context import RoundContext
 from fedlora.aggregation.diagnostics import round_diagnostics
 from fedlora.aggregation.factors import ClientUpdate, LoraFactors
+from fedlora.aggregation.patterns import check_client_rank
 from fedlora.aggregation.views import ClientView, PrefixView
 
 
@@ -103,19 +103,21 @@ class AggregationResult:
         b, a = self.effective_factors(module)
         return b @ a
 
-    def for_client(self, rank: int) -> dict[str, LoraFactors]:
+    def for_client(self, rank: int | Mapping[str, int]) -> dict[str, LoraFactors]:
         """Factors a client of LoRA rank ``rank`` should load.
 
+        ``rank`` is the client's rank, or its rank per module (``module -> rank``); under a
+        rank pattern each module's rank follows from the client's
+        (:meth:`~fedlora.aggregation.patterns.ModulePattern.rank`).
         The returned scale is the client's own (``scale_for_rank(rank,
-        lora_alpha, rslora)``) and the factors are refolded so that
+        lora_alpha, rslora)``, per module) and the factors are refolded so that
         ``scale · B @ A`` is what the rule intends that client to apply.
         Mixed-rank rules never return a component whose ``A`` row and ``B``
         column are both zero (its gradients would be exactly zero): see
         :mod:`fedlora.aggregation.views` for how such components are filled.
         """
-        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
-        return self.client_view(int(rank))
+        check_client_rank(rank)
+        return self.client_view(rank if isinstance(rank, Mapping) else int(rank))
 
     def diagnostics(self, updates: Sequence[ClientUpdate]) -> dict[str, Any]:
         """Aggregation error and effective rank per module.
@@ -167,6 +169,7 @@ def prefix_result(
             fixed_rank=fixed_rank,
             strategy=strategy,
             seed=context.seed,
+            pattern=context.pattern,
         ),
         frozen=frozen,
     )

@@ -177,5 +177,6 @@ def robust(updates: Sequence[ClientUpdate], context: RoundContext, *,
         rslora=context.rslora,
         client_view=PrefixView(factors=global_factors, lora_alpha=context.lora_alpha,
                                rslora=context.rslora, split="balanced", fixed_rank=False,
-                               strategy="robust", seed=context.seed),
+                               strategy="robust", seed=context.seed,
+                               pattern=context.pattern),
     )

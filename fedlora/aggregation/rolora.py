@@ -55,7 +55,7 @@ def rolora(
         check_shared_factor(
             factors, frozen, module=module, client_ids=client_ids, rule="rolora", rtol=frozen_rtol
         )
-        scale = context.scale(factors[0].rank)
+        scale = context.scale(factors[0].rank, module)
         fold = folded_weights(factors, context.weights, scale)
         if phase == "b":
             mean = LoraFactors(

@@ -16,6 +16,7 @@ import numpy as np
 
 from fedlora.aggregation.errors import UpdateRejected
 from fedlora.aggregation.factors import ClientUpdate, LoraFactors
+from fedlora.aggregation.patterns import ModulePattern, module_rank
 
 _LAYOUT_HINT = (
     "send lora_A as (r, in_features) and lora_B as (out_features, r) with the same r, "
@@ -28,7 +29,8 @@ def validate_update(
     expected: Mapping[str, tuple[int, int]],
     *,
     max_rank: int | None,
-    declared_rank: int | None = None,
+    declared_rank: int | Mapping[str, int] | None = None,
+    pattern: ModulePattern | None = None,
 ) -> None:
     """Check one client update against the expected module shapes.
 
@@ -42,7 +44,10 @@ def validate_update(
         Largest rank the server accepts; ``None`` for no limit.
     declared_rank
         The rank the client announced (e.g. from its node config); every
-        module must have exactly this rank when given.
+        module must have exactly this rank when given (under ``pattern``, the
+        module's rank for a client of that rank; a mapping gives each module's).
+    pattern
+        Per-module ranks (:mod:`fedlora.aggregation.patterns`), or ``None``.
 
     Raises
     ------
@@ -74,7 +79,8 @@ def validate_update(
             update.factors[module],
             expected[module],
             max_rank=max_rank,
-            declared_rank=declared_rank,
+            declared_rank=None if declared_rank is None
+            else module_rank(pattern, module, declared_rank),
             client_id=client_id,
         )
 
@@ -239,8 +245,9 @@ def _check_module(
     if declared_rank is not None and rank != declared_rank:
         raise UpdateRejected(
             "RANK_MISMATCH",
-            f"module {module!r}: the client declared rank {declared_rank} but sent rank "
-            f"{rank}; send factors of the declared rank or declare {rank}",
+            f"module {module!r}: expected rank {declared_rank} (the client's declared rank, "
+            f"through lora.rank-pattern when set) but got rank {rank}; send factors of the "
+            f"declared rank or declare the rank this module was trained at",
             client_id=client_id,
             module=module,
         )

@@ -28,13 +28,16 @@ from typing import Literal, Protocol
 import numpy as np
 
 from fedlora.aggregation.factors import LoraFactors
-from fedlora.aggregation.scaling import scale_for_rank
+from fedlora.aggregation.patterns import ModulePattern, module_rank, module_scale
 
 
 class ClientView(Protocol):
-    """Maps a client's LoRA rank to the factors it should load."""
+    """Maps a client's LoRA rank to the factors it should load.
 
-    def __call__(self, rank: int) -> dict[str, LoraFactors]:
+    The rank is the client's rank (an int; with a :class:`ModulePattern` each module's rank
+    follows from it) or the client's rank per module (``module -> rank``)."""
+
+    def __call__(self, rank: int | Mapping[str, int]) -> dict[str, LoraFactors]:
         """Return ``module -> factors`` for a client of rank ``rank``."""
         ...
 
@@ -75,6 +78,9 @@ class PrefixView:
         Rule name, for error messages.
     seed
         Seed of the re-initialised rows (the round's aggregation seed).
+    pattern
+        Per-module ranks and alphas (:mod:`fedlora.aggregation.patterns`), or ``None``: every
+        module at the client's rank and ``lora_alpha``.
     """
 
     factors: Mapping[str, LoraFactors]
@@ -84,13 +90,16 @@ class PrefixView:
     fixed_rank: bool
     strategy: str
     seed: int = 0
+    pattern: ModulePattern | None = None
 
-    def __call__(self, rank: int) -> dict[str, LoraFactors]:
+    def __call__(self, rank: int | Mapping[str, int]) -> dict[str, LoraFactors]:
         """Return ``module -> factors`` for a client of rank ``rank``."""
-        scale = scale_for_rank(rank, self.lora_alpha, self.rslora)
+        client_rank = rank
         out: dict[str, LoraFactors] = {}
         for module in sorted(self.factors):
             g = self.factors[module]
+            rank = module_rank(self.pattern, module, client_rank)
+            scale = module_scale(self.pattern, module, rank, self.lora_alpha, self.rslora)
             if self.fixed_rank and rank != g.rank:
                 raise ValueError(
                     f"{self.strategy} keeps one rank for all clients: module {module!r} has "
@@ -136,6 +145,8 @@ class FreshInitView:
         Per-round seed shared by all clients.
     dtype
         Output dtype.
+    pattern
+        Per-module ranks and alphas, or ``None``.
     """
 
     shapes: Mapping[str, tuple[int, int]]
@@ -143,13 +154,16 @@ class FreshInitView:
     rslora: bool
     seed: int
     dtype: np.dtype
+    pattern: ModulePattern | None = None
 
-    def __call__(self, rank: int) -> dict[str, LoraFactors]:
+    def __call__(self, rank: int | Mapping[str, int]) -> dict[str, LoraFactors]:
         """Return ``module -> factors`` for a client of rank ``rank``."""
-        scale = scale_for_rank(rank, self.lora_alpha, self.rslora)
+        client_rank = rank
         out: dict[str, LoraFactors] = {}
         for module in sorted(self.shapes):
             out_features, in_features = self.shapes[module]
+            rank = module_rank(self.pattern, module, client_rank)
+            scale = module_scale(self.pattern, module, rank, self.lora_alpha, self.rslora)
             a = init_rows(module, rank, in_features, self.seed)  # (r, n)
             b = np.zeros((out_features, rank))  # (m, r)
             out[module] = LoraFactors(a=a.astype(self.dtype), b=b.astype(self.dtype), scale=scale)

@@ -19,29 +19,33 @@ from fedlora.aggregation import (
     AggregationResult,
     LoraFactors,
     ServerOptimizer,
-    scale_for_rank,
     strategy_info,
     weighted_mean,
 )
 from fedlora.aggregation.linalg import factored_svd
+from fedlora.aggregation.patterns import ModulePattern, module_rank, module_scale
 from fedlora.aggregation.views import FreshInitView, PrefixView
 from fedlora.learning.lora import LORA_A, LORA_B
 
-View = Callable[[int], Mapping[str, LoraFactors]]
+View = Callable[[int | Mapping[str, int]], Mapping[str, LoraFactors]]
 
 
 # ----------------------------------------------------------------------------- naming
 
 
-def split_arrays(arrays: Mapping[str, np.ndarray], scale: float
+def split_arrays(arrays: Mapping[str, np.ndarray], scale: float | Callable[[str, int], float]
                  ) -> tuple[dict[str, LoraFactors], dict[str, np.ndarray]]:
-    """peft-named arrays → (LoRA factors per module, heads)."""
+    """peft-named arrays → (LoRA factors per module, heads).
+
+    ``scale`` is every module's scale, or ``scale(module, rank)`` for each module's own (per
+    module ranks and alphas: :meth:`GlobalAdapter.scale_of`), ``rank`` being the rows of A."""
     factors: dict[str, LoraFactors] = {}
     heads: dict[str, np.ndarray] = {}
     for key, value in arrays.items():
         if key.endswith(LORA_A):
             module = key[: -len(LORA_A)]
-            factors[module] = LoraFactors(a=value, b=arrays[module + LORA_B], scale=scale)
+            s = scale(module, int(np.shape(value)[0])) if callable(scale) else scale
+            factors[module] = LoraFactors(a=value, b=arrays[module + LORA_B], scale=s)
         elif not key.endswith(LORA_B):
             heads[key] = value
     return factors, heads
@@ -84,21 +88,25 @@ def compress(f: LoraFactors, rtol: float = 1e-7) -> LoraFactors:
 
 
 def initial_view(factors: Mapping[str, LoraFactors], lora_alpha: float, rslora: bool,
-                 base_init: bool = False) -> View:
-    """Slices of the seeded initial adapter (built at the largest rank).
+                 base_init: bool = False, pattern: ModulePattern | None = None) -> View:
+    """Slices of the seeded initial adapter (built at the largest rank); under a rank pattern
+    each module is sliced to its own rank for the client.
 
     With the default init (B = 0) a rank-``r`` client gets ``A[:r]``, ``B[:, :r]`` as they are.
     A base-dependent init (``base_init``: PiSSA, OLoRA) refolds the scale evenly,
     ``√c·A[:r]``, ``√c·B[:, :r]`` with ``c = s_R / s_r``, so that ``s_r·B A = s_R·B0[:, :r]
     A0[:r]``: the top ``r`` components of the init (for PiSSA exactly peft's own rank-``r``
-    PiSSA init, up to the signs of singular vectors)."""
+    PiSSA init, up to the signs of singular vectors). The two are not combined (the config
+    refuses a rank pattern with a base-dependent init)."""
 
-    def view(rank: int) -> dict[str, LoraFactors]:
-        scale = scale_for_rank(rank, lora_alpha, rslora)
+    def view(client_rank: int | Mapping[str, int]) -> dict[str, LoraFactors]:
         out = {}
         for module, f in factors.items():
+            rank = module_rank(pattern, module, client_rank)
             if rank > f.rank:
-                raise ValueError(f"initial adapter has rank {f.rank}; a client asked for {rank}")
+                raise ValueError(f"initial adapter has rank {f.rank} at {module}; a client "
+                                 f"asked for {rank}")
+            scale = module_scale(pattern, module, rank, lora_alpha, rslora)
             root = float(np.sqrt(f.scale / scale)) if base_init else 1.0
             out[module] = LoraFactors(a=f.a[:rank] * root, b=f.b[:, :rank] * root, scale=scale)
         return out
@@ -123,15 +131,20 @@ class GlobalAdapter:
         sent as base correction 1, so that its effective weight at round 0 is ``W`` whatever
         its rank. The server's global model is the rank-``R`` one; the upload of a lower-rank
         node is completed with the components it holds frozen (:meth:`fill_tail`).
+    pattern
+        Per-module ranks and alphas (``lora.rank-pattern`` / ``lora.alpha-pattern``), or
+        ``None``.
     """
 
     def __init__(self, factors: Mapping[str, LoraFactors], heads: Mapping[str, np.ndarray],
-                 lora_alpha: float, rslora: bool, base_init: bool = False) -> None:
+                 lora_alpha: float, rslora: bool, base_init: bool = False,
+                 pattern: ModulePattern | None = None) -> None:
         self.lora_alpha = lora_alpha
         self.rslora = rslora
         self.base_init = base_init
+        self.pattern = pattern
         self.init_factors = dict(factors) if base_init else {}
-        self.view: View = initial_view(factors, lora_alpha, rslora, base_init)
+        self.view: View = initial_view(factors, lora_alpha, rslora, base_init, pattern)
         self._view_kind = "initial"
         self.heads = dict(heads)
         self.result: AggregationResult | None = None
@@ -181,6 +194,11 @@ class GlobalAdapter:
         """The adapter a client of ``rank`` loads (its own shapes and scale)."""
         return join_arrays(self.view(rank), self.heads)
 
+    def scale_of(self, module: str, rank: int) -> float:
+        """A client's scale of ``module`` trained at (module) rank ``rank``: its alpha (the
+        alpha pattern's, else ``lora_alpha``) over ``rank`` (``sqrt(rank)`` under rsLoRA)."""
+        return module_scale(self.pattern, module, rank, self.lora_alpha, self.rslora)
+
     def correction_since(self, version: int, rank: int | None = None
                          ) -> dict[str, LoraFactors]:
         """Sum of the corrections from ``version`` on, as compact scale-1 factors per module.
@@ -217,8 +235,8 @@ class GlobalAdapter:
                              for f in sorted(result.frozen | set(frozen)))
             frozen_keys = [k for k in aggregated if suffixes and k.endswith(suffixes)]
             new = optimizer.step(previous, aggregated, frozen=frozen_keys)
-            adapter, heads = split_arrays(new, scale_for_rank(rank, self.lora_alpha, self.rslora))
-            view = _fixed_view(adapter)
+            adapter, heads = split_arrays(new, self.scale_of)
+            view = _fixed_view(adapter, self.pattern)
         self.result = result
         self.adapter = adapter
         self.view = view
@@ -249,6 +267,7 @@ class GlobalAdapter:
         exactly: the same arrays (same dtypes) and the same view for every rank."""
         arrays: dict[str, np.ndarray] = {}
         state: dict[str, Any] = {"lora_alpha": self.lora_alpha, "rslora": self.rslora,
+                                 "pattern": _pattern_state(self.pattern),
                                  "updates": self.updates, "view_kind": self._view_kind,
                                  "adapter": _put_factors(arrays, "adapter", self.adapter),
                                  "heads": sorted(self.heads),
@@ -281,25 +300,27 @@ class GlobalAdapter:
         """Rebuild a global adapter from :meth:`state_dict`'s ``(state, arrays)`` (a checkpoint)."""
         adapter = _get_factors(arrays, "adapter", state["adapter"])
         heads = {key: arrays[f"head/{key}"] for key in state["heads"]}
+        pattern = _pattern_from(state.get("pattern"))
         glob = cls(adapter, heads, float(state["lora_alpha"]), bool(state["rslora"]),
-                   base_init=bool(state.get("base_init", False)))
+                   base_init=bool(state.get("base_init", False)), pattern=pattern)
         glob.init_factors = _get_factors(arrays, "init", state.get("init", {}))
         glob.updates = int(state["updates"])
         glob.corrections = [_get_factors(arrays, f"corr{i}", c)
                             for i, c in enumerate(state["corrections"])]
         glob._view_kind = state["view_kind"]
         if glob._view_kind == "fixed":
-            glob.view = _fixed_view(adapter)
+            glob.view = _fixed_view(adapter, pattern)
         elif glob._view_kind == "result":
             v = state["view"]
             if v["type"] == "prefix":
                 glob.view = PrefixView(_get_factors(arrays, "view", v["factors"]),
                                        v["lora_alpha"], v["rslora"], v["split"],
-                                       v["fixed_rank"], v["strategy"], int(v.get("seed", 0)))
+                                       v["fixed_rank"], v["strategy"], int(v.get("seed", 0)),
+                                       pattern)
             else:
                 glob.view = FreshInitView({m: tuple(s) for m, s in v["shapes"].items()},
                                           v["lora_alpha"], v["rslora"], v["seed"],
-                                          np.dtype(v["dtype"]))
+                                          np.dtype(v["dtype"]), pattern)
         return glob
 
 
@@ -318,14 +339,32 @@ def _get_factors(arrays: Mapping[str, np.ndarray], prefix: str, scales: Mapping[
                            scale=float(scale)) for m, scale in scales.items()}
 
 
-def _fixed_view(factors: Mapping[str, LoraFactors]) -> View:
-    def view(rank: int) -> dict[str, LoraFactors]:
-        ranks = {f.rank for f in factors.values()}
-        if ranks != {rank}:
-            raise ValueError(f"global adapter has rank {ranks}; a client asked for {rank}")
+def _fixed_view(factors: Mapping[str, LoraFactors], pattern: ModulePattern | None = None
+                ) -> View:
+    def view(rank: int | Mapping[str, int]) -> dict[str, LoraFactors]:
+        for module, f in factors.items():
+            if f.rank != module_rank(pattern, module, rank):
+                raise ValueError(f"global adapter has rank {f.rank} at {module}; a client of "
+                                 f"rank {rank} cannot load it")
         return dict(factors)
 
     return view
+
+
+def _pattern_state(pattern: ModulePattern | None) -> dict[str, Any] | None:
+    """A rank/alpha pattern as JSON (``None`` stays ``None``)."""
+    if pattern is None:
+        return None
+    return {"reference_rank": pattern.reference_rank, "ranks": [list(p) for p in pattern.ranks],
+            "alphas": [list(p) for p in pattern.alphas]}
+
+
+def _pattern_from(state: Mapping[str, Any] | None) -> ModulePattern | None:
+    if state is None:
+        return None
+    return ModulePattern(int(state["reference_rank"]),
+                         tuple((str(k), int(v)) for k, v in state["ranks"]),
+                         tuple((str(k), float(v)) for k, v in state["alphas"]))
 
 
 def aggregate_heads(heads: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]

@@ -9,6 +9,7 @@ from fedlora.errors import ConfigError
 from fedlora.learning import assets, data
 
 if TYPE_CHECKING:  # torch, transformers and peft load lazily: `fedlora run` checks the data
+    from fedlora.aggregation.patterns import ModulePattern
     from fedlora.learning.lora import (  # and keys before anything imports them
         AdapterSpec,
         ModelSpec,
@@ -70,17 +71,32 @@ def gradient_checkpointing(cfg: RunConfig) -> bool:
     return mode == "on" or (mode == "auto" and cfg.model.quantization != "none")
 
 
+def module_pattern(cfg: RunConfig) -> ModulePattern | None:
+    """``lora.rank-pattern`` / ``lora.alpha-pattern`` as a
+    :class:`~fedlora.aggregation.patterns.ModulePattern` (reference rank ``lora.r``), or
+    ``None`` when neither is set."""
+    from fedlora.aggregation.patterns import ModulePattern
+
+    lo = cfg.lora
+    if not (lo.rank_pattern or lo.alpha_pattern):
+        return None
+    return ModulePattern(lo.r, lo.rank_pattern_items(), lo.alpha_pattern_items())
+
+
 def adapter_spec(cfg: RunConfig, rank: int) -> AdapterSpec:
-    """The run's LoRA keys as a :class:`fedlora.learning.lora.AdapterSpec` of rank ``rank``."""
+    """The peft adapter of a client of LoRA rank ``rank`` (its rank pattern scaled to it)."""
     from fedlora.learning.lora import AdapterSpec
 
     lo = cfg.lora
+    pattern = module_pattern(cfg)
     return AdapterSpec(
         r=rank, alpha=lo.alpha, dropout=lo.dropout,
         target_modules=lo.target_module_list if isinstance(lo.target_module_list, str)
         else tuple(lo.target_module_list),
         bias=lo.bias, modules_to_save=tuple(lo.modules_to_save_list),
         use_rslora=lo.use_rslora, use_dora=lo.use_dora, init=lo.init,
+        rank_pattern=pattern.scaled_ranks(rank) if pattern else (),
+        alpha_pattern=pattern.alphas if pattern else (),
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedlora.aggregation import LoraFactors
+from fedlora.aggregation.patterns import module_scale
 from fedlora.config import RunConfig
 from fedlora.federation.global_adapter import GlobalAdapter, join_arrays, split_arrays
 from fedlora.learning import builders, data, lora, training
@@ -74,9 +75,11 @@ class ServerModel:
         arrays = lora.adapter_arrays(self.model)
         for module, (a, b) in self.base_init.items():
             arrays[module + lora.LORA_A], arrays[module + lora.LORA_B] = a, b
-        factors, heads = split_arrays(arrays, self.adapter.scale)
+        pattern = builders.module_pattern(self.cfg)
+        factors, heads = split_arrays(arrays, lambda module, rank: module_scale(
+            pattern, module, rank, self.adapter.alpha, self.adapter.use_rslora))
         return GlobalAdapter(factors, heads, self.adapter.alpha, self.adapter.use_rslora,
-                             base_init=bool(self.base_init))
+                             base_init=bool(self.base_init), pattern=pattern)
 
     def _load(self, glob: GlobalAdapter) -> None:
         total = glob.export_factors()
@@ -140,11 +143,10 @@ class ServerModel:
         if not total:  # no round finished: the initial adapter (B = 0 unless a base init)
             total = {m: LoraFactors(a=f.a, b=f.scale * f.b, scale=1.0)
                      for m, f in glob.view(self.adapter.r).items()}
-        rank = max(f.rank for f in total.values())
-        spec = builders.adapter_spec(self.cfg, rank)
-        # alpha = r (alpha = sqrt(r) with rsLoRA) makes the exported scale 1: B carries ΔW's scale
-        spec = replace(spec, alpha=float(rank**0.5 if spec.use_rslora else rank))
-        padded = {m: LoraFactors(a=_pad(f.a, rank, 0), b=_pad(f.b, rank, 1), scale=1.0)
+        spec, ranks = export_spec(builders.adapter_spec(self.cfg, 1), total,
+                                  per_module=builders.module_pattern(self.cfg) is not None)
+        rank = spec.r
+        padded = {m: LoraFactors(a=_pad(f.a, ranks[m], 0), b=_pad(f.b, ranks[m], 1), scale=1.0)
                   for m, f in total.items()}
         base, _ = lora.load_base(builders.model_spec(self.cfg))
         from peft import get_peft_model
@@ -262,6 +264,30 @@ def no_evaluation_reason(cfg: RunConfig, server_has_data: bool) -> str | None:
             f"train loss only. Set data.heldout-path to a held-out file the server can read "
             f"(evaluated whole), or fraction-evaluate > 0 for the clients to evaluate on "
             f"their own held-out split")
+
+
+def export_spec(spec: lora.AdapterSpec, total: dict[str, LoraFactors], *, per_module: bool
+                ) -> tuple[lora.AdapterSpec, dict[str, int]]:
+    """The exported adapter's config and each module's rank, for scale-1 factors ``total``.
+
+    ``r`` is the largest module rank and ``lora_alpha = r`` (``sqrt(r)`` with rsLoRA), so the
+    scale is 1 and B carries ΔW's. ``per_module`` (a run with a rank or alpha pattern): each
+    module keeps its own rank, written to peft's ``rank_pattern`` with the matching
+    ``alpha_pattern`` (scale 1 again) under its exact escaped name, so
+    ``PeftModel.from_pretrained`` rebuilds every module's shape; otherwise every module is
+    zero-padded to ``r`` (the product is unchanged)."""
+    import re
+
+    def one(r: int) -> float:
+        return float(r**0.5 if spec.use_rslora else r)
+
+    rank = max(f.rank for f in total.values())
+    ranks = {m: (f.rank if per_module else rank) for m, f in total.items()}
+    keys = {re.escape(m.removeprefix("base_model.model.")): r for m, r in ranks.items()
+            if r != rank}
+    spec = replace(spec, r=rank, alpha=one(rank), rank_pattern=tuple(keys.items()),
+                   alpha_pattern=tuple((k, one(r)) for k, r in keys.items()))
+    return spec, ranks
 
 
 def _pad(x: np.ndarray, rank: int, axis: int) -> np.ndarray:

@@ -37,6 +37,7 @@ import torch
 
 from fedlora.config import is_base_dependent
 from fedlora.errors import ConfigError, PayloadError
+from fedlora.learning.targets import HEAD_MODULES, check_targets
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # peft 0.21 calls a transformers 5 method deprecated in favour of a new name: noise for users
@@ -80,14 +81,18 @@ class AdapterSpec:
     use_rslora: bool = False
     use_dora: bool = False  # M.lora_magnitude_vector (out,) travels as a head
     init: str = "default"
+    # peft's rank_pattern / alpha_pattern, (key, value) in matching order; the ranks are this
+    # adapter's own (already combined with its r: fedlora.aggregation.patterns)
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
 
     def with_rank(self, r: int) -> AdapterSpec:
-        """This spec with rank ``r``."""
+        """The same adapter at rank ``r`` (its rank pattern left as it is)."""
         return replace(self, r=r)
 
     @property
     def scale(self) -> float:
-        """The LoRA scaling ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
+        """``alpha / r`` (``alpha / sqrt(r)``) of the modules no rank/alpha pattern names."""
         return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
 
 
@@ -156,7 +161,6 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
 # Output heads stay floating point: classification heads are trained in full (modules_to_save),
 # and lm_head is often tied to the input embeddings (an explicit skip list replaces
 # transformers' default one, which would have kept it).
-HEAD_MODULES = ("classifier", "score", "lm_head")
 
 
 def _load_quantized(auto: Any, spec: ModelSpec, config: Any) -> torch.nn.Module:
@@ -206,29 +210,6 @@ def is_quantized(layer: torch.nn.Module) -> bool:
     return weight is not None and not torch.is_floating_point(weight)
 
 
-def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """Leaf names of the layers LoRA can adapt (the candidates for ``target_modules``)."""
-    from transformers.pytorch_utils import Conv1D
-
-    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-             if isinstance(mod, torch.nn.Linear | Conv1D)}
-    return sorted(names)
-
-
-def _check_targets(model: torch.nn.Module, spec: AdapterSpec) -> None:
-    if spec.target_modules == "all-linear":
-        return
-    candidates = linear_module_names(model)
-    module_names = [name for name, _ in model.named_modules()]
-    missing = [t for t in spec.target_modules
-               if not any(n == t or n.endswith("." + t) for n in module_names)]
-    if missing:
-        raise ConfigError(
-            f"lora.target-modules {missing} are not modules of this model; candidates: "
-            f"{', '.join(candidates)}"
-        )
-
-
 def peft_config(spec: AdapterSpec, task: str) -> Any:
     """The ``peft.LoraConfig`` of ``spec`` for ``task`` (seq-cls or causal-lm)."""
     from peft import LoraConfig, TaskType
@@ -250,6 +231,8 @@ def peft_config(spec: AdapterSpec, task: str) -> Any:
         # peft never rewrites a node's (or an export's) base weights
         init_lora_weights=(True if spec.init == "default" or is_base_dependent(spec.init)
                            else spec.init),
+        rank_pattern=dict(spec.rank_pattern),
+        alpha_pattern=dict(spec.alpha_pattern),
     )
 
 
@@ -260,7 +243,7 @@ def build_peft_model(model_spec: ModelSpec, adapter: AdapterSpec, seed: int = 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # covers new heads (e.g. the classifier) and the LoRA init
         base, tokenizer = load_base(model_spec)
-        _check_targets(base, adapter)
+        check_targets(base, adapter)
         model = get_peft_model(base, peft_config(adapter, model_spec.task))
     return model, tokenizer
 
@@ -305,7 +288,7 @@ class ModelCache:
             del self._models[model_spec]
             return self.get(model_spec, adapter)
         if adapter not in names:
-            _check_targets(model, adapter)
+            check_targets(model, adapter)
             name = f"adapter-{len(names)}"
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
