@@ -88,7 +88,7 @@ def compress(f: LoraFactors, rtol: float = 1e-7) -> LoraFactors:
 
 
 def initial_view(factors: Mapping[str, LoraFactors], lora_alpha: float, rslora: bool,
-                 base_init: bool = False, pattern: ModulePattern | None = None) -> View:
+                 pattern: ModulePattern | None = None, base_init: bool = False) -> View:
     """Slices of the seeded initial adapter (built at the largest rank); under a rank pattern
     each module is sliced to its own rank for the client.
 
@@ -137,14 +137,14 @@ class GlobalAdapter:
     """
 
     def __init__(self, factors: Mapping[str, LoraFactors], heads: Mapping[str, np.ndarray],
-                 lora_alpha: float, rslora: bool, base_init: bool = False,
-                 pattern: ModulePattern | None = None) -> None:
+                 lora_alpha: float, rslora: bool, pattern: ModulePattern | None = None,
+                 base_init: bool = False) -> None:
         self.lora_alpha = lora_alpha
         self.rslora = rslora
         self.base_init = base_init
         self.pattern = pattern
         self.init_factors = dict(factors) if base_init else {}
-        self.view: View = initial_view(factors, lora_alpha, rslora, base_init, pattern)
+        self.view: View = initial_view(factors, lora_alpha, rslora, pattern, base_init)
         self._view_kind = "initial"
         self.heads = dict(heads)
         self.result: AggregationResult | None = None
