@@ -1,6 +1,6 @@
 """Flower ClientApp: fine-tune LoRA on this node's private data, send only the factors.
 
-Wire contract (see ``server/strategy.py`` for the other side)
+Wire contract (the server side: ``server/round/messages.py``, ``server/round/validate.py``)
 
 * in  ``arrays``      ArrayRecord — the adapter for this node's rank (peft key names), in the
   run's ``wire-dtype`` (float32, float16 or bfloat16; ``fedlora/federation/transport.py``)
@@ -111,18 +111,47 @@ def capabilities(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """One round on this node: catch up, train, and reply with the factors in ``send`` (under
+    ``secure-aggregation`` with this round's public keys instead: the factors follow masked)."""
     started = time.perf_counter()
     cpu = time.process_time()  # this worker process's CPU spent on the message
     rss_reset = outputs.start_peak_window()  # this message's peak memory: load and train
     cfg, node, model, tokenizer, instructions, base, arrays = _prepare(msg, context)
-    if cfg.fl.secure_aggregation and instructions.get(STAGE_KEY) != "train":
+    secure = instructions.get(STAGE_KEY) == "train"  # secure aggregation: the factors stay here
+    if cfg.fl.secure_aggregation and not secure:
         raise ConfigError("this run has secure-aggregation = true, but the server asked for "
                           "the factors in the clear (a train message without secagg-stage); "
                           "the node refuses to send them")
+    trained, metrics, load_seconds = _train_round(cfg, node, model, tokenizer, instructions,
+                                                  arrays, context, started)
+    _keep_state(context, instructions, trained, base)
+    metrics.update({"partition-id": node.partition_id, "lora-rank": node.rank,
+                    "base-version": base.version,
+                    "server-round": int(instructions["server-round"]),
+                    "rss-mb": outputs.rss_mb(), "peak-rss-mb": outputs.rss_mb(peak=True),
+                    "load-seconds": load_seconds, "train-cpu-s": time.process_time() - cpu,
+                    **outputs.window_peaks(rss_reset)})
+    outgoing = _outgoing(cfg, context, node, instructions, arrays, trained, metrics, secure)
+    if secure:
+        return Message(_secure_keys(cfg, context, node, instructions, outgoing, metrics),
+                       reply_to=msg)
+    reply = RecordDict({"arrays": pack(outgoing, cfg.fl.wire_dtype),
+                        "metrics": MetricRecord(metrics)})
+    if cfg.fl.sign_updates:
+        signed_wire.sign_reply(reply, signed_wire.node_key(context), context.run_id,
+                               context.node_id, int(instructions["server-round"]))
+    return Message(reply, reply_to=msg)
+
+
+def _train_round(cfg: config.RunConfig, node: client.Node, model, tokenizer,
+                 instructions: ConfigRecord, arrays: dict[str, np.ndarray], context: Context,
+                 started: float) -> tuple[dict[str, np.ndarray], dict, float]:
+    """Train the factors in ``trainable`` on this node's data (with torch.distributed when
+    the node has several processes): the trained arrays, the training metrics and the
+    seconds spent loading until training began."""
     train_examples = client.train_examples(cfg, node, tokenizer)
     spec = builders.train_spec(cfg, int(instructions["server-round"]), node.partition_id)
     load_seconds = time.perf_counter() - started  # model (cached after the first), data, adapter
-
     trainable = str(instructions.get("trainable", "ab"))
     if node.procs > 1:  # this process is rank 0 of the node's torch.distributed group
         trained, metrics = ddp.train_round(context.run_config, context.node_config, model,
@@ -131,24 +160,32 @@ def train(msg: Message, context: Context) -> Message:
     else:
         trained, metrics = client.train_round(model, tokenizer, train_examples, arrays, spec,
                                               trainable)
+    return trained, metrics, load_seconds
 
+
+def _keep_state(context: Context, instructions: ConfigRecord, trained: dict[str, np.ndarray],
+                base: client.BaseState) -> None:
+    """What the node keeps between rounds: its personal B (FedSA) and its base corrections."""
     if instructions.get("personal") == "b":
         context.state[PERSONAL] = pack({k: v for k, v in trained.items()
                                         if k.endswith(lora.LORA_B)})
     if base.version:
         context.state[BASE] = pack_correction(base.factors)
         context.state[BASE_META] = ConfigRecord({"version": base.version})
-    outgoing = client.select_outgoing(trained, str(instructions.get("send", "ab")))
-    secure = instructions.get(STAGE_KEY) == "train"  # secure aggregation: the factors stay here
+
+
+def _outgoing(cfg: config.RunConfig, context: Context, node: client.Node,
+              instructions: ConfigRecord, arrays: dict[str, np.ndarray],
+              trained: dict[str, np.ndarray], metrics: dict, secure: bool
+              ) -> dict[str, np.ndarray]:
+    """What leaves the node: the factors in ``send`` (clipped under secure aggregation),
+    privatized under DP, self-pruned under hetlora-prune, checked against the declared
+    outgoing schema (nothing else leaves)."""
+    send = str(instructions.get("send", "ab"))
+    outgoing = client.select_outgoing(trained, send)
     if secure:
         outgoing = secure_client.clip_update(outgoing, arrays, cfg.fl.clip_update_norm)
     dp = cfg.fl.dp_spec()
-    metrics.update({"partition-id": node.partition_id, "lora-rank": node.rank,
-                    "base-version": base.version,
-                    "server-round": int(instructions["server-round"]),
-                    "rss-mb": outputs.rss_mb(), "peak-rss-mb": outputs.rss_mb(peak=True),
-                    "load-seconds": load_seconds, "train-cpu-s": time.process_time() - cpu,
-                    **outputs.window_peaks(rss_reset)})
     if dp.enabled:  # clip, and add this node's noise, before anything leaves the node
         contributors = _dp_contributors(cfg, dp, instructions)
         if secure:  # decided on public values only, before the data is touched
@@ -159,37 +196,36 @@ def train(msg: Message, context: Context) -> Message:
         privacy.withhold_metrics(dp, metrics, dp_metrics)
     if cfg.fl.hetlora_prune:  # HetLoRA's local rank self-pruning, decided on this node
         outgoing = _self_prune(cfg, context, node, trained, outgoing, metrics)
-    # the declared outgoing schema, enforced here: nothing else leaves the node
-    wire_schema.check_outgoing(outgoing, arrays, str(instructions.get("send", "ab")), metrics,
+    wire_schema.check_outgoing(outgoing, arrays, send, metrics,
                                rank=int(metrics["pruned-rank"]) if cfg.fl.hetlora_prune
                                else None)
-    if secure:
-        if cfg.fl.strategy == "hetlora":  # norm weights and padding applied here, summed there
-            outgoing = secure_hetlora.prescale(
-                outgoing, int(metrics["num-examples"]), node.rank,
-                int(instructions["hetlora-rank"]),
-                cfg.lora.alpha, cfg.lora.use_rslora, cfg.fl.hetlora_weight_by_examples,
-                gain=float(instructions["hetlora-gain"]), clip_range=cfg.fl.secagg_clip_range)
-        if dp.mode not in privacy.UNTRUSTED_SERVER:  # a count of this data's large values
-            # the codec clips every coordinate to ±secagg-clip-range: say how many it will
-            metrics["secagg-clipped"] = int(sum(
-                np.count_nonzero(~(np.abs(v) <= cfg.fl.secagg_clip_range))
-                for v in outgoing.values()))
-        weight = 1 if dp.enabled else int(metrics["num-examples"])  # DP: an unweighted mean
-        keys = secure_client.begin(context, secagg_config(cfg), int(instructions["server-round"]),
-                                   outgoing, weight)
-        if cfg.fl.sign_updates:  # vouch for this round's keys, for the neighbours to check
-            keys.update(signed_wire.sign_keys(
-                signed_wire.node_key(context), context.run_id, context.node_id,
-                int(instructions["server-round"]), keys["mask-key"], keys["encryption-key"]))
-        return Message(RecordDict({SECAGG: keys, "metrics": MetricRecord(metrics)}),
-                       reply_to=msg)
-    reply = RecordDict({"arrays": pack(outgoing, cfg.fl.wire_dtype),
-                        "metrics": MetricRecord(metrics)})
-    if cfg.fl.sign_updates:
-        signed_wire.sign_reply(reply, signed_wire.node_key(context), context.run_id,
-                               context.node_id, int(instructions["server-round"]))
-    return Message(reply, reply_to=msg)
+    return outgoing
+
+
+def _secure_keys(cfg: config.RunConfig, context: Context, node: client.Node,
+                 instructions: ConfigRecord, outgoing: dict[str, np.ndarray], metrics: dict
+                 ) -> RecordDict:
+    """Secure round, stage 0: the factors stay on the node (weighted, padded for HetLoRA);
+    the reply carries this round's public keys (signed with ``sign-updates``) and metrics."""
+    dp = cfg.fl.dp_spec()
+    server_round = int(instructions["server-round"])
+    if cfg.fl.strategy == "hetlora":  # norm weights and padding applied here, summed there
+        outgoing = secure_hetlora.prescale(
+            outgoing, int(metrics["num-examples"]), node.rank, int(instructions["hetlora-rank"]),
+            cfg.lora.alpha, cfg.lora.use_rslora, cfg.fl.hetlora_weight_by_examples,
+            gain=float(instructions["hetlora-gain"]), clip_range=cfg.fl.secagg_clip_range)
+    if dp.mode not in privacy.UNTRUSTED_SERVER:  # a count of this data's large values
+        # the codec clips every coordinate to ±secagg-clip-range: say how many it will
+        metrics["secagg-clipped"] = int(sum(
+            np.count_nonzero(~(np.abs(v) <= cfg.fl.secagg_clip_range))
+            for v in outgoing.values()))
+    weight = 1 if dp.enabled else int(metrics["num-examples"])  # DP: an unweighted mean
+    keys = secure_client.begin(context, secagg_config(cfg), server_round, outgoing, weight)
+    if cfg.fl.sign_updates:  # vouch for this round's keys, for the neighbours to check
+        keys.update(signed_wire.sign_keys(
+            signed_wire.node_key(context), context.run_id, context.node_id, server_round,
+            keys["mask-key"], keys["encryption-key"]))
+    return RecordDict({SECAGG: keys, "metrics": MetricRecord(metrics)})
 
 
 def _self_prune(cfg: config.RunConfig, context: Context, node: client.Node,
@@ -295,6 +331,7 @@ def personal_export(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global adapter (with this node's personal factors) on its held-out data."""
     cfg, node, model, tokenizer, _, _, arrays = _prepare(msg, context)
     heldout = client.heldout_examples(cfg, node, tokenizer)
     lora.load_adapter_arrays(model, arrays)

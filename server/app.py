@@ -33,6 +33,7 @@ FEDSA_NOTE = ("fedsa keeps B on the nodes: the central adapter carries the globa
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """The ServerApp: check the config, run (or resume) the rounds, write ``summary.json``."""
     started, started_at = time.perf_counter(), time.time()
     single_threaded_blas()  # numpy's BLAS threads would spin on the cores torch evaluates on
     cfg = config.from_flat(context.run_config)
@@ -130,6 +131,8 @@ class DataScreenedGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> list[Message]:
+        """The wrapped grid's replies, less the capability replies that report a data
+        error (each logged once and kept in :attr:`left_out`)."""
         kept = []
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
             caps = (reply.content.get("caps") if not reply.has_error()

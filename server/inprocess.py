@@ -59,6 +59,7 @@ class InProcessGrid:
         self._replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
+        """The ids of the in-process nodes (as a SuperLink's connected nodes)."""
         return list(self.contexts)
 
     def _deliver(self, msg: Message) -> Message:
@@ -96,4 +97,5 @@ class InProcessGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> list[Message]:
+        """Deliver ``messages`` and return their replies (``timeout`` is not needed here)."""
         return self.pull_messages(self.push_messages(messages))

@@ -94,6 +94,55 @@ class SecureOutcome:
     abort_reason: str = ""
 
 
+@dataclass(frozen=True)
+class ReplyChecks:
+    """How :meth:`SecureRound.run` checks the replies of one round.
+
+    Parameters
+    ----------
+    check_metrics
+        Validates a stage-0 reply's metrics (round, example count, loss) and returns its
+        example count, or raises :class:`~fedlora.errors.PayloadError`.
+    check_signature
+        ``(content, sender)``: verifies a masked input's signature before it is decoded
+        (``sign-updates``), or raises
+        :class:`~fedlora.privacy.secagg.signing.SignatureRejected`.
+    signing_keys
+        ``node → Ed25519 public key`` with ``sign-updates``: each node's stage-0 X25519
+        keys must carry its signature (:func:`fedlora.privacy.signed_wire.sign_keys`), which
+        the key directory forwards so that every node can check its neighbours'; a node
+        without one is rejected at stage 0. The stage-3 unmask responses are verified
+        with these keys too. ``None``: nothing of the sort is signed.
+    run_id
+        The run the key signatures are bound to.
+    """
+
+    check_metrics: Callable[[dict[str, Any]], int]
+    check_signature: Callable[[RecordDict, int], None] | None = None
+    signing_keys: Mapping[int, bytes] | None = None
+    run_id: int = 0
+
+
+@dataclass
+class _Session:
+    """One secure round in progress: where it sends, its SecAggServer, its outcome so far
+    and how many of the server's rejections are counted in it."""
+
+    grid: Grid
+    server: SecAggServer
+    server_round: int
+    out: SecureOutcome
+    counted: int = 0
+
+    def count(self) -> None:
+        """Count (and log) the server's rejections since the last call."""
+        for rejection in self.server.rejections[self.counted:]:
+            self.out.rejected[_REASONS.get(rejection.reason, rejection.reason)] += 1
+            log(WARNING, "Secure round, %s: rejected node %s: %s (%s)", rejection.stage.label,
+                rejection.node, rejection.reason, rejection.detail)
+        self.counted = len(self.server.rejections)
+
+
 class SecureRound:
     """Runs the message rounds of secure aggregation for :class:`server.strategy.FederatedLora`.
 
@@ -113,11 +162,8 @@ class SecureRound:
         self._unmask_verifier: UpdateVerifier | None = None  # sign-updates: stage-3 replies
 
     def run(self, grid: Grid, server_round: int, sampled: list[NodeInfo],
-            messages: list[Message], template: Mapping[str, np.ndarray],
-            check_metrics: Callable[[dict[str, Any]], int],
-            check_signature: Callable[[RecordDict, int], None] | None = None,
-            min_contributors: int = 0, signing_keys: Mapping[int, bytes] | None = None,
-            run_id: int = 0) -> SecureOutcome:
+            messages: list[Message], template: Mapping[str, np.ndarray], checks: ReplyChecks,
+            min_contributors: int = 0) -> SecureOutcome:
         """Stage 0 (``messages``, the round's train messages) and stages 1–3.
 
         Parameters
@@ -125,21 +171,8 @@ class SecureRound:
         template
             The arrays one node would send back in a plain round (names and shapes); every
             sampled node has the same rank, so the same layout.
-        check_metrics
-            Validates a reply's metrics (round, example count, loss) and returns its
-            example count, or raises :class:`~fedlora.errors.PayloadError`.
-        check_signature
-            ``(content, sender)``: verifies a masked input's signature before it is decoded
-            (``sign-updates``), or raises
-            :class:`~fedlora.privacy.secagg.signing.SignatureRejected`.
-        signing_keys
-            ``node → Ed25519 public key`` with ``sign-updates``: each node's stage-0 X25519
-            keys must carry its signature (:func:`fedlora.privacy.signed_wire.sign_keys`), which the
-            key directory forwards so that every node can check its neighbours'; a node
-            without one is rejected at stage 0. The stage-3 unmask responses are verified
-            with these keys too. ``None``: nothing of the sort is signed.
-        run_id
-            The run the key signatures are bound to.
+        checks
+            How each stage-0 reply, masked input and unmask response is checked.
         min_contributors
             Abort before unmasking when fewer masked inputs arrived (``dp-mode =
             'distributed'``: a smaller sum would carry less noise than promised, and one
@@ -148,77 +181,23 @@ class SecureRound:
         out = SecureOutcome()
         by_id = {n.node_id: n for n in sampled}
         _, layout = flatten_arrays(template)
-        server = SecAggServer(self.settings, server_round, list(by_id), layout.size)
-
-        def masked_input(content: RecordDict, src: int) -> Any:
-            if check_signature is not None:  # before a byte of the input is decoded
-                check_signature(content, src)
-            return read_masked(content, src, layout.size)
-
-        if signing_keys is not None and self._unmask_verifier is None:
+        session = _Session(grid, SecAggServer(self.settings, server_round, list(by_id),
+                                              layout.size), server_round, out)
+        if checks.signing_keys is not None and self._unmask_verifier is None:
             # its own verifier: one accepted stage-3 reply per node and round, apart from
             # the stage-2 one the strategy's verifier accepts
-            self._unmask_verifier = UpdateVerifier(str(run_id), signing_keys)
-
-        def unmask_response(content: RecordDict, src: int) -> Any:
-            if self._unmask_verifier is not None:  # shares altered in transit are refused
-                signed_wire.verify_reply(self._unmask_verifier, content, src, server_round)
-            return read_unmask(content, src)
-
+            self._unmask_verifier = UpdateVerifier(str(checks.run_id), checks.signing_keys)
         for msg in messages:
             msg.content["config"][STAGE_KEY] = "train"
         replies = list(grid.send_and_receive(messages, timeout=self.timeout))
         started = time.perf_counter()
-        adverts, metrics, vouched = [], {}, {}
-        for reply in self._answers(messages, replies, by_id, out):
-            src = reply.metadata.src_node_id
-            out.trained.append(by_id[src])
-            try:
-                metrics[src] = self._check_stage0(reply.content, check_metrics)
-                advert = read_advert(reply.content, src)
-                if signing_keys is not None:
-                    vouched[src] = self._check_key_signature(
-                        reply.content, advert, signing_keys, run_id, server_round)
-                adverts.append(advert)
-            except (PayloadError, SignatureRejected) as exc:
-                self._reject(out, server_round, src, exc)
-        seen = 0  # server.rejections already counted
+        adverts, metrics, vouched = self._train_replies(session, messages, replies, by_id,
+                                                        checks)
         try:
-            directory = server.collect_keys(adverts)
-            seen = self._count(server, out, before=seen)
-            if (n := len(directory.public_keys)) not in self._assessed:
-                self._assessed.add(n)
-                log(INFO, "Round %d: %s", server_round, self.settings.assess(n).describe())
-            bundles = self._exchange(grid, server_round, SHARE_KEYS, {
-                node: directory_record(directory, vouched if signing_keys is not None else None)
-                for node in directory.public_keys
-            }, read_bundle, out)
-            relays = server.collect_shares(bundles)
-            seen = self._count(server, out, before=seen)
-            inputs = self._exchange(grid, server_round, MASKED_INPUT, {
-                node: relayed_record(relayed) for node, relayed in relays.items()
-            }, masked_input, out)
-            requests = server.collect_masked_inputs(inputs)
-            seen = self._count(server, out, before=seen)
-            if len(requests) < min_contributors:  # no share asked for: the sum stays masked
-                raise SecAggAborted(
-                    "masked-input", server_round,
-                    f"{len(requests)} masked input(s) arrived, {min_contributors} needed "
-                    f"(dp-min-contributors, min-accepted): with fewer the sum would carry "
-                    f"less noise than dp-mode = 'distributed' promises, or be discarded after "
-                    f"it was seen, so it is not unmasked", reason="DP_TOO_FEW",
-                    hint="lower dp-min-contributors (each client then adds more noise) or "
-                         "min-accepted to tolerate more dropouts")
-            responses = self._exchange(grid, server_round, UNMASK, {
-                node: unmask_request_record(request) for node, request in requests.items()
-            }, unmask_response, out)
-            weights = {node: float(1 if self.max_weight == float("inf") else
-                                   int(metrics[node]["num-examples"]))
-                       for node in requests}
-            total = server.collect_unmask_responses(responses, declared_weights=weights)
-            self._count(server, out, before=seen)
+            total = self._sum(session, adverts, metrics, vouched, layout.size, checks,
+                              min_contributors)
         except SecAggAborted as exc:
-            self._count(server, out, before=seen)
+            session.count()
             out.aborted, out.abort_reason = str(exc), exc.reason
             log(WARNING, "Round %d: %s", server_round, exc)
         else:
@@ -227,7 +206,89 @@ class SecureRound:
             out.error_bound = total.error_bound / total.total_weight
             out.contributors = sorted(((by_id[n], metrics[n]) for n in total.contributors),
                                       key=lambda item: item[0].partition_id)
-        return self._finish(out, server, server_round, started)
+        return self._finish(out, session.server, server_round, started)
+
+    def _train_replies(self, session: _Session, messages: list[Message],
+                       replies: list[Message], by_id: Mapping[int, NodeInfo],
+                       checks: ReplyChecks) -> tuple[list[Any], dict[int, Any], dict[int, Any]]:
+        """Stage 0's answers: the key adverts, each node's metrics and, with signing keys,
+        what vouches for its round keys; a bad answer drops its node (counted by reason)."""
+        out, server_round = session.out, session.server_round
+        adverts, metrics, vouched = [], {}, {}
+        for reply in self._answers(messages, replies, by_id, out):
+            src = reply.metadata.src_node_id
+            out.trained.append(by_id[src])
+            try:
+                metrics[src] = self._check_stage0(reply.content, checks.check_metrics)
+                advert = read_advert(reply.content, src)
+                if checks.signing_keys is not None:
+                    vouched[src] = self._check_key_signature(
+                        reply.content, advert, checks.signing_keys, checks.run_id,
+                        server_round)
+                adverts.append(advert)
+            except (PayloadError, SignatureRejected) as exc:
+                self._reject(out, server_round, src, exc)
+        return adverts, metrics, vouched
+
+    def _sum(self, session: _Session, adverts: list[Any], metrics: Mapping[int, Any],
+             vouched: Mapping[int, Any], size: int, checks: ReplyChecks,
+             min_contributors: int) -> Any:
+        """Stages 1–3 after the key adverts: share keys, masked inputs, unmasking; the
+        unmasked sum. Raises :class:`~fedlora.privacy.secagg.SecAggAborted`."""
+        server, server_round, out = session.server, session.server_round, session.out
+        directory = server.collect_keys(adverts)
+        session.count()
+        if (n := len(directory.public_keys)) not in self._assessed:
+            self._assessed.add(n)
+            log(INFO, "Round %d: %s", server_round, self.settings.assess(n).describe())
+        bundles = self._exchange(session.grid, server_round, SHARE_KEYS, {
+            node: directory_record(directory, vouched if checks.signing_keys is not None
+                                   else None)
+            for node in directory.public_keys
+        }, read_bundle, out)
+        relays = server.collect_shares(bundles)
+        session.count()
+
+        def masked_input(content: RecordDict, src: int) -> Any:
+            if checks.check_signature is not None:  # before a byte of the input is decoded
+                checks.check_signature(content, src)
+            return read_masked(content, src, size)
+
+        inputs = self._exchange(session.grid, server_round, MASKED_INPUT, {
+            node: relayed_record(relayed) for node, relayed in relays.items()
+        }, masked_input, out)
+        requests = server.collect_masked_inputs(inputs)
+        session.count()
+        if len(requests) < min_contributors:  # no share asked for: the sum stays masked
+            raise SecAggAborted(
+                "masked-input", server_round,
+                f"{len(requests)} masked input(s) arrived, {min_contributors} needed "
+                f"(dp-min-contributors, min-accepted): with fewer the sum would carry "
+                f"less noise than dp-mode = 'distributed' promises, or be discarded after "
+                f"it was seen, so it is not unmasked", reason="DP_TOO_FEW",
+                hint="lower dp-min-contributors (each client then adds more noise) or "
+                     "min-accepted to tolerate more dropouts")
+        return self._unmask(session, requests, metrics)
+
+    def _unmask(self, session: _Session, requests: Mapping[int, Any],
+                metrics: Mapping[int, Any]) -> Any:
+        """Stage 3: the shares that unmask the sum of the masked inputs of ``requests``."""
+        server_round = session.server_round
+
+        def unmask_response(content: RecordDict, src: int) -> Any:
+            if self._unmask_verifier is not None:  # shares altered in transit are refused
+                signed_wire.verify_reply(self._unmask_verifier, content, src, server_round)
+            return read_unmask(content, src)
+
+        responses = self._exchange(session.grid, server_round, UNMASK, {
+            node: unmask_request_record(request) for node, request in requests.items()
+        }, unmask_response, session.out)
+        weights = {node: float(1 if self.max_weight == float("inf") else
+                               int(metrics[node]["num-examples"]))
+                   for node in requests}
+        total = session.server.collect_unmask_responses(responses, declared_weights=weights)
+        session.count()
+        return total
 
     # ------------------------------------------------------------------ helpers
 
@@ -320,13 +381,3 @@ class SecureRound:
         out.rejected[exc.reason] += 1
         log(WARNING, "Round %d: rejected secure-aggregation reply of node %s: %s",
             server_round, node, exc)
-
-    @staticmethod
-    def _count(server: SecAggServer, out: SecureOutcome, before: int) -> int:
-        """Add the server's rejections after the first ``before``; returns how many it has."""
-        for rejection in server.rejections[before:]:
-            out.rejected[_REASONS.get(rejection.reason, rejection.reason)] += 1
-            log(WARNING, "Secure round, %s: rejected node %s: %s (%s)", rejection.stage.label,
-                rejection.node, rejection.reason, rejection.detail)
-        return len(server.rejections)
-

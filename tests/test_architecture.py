@@ -286,3 +286,103 @@ def test_every_public_function_method_and_class_has_a_docstring():
         f"{len(offenders)} public functions, methods or classes without a docstring (house "
         "rule, issue 17); give each one a useful line (what it does, the arguments worth "
         "naming, what it returns or raises):\n" + "\n".join(offenders))
+
+
+# issue 17: the server and client apps read as short stages, not one long method
+SIZE_LIMITED = ("server", "clients")
+MAX_FUNCTION_LINES = 60
+MAX_FILE_LINES = 500
+
+
+def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """``(qualified name, lines)`` of each function or method in ``path`` longer than ``limit``
+    lines, from its ``def`` line to its last line (docstring and nested functions included)."""
+    found: list[tuple[str, int]] = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            name = prefix
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                name = f"{prefix}{child.name}."
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = child.end_lineno - child.lineno + 1
+                if lines > limit:
+                    found.append((name[:-1], lines))
+            visit(child, name)
+
+    visit(ast.parse(path.read_text(), filename=str(path)), "")
+    return found
+
+
+def _size_limited_files() -> list[Path]:
+    return [path for package in SIZE_LIMITED for path in sorted((ROOT / package).rglob("*.py"))]
+
+
+def test_long_functions_finds_a_planted_long_method_and_nested_function(tmp_path):
+    # Prepare: a 61-line method, a 60-line function, and a long function nested in a short one
+    body = "".join(f"    x{i} = {i}\n" for i in range(59))
+    source = (f"class C:\n    def long(self):\n{body.replace('    ', '        ')}"
+              f"        return x0\n\n"
+              f"def exact():\n{body}\n"
+              f"def outer():\n    def inner():\n{body.replace('    ', '        ')}"
+              f"        return x0\n    return inner\n")
+    path = tmp_path / "m.py"
+    path.write_text(source)
+
+    # Execute
+    found = long_functions(path)
+
+    # Assert: 2 + 59 = 61 lines each; exact() is 1 + 59 = 60, at the limit
+    assert found == [("C.long", 61), ("outer", 63), ("outer.inner", 61)]
+
+
+def test_every_function_in_server_and_clients_is_at_most_60_lines():
+    too_long = [f"{path.relative_to(ROOT)}: {name} ({lines} lines)"
+                for path in _size_limited_files() for name, lines in long_functions(path)]
+    assert not too_long, (f"functions over {MAX_FUNCTION_LINES} lines; split each into named "
+                          "stages (see server/round/):\n" + "\n".join(too_long))
+
+
+def test_every_file_in_server_and_clients_is_at_most_500_lines():
+    too_long = [f"{path.relative_to(ROOT)}: {n} lines" for path in _size_limited_files()
+                if (n := len(path.read_text().splitlines())) > MAX_FILE_LINES]
+    assert not too_long, (f"files over {MAX_FILE_LINES} lines; move a concern into its own "
+                          "module:\n" + "\n".join(too_long))
+
+
+def undocumented(path: Path) -> list[str]:
+    """Public functions, classes and methods of public classes in ``path`` (module level and
+    class level; not nested functions) that have no docstring."""
+    missing: list[str] = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                continue
+            if child.name.startswith("_"):
+                continue
+            if ast.get_docstring(child) is None:
+                missing.append(prefix + child.name)
+            if isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.")
+
+    visit(ast.parse(path.read_text(), filename=str(path)), "")
+    return missing
+
+
+def test_undocumented_finds_public_functions_and_methods_without_docstrings(tmp_path):
+    # Prepare
+    path = tmp_path / "m.py"
+    path.write_text('def bare():\n    pass\n\ndef told():\n    """Doc."""\n\n'
+                    'def _private():\n    pass\n\nclass K:\n    """Doc."""\n\n'
+                    '    def method(self):\n        def nested():\n            pass\n\n'
+                    '    def _helper(self):\n        pass\n')
+
+    # Execute / Assert
+    assert undocumented(path) == ["bare", "K.method"]
+
+
+def test_every_public_function_in_server_and_clients_has_a_docstring():
+    missing = [f"{path.relative_to(ROOT)}: {name}" for path in _size_limited_files()
+               for name in undocumented(path)]
+    assert not missing, "public functions without a docstring:\n" + "\n".join(missing)

@@ -16,6 +16,7 @@ from fedlora.learning import client_round as client
 from fedlora.learning.evaluator import ServerModel
 from server import strategy as strategy_module
 from server.inprocess import InProcessGrid
+from server.round import aggregate as aggregate_stage
 from server.strategy import FederatedLora
 
 MIXED = "2,4,8"
@@ -246,13 +247,13 @@ def test_every_round_records_server_and_client_memory():
 def _spy_on_the_fast_mean(monkeypatch) -> list[int]:
     """Counts the records each call of the server's zero-copy weighted mean averages."""
     calls: list[int] = []
-    real = strategy_module.weighted_mean_records
+    real = aggregate_stage.weighted_mean_records
 
     def spy(records, weights):
         calls.append(len(records))
         return real(records, weights)
 
-    monkeypatch.setattr(strategy_module, "weighted_mean_records", spy)
+    monkeypatch.setattr(aggregate_stage, "weighted_mean_records", spy)
     return calls
 
 
@@ -305,30 +306,32 @@ def _check_the_generic_path_beside_the_fast_one(monkeypatch) -> list[dict]:
     from fedlora.federation.global_adapter import aggregate_heads, join_arrays
 
     checked: list[dict] = []
-    real_records = FederatedLora.records_to_average
-    real_adopt = FederatedLora._adopt_mean
+    real_records = aggregate_stage.records_to_average
+    real_adopt = aggregate_stage.adopt_mean
+    seen: list[list] = []  # the accepted replies of the round being aggregated
 
-    def records_to_average(self, accepted):
-        self._test_accepted = list(accepted)
-        return real_records(self, accepted)
+    def records_to_average(cfg, accepted):
+        seen[:] = [list(accepted)]
+        return real_records(cfg, accepted)
 
-    def adopt_mean(self, mean, sent, node, weight, plan, server_round):
-        result, heads, update = real_adopt(self, mean, sent, node, weight, plan, server_round)
-        accepted = self._test_accepted
+    def adopt_mean(cfg, glob, mean, sent, node, weight, plan, server_round):
+        previous = glob.arrays_for(node.rank)  # before the round's result is adopted
+        result, heads, update = real_adopt(cfg, glob, mean, sent, node, weight, plan,
+                                           server_round)
+        accepted = seen[0]
         updates = [item.update for item in accepted]
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)
         p = weights / weights.sum()
-        generic = self._aggregate(updates, plan, server_round)
+        generic = aggregate_stage.apply_rule(cfg, glob, updates, plan, server_round)
         generic_heads = aggregate_heads([item.heads for item in accepted], list(weights))
         fast = join_arrays(result.for_client(node.rank), heads)
         slow = join_arrays(generic.for_client(node.rank), generic_heads)
         inputs = [join_arrays(item.update.factors, item.heads) for item in accepted]
         bound = {key: weighted_sum_bound([x[key] for x in inputs], weights) for key in slow}
-        if self.optimizer is not None:
+        opt = strategy_module.build_optimizer(cfg)  # as the run's before its first step
+        if opt is not None:
             import copy
-            opt = self.optimizer
-            assert opt.name == "fedadam" and opt._steps == 0, "bound derived for step 1"
-            previous = self.glob.arrays_for(node.rank)
+            assert opt.name == "fedadam" and server_round == 1, "bound derived for step 1"
             fast = copy.deepcopy(opt).step(previous, fast)
             slow = copy.deepcopy(opt).step(previous, slow)
             gain = opt.lr * (1 - opt.beta_1) / opt.tau
@@ -348,8 +351,8 @@ def _check_the_generic_path_beside_the_fast_one(monkeypatch) -> list[dict]:
                         "agg_error": agg_error})
         return result, heads, update
 
-    monkeypatch.setattr(FederatedLora, "records_to_average", records_to_average)
-    monkeypatch.setattr(FederatedLora, "_adopt_mean", adopt_mean)
+    monkeypatch.setattr(aggregate_stage, "records_to_average", records_to_average)
+    monkeypatch.setattr(aggregate_stage, "adopt_mean", adopt_mean)
     return checked
 
 

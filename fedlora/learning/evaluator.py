@@ -244,7 +244,7 @@ def _label_names(cfg: RunConfig, heldout: Any) -> list[str] | None:
 
 def federated_evaluation(cfg: RunConfig) -> bool:
     """Do clients evaluate each round? With ``fraction-evaluate`` > 0, and with FedSA, whose
-    personal B only the clients hold (``server/strategy.py`` ``round_plan``)."""
+    personal B only the clients hold (``server/round/plan.py`` ``round_plan``)."""
     return cfg.fl.fraction_evaluate > 0 or cfg.fl.strategy == "fedsa"
 
 
