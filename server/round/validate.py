@@ -92,7 +92,11 @@ class ReplyValidator:
         if self.cfg.fl.hetlora_prune:
             node, sent = self._pruned_reply(node, arrays, sent)
         # frozen or personal factors were not sent back: they are what this node received
-        scale = glob.scale_of  # per module: its alpha over the rank it arrived at
+        # per module: its alpha over the rank it arrived at (a rank-0 array gets a placeholder
+        # scale here and is refused below as SHAPE_MISMATCH)
+        def scale(module: str, rank: int) -> float:
+            return glob.scale_of(module, max(rank, 1))
+
         factors, heads = split_arrays({**sent, **arrays}, scale)
         sent_factors, sent_heads = split_arrays(sent, scale)
         for key, value in heads.items():
