@@ -303,7 +303,8 @@ def test_exported_adapter_reloads_on_a_plain_base_with_the_server_metrics(init, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("init", ["pissa", *(pytest.param(i, marks=pytest.mark.long)
+                                             for i in INITS[1:])])  # CI: one real run
 def test_fedlora_run_with_each_init_and_load_model_reproduces_the_final_metric(init, tmp_path):
     """A real ``fedlora run`` (Flower simulation, 3 clients, 2 rounds), then
     ``fedlora.load_model`` on its output directory: the server's final held-out metrics."""
