@@ -1,4 +1,5 @@
-"""StatusPoller: `flwr ls` (a second of CPU each) only when the run may have ended."""
+"""StatusPoller: `flwr ls` (a second of CPU each) only when the run may have ended; `flwr ls`
+and `flwr log` timing out on a loaded machine do not end a finished run."""
 
 from __future__ import annotations
 
@@ -47,3 +48,27 @@ def test_once_the_marker_exists_it_is_asked_every_second(tmp_path, asked):
     clock["now"] += 0.5
     assert poller.finished() and poller.status == "finished:completed"
     assert calls == [1001.0, 1002.0]
+
+
+def test_a_flwr_log_that_times_out_leaves_a_note_instead_of_failing_the_run(tmp_path,
+                                                                          monkeypatch):
+    """The robustness experiment died after a finished cell when `flwr log` took over 60 s on
+    a loaded machine: the log is a record, so its timeout must not end the sweep."""
+    slow = tmp_path / "flwr"
+    slow.write_text("#!/bin/sh\nsleep 5\n")
+    slow.chmod(0o755)
+    monkeypatch.setattr(launcher, "console_script", lambda name: str(slow))
+
+    text = launcher.run_logs(42, {"PATH": "/usr/bin:/bin"}, tmp_path, timeout=0.3)
+
+    assert "`flwr log 42` did not answer within 0.3 s" in text
+
+
+def test_a_flwr_ls_that_times_out_reads_as_unknown_so_the_poller_asks_again(tmp_path,
+                                                                           monkeypatch):
+    def timed_out(args, env, cwd, timeout=120):
+        raise launcher.subprocess.TimeoutExpired(["flwr", *args], timeout)
+
+    monkeypatch.setattr(launcher, "flwr_cli", timed_out)
+
+    assert launcher.run_status(42, {}, tmp_path) == "unknown"

@@ -232,10 +232,13 @@ def submit_run(run_config: Path, env: Mapping[str, str], cwd: Path, *extra: str,
 
 def run_status(run_id: int, env: Mapping[str, str], cwd: Path,
                connection: str = CONNECTION) -> str:
-    """The status of run ``run_id`` from ``flwr ls`` (e.g. ``finished:completed``), or
-    ``"unknown"`` when ``flwr`` fails or does not list it.
-    """
-    res = flwr_cli(["ls", connection, "--run-id", str(run_id), "--format", "json"], env, cwd)
+    """The run's status from ``flwr ls``; "unknown" when that fails or times out (a loaded
+    machine), so that the caller asks again instead of losing the run."""
+    try:
+        res = flwr_cli(["ls", connection, "--run-id", str(run_id), "--format", "json"], env,
+                       cwd)
+    except subprocess.TimeoutExpired:
+        return "unknown"
     if res.returncode != 0:
         return "unknown"
     payload = json_tail(res.stdout)
@@ -274,9 +277,16 @@ class StatusPoller:
 
 
 def run_logs(run_id: int, env: Mapping[str, str], cwd: Path,
-             connection: str = CONNECTION) -> str:
-    """The run's log as ``flwr log --show`` prints it (stdout and stderr)."""
-    res = flwr_cli(["log", str(run_id), connection, "--show"], env, cwd, timeout=60)
+             connection: str = CONNECTION, timeout: float = 60) -> str:
+    """The run's log from ``flwr log``. The log is a record, not the result: when fetching it
+    times out (``flwr log`` on a loaded machine), a line saying so is returned instead of
+    failing a run whose metrics and adapter are already written."""
+    try:
+        res = flwr_cli(["log", str(run_id), connection, "--show"], env, cwd, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return (f"fedlora: `flwr log {run_id}` did not answer within {timeout:g} s; the run's "
+                f"log was not kept (its metrics, summary and adapter are in the output "
+                f"directory)\n")
     return res.stdout + res.stderr
 
 
