@@ -480,3 +480,28 @@ def test_model_cache_shares_one_base_across_ranks(minilm_spec: lora.ModelSpec, r
         model.eval()
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, alone(**batch).logits)
+
+
+def test_saved_adapter_config_is_the_same_bytes_whatever_the_string_hash_seed(tmp_path: Path):
+    """peft keeps target_modules as a set; the saved list is sorted, so two processes with
+    different PYTHONHASHSEED write the same adapter_config.json (a run's digests repeat)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from fedlora.learning import assets, lora\n"
+        "spec = lora.ModelSpec(path=str(assets.minilm_dir()), task='seq-cls', num_labels=5,\n"
+        "                      num_hidden_layers=1)\n"
+        "adapter = lora.AdapterSpec(r=4, alpha=8, target_modules=('query', 'value', 'key'))\n"
+        "model, _ = lora.build_peft_model(spec, adapter, seed=0)\n"
+        "lora.save_adapter(model, sys.argv[1])\n")
+    texts = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True, timeout=300,
+                       env={**os.environ, "PYTHONHASHSEED": seed,
+                            "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        texts.append((out / "adapter_config.json").read_text())
+    assert texts[0] == texts[1] == texts[2]
+    assert '"key",\n    "query",\n    "value"' in texts[0]

@@ -24,6 +24,7 @@ layer stores (:func:`base_shape`):
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from collections import OrderedDict
@@ -370,6 +371,13 @@ def save_adapter(model: Any, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(None):
         model.save_pretrained(directory)
+    # peft writes target_modules from a set, in an order that varies per process (string
+    # hashing): sorted, the same adapter gives the same adapter_config.json bytes every run
+    config_file = directory / "adapter_config.json"
+    conf = json.loads(config_file.read_text())
+    if isinstance(conf.get("target_modules"), list):
+        conf["target_modules"] = sorted(conf["target_modules"])
+        config_file.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
     return directory
 
 
