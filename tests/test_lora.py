@@ -3,6 +3,7 @@ saving."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -505,3 +506,20 @@ def test_saved_adapter_config_is_the_same_bytes_whatever_the_string_hash_seed(tm
         texts.append((out / "adapter_config.json").read_text())
     assert texts[0] == texts[1] == texts[2]
     assert '"key",\n    "query",\n    "value"' in texts[0]
+
+
+def test_save_adapter_writes_the_active_adapter_of_a_cached_base(minilm_spec, tmp_path: Path):
+    """A cached base holds one named adapter per rank; saving a rank-2 client's adapter (not
+    the cache's first, rank-8 one) writes that adapter alone, at the top of the directory."""
+    import safetensors.numpy
+
+    cache = lora.ModelCache()
+    cache.get(minilm_spec, lora.AdapterSpec(r=8, alpha=16, target_modules=("query", "value")))
+    model, _ = cache.get(minilm_spec, lora.AdapterSpec(r=2, alpha=16,
+                                                      target_modules=("query", "value")))
+    lora.save_adapter(model, tmp_path / "out")
+    saved = safetensors.numpy.load_file(tmp_path / "out" / "adapter_model.safetensors")
+    ranks = {v.shape[0] for k, v in saved.items() if k.endswith("lora_A.weight")}
+    assert ranks == {2}
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == []

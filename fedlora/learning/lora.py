@@ -366,11 +366,19 @@ def set_trainable(model: Any, train_a: bool = True, train_b: bool = True) -> Non
 
 
 def save_adapter(model: Any, directory: str | Path) -> Path:
-    """Write a PEFT adapter directory that ``PeftModel.from_pretrained`` loads."""
+    """Write ``model``'s active adapter as a PEFT adapter directory that
+    ``PeftModel.from_pretrained`` loads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # only the active adapter, at the top of ``directory``: a cached base (ModelCache) holds one
+    # named adapter per rank, and peft would save them all, the first one ("default") on top
+    active = model.active_adapter
     with contextlib.redirect_stdout(None):
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, selected_adapters=[active])
+    if active != "default":  # peft put it in a subdirectory of its name
+        for item in (directory / active).iterdir():
+            item.replace(directory / item.name)
+        (directory / active).rmdir()
     # peft writes target_modules from a set, in an order that varies per process (string
     # hashing): sorted, the same adapter gives the same adapter_config.json bytes every run
     config_file = directory / "adapter_config.json"
