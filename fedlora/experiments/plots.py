@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from fedlora.experiments.report_data import RuleStats, Series, curves, group
 from fedlora.experiments.sweep import Spec
+
+
+def _save(fig: Any, axes: Any, used: int, title: str, path: Path) -> None:
+    """Blank the grid's unused panels (after the first ``used``), title the figure, write it
+    to ``path`` and free it."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _plot(spec: Spec, series: list[Series], path: Path, y_key: str, x_key: str | None,
@@ -56,12 +70,7 @@ def _plot(spec: Spec, series: list[Series], path: Path, y_key: str, x_key: str |
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
-    for ax in list(axes.flat)[len(settings):]:
-        ax.axis("off")
-    fig.suptitle(f"{spec.name}: {title}", fontsize=12)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, axes, len(settings), f"{spec.name}: {title}", path)
 
 
 def write_plots(spec: Spec, series: list[Series], tables: dict[str, list[RuleStats]],
@@ -117,10 +126,5 @@ def rank_plot(spec: Spec, tables: dict[str, list[RuleStats]], path: Path) -> Pat
         ax.set_xlabel(f"mean rank of final {spec.metric} (1 = best; 95 % CI, n={n} seeds)")
         ax.set_title(setting, fontsize=10)
         ax.grid(alpha=0.3, axis="x")
-    for ax in list(axes.flat)[len(settings):]:
-        ax.axis("off")
-    fig.suptitle(f"{spec.name}: rank of the rules", fontsize=12)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, axes, len(settings), f"{spec.name}: rank of the rules", path)
     return path
