@@ -82,7 +82,8 @@ def _prepare(msg: Message, context: Context):
         base = base.advance(unpack_correction(msg.content["correction"]),
                             int(instructions["base-from"]), int(instructions["base-to"]))
     # a base init's residual depends on the rank: virtual clients of two ranks differ
-    base.apply_to(model, node.rank if lora.is_base_dependent(cfg.lora.init) else 0)
+    base.apply_to(model, node.rank if lora.is_base_dependent(cfg.lora.init) else 0,
+                  run=context.run_id)
     arrays = unpack(msg.content["arrays"])
     if instructions.get("personal") == "b" and PERSONAL in context.state:
         arrays.update(unpack(context.state[PERSONAL]))  # FedSA: this node's own B

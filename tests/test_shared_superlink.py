@@ -64,7 +64,8 @@ def _digest(cell: Path) -> str:
 def test_a_cell_on_the_sweeps_superlink_equals_the_cell_on_its_own(tmp_path):
     """ffa run second on a SuperLink that already ran fedit, against ffa with a private
     SuperLink: the same metrics numbers every round and the same adapter bytes."""
-    text = SMOKE.read_text().replace('baselines = ["centralized", "local"]', "baselines = []")
+    text = SMOKE.read_text().replace('baselines = ["centralized", "local"]',
+                                     'baselines = []\nengine = "simulation"')
     both = tmp_path / "both.toml"
     both.write_text(text)
     alone = tmp_path / "alone.toml"

@@ -108,6 +108,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     spec = experiment.load_spec(args.spec)
     if args.seeds is not None:
         experiment.with_seeds(spec, args.seeds)
+    if args.engine:
+        spec.engine = args.engine
     out = Path(args.out or Path("runs") / f"experiment-{experiment.slug(spec.name)}"
                ).expanduser().resolve()
     from fedlora.experiments import trackers
@@ -315,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the interrupted run in OUT from its newest intact checkpoint")
     add_tracker_args(run)
     run.set_defaults(func=cmd_run)
-    exp = sub.add_parser("experiment", help="run a sweep spec: cells of real simulations, "
+    exp = sub.add_parser("experiment", help="run a sweep spec: cells of real federated runs, "
                          "baselines, then runs.csv, summary.md and plots")
     exp.add_argument("spec", help="experiment spec TOML (see simulations/experiments/)")
     exp.add_argument("--out", help="output directory (default runs/experiment-<name>)")
@@ -324,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--seeds", type=int, metavar="N",
                      help="run N seeds instead of the spec's (its own first, then the next "
                           "unused integers)")
+    exp.add_argument("--engine", choices=("inprocess", "simulation"),
+                     help="where each cell runs (default: the spec's `engine`, else inprocess): "
+                          "inprocess = the real ServerApp and ClientApp in this process, "
+                          "simulation = Flower's simulation engine (Ray), one SuperLink per sweep")
     add_tracker_args(exp)
     exp.set_defaults(func=cmd_experiment)
     rep = sub.add_parser("report", help="rebuild an experiment's runs.csv, summary.md, plots "

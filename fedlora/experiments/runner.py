@@ -1,5 +1,6 @@
-"""Runs an experiment: every cell (setting × strategy × seed) as a real Flower simulation and the
-baselines, into ``OUT``, rewriting the report after each cell (:mod:`fedlora.experiments.report`).
+"""Runs an experiment: every cell (setting × strategy × seed) as a real federated run (in this
+process, or on Flower's simulation engine: the spec's ``engine``) and the baselines, into
+``OUT``, rewriting the report after each cell (:mod:`fedlora.experiments.report`).
 
 The spec itself (parsing, cells, status files) is :mod:`fedlora.experiments.sweep`; this module is
 the
@@ -38,15 +39,16 @@ class Runner:
         is a
         tracked run (config as params, each metrics record as it arrives, the adapter).
 
-        ``share_superlink``: submit every cell to one SuperLink per sweep
-        (:class:`fedlora.runtime.launcher.SharedSuperLink`, home ``OUT/.flwr``) instead of starting
-        one
-        per cell; each cell still runs in its own simulation process and output directory."""
+        ``share_superlink`` (``engine = "simulation"`` only): submit every cell to one SuperLink
+        per sweep (:class:`fedlora.runtime.launcher.SharedSuperLink`, home ``OUT/.flwr``)
+        instead of starting one per cell; each cell still runs in its own simulation process
+        and output directory."""
         from fedlora.experiments.trackers import Trackers
 
         self.spec, self.out, self.resume = spec, out, resume
         self.share_superlink = share_superlink
         self.shared: Any = None  # the sweep's SharedSuperLink while run() runs
+        self.cells_started = 0  # in-process cells get run ids 1, 2, ... (as Flower numbers runs)
         self.progress = progress or (lambda event, info: None)
         self.trackers = trackers if trackers is not None else Trackers()
 
@@ -73,9 +75,10 @@ class Runner:
                 if (cell_status(self.out / "cells" / c.id) or {}).get("status") != "done"]
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
-        """Run one cell on the simulation engine into ``cells/<id>/``, logging it to the trackers;
+        """Run one cell on the spec's engine into ``cells/<id>/``, logging it to the trackers;
         its status (``done`` or ``failed`` with the error, and ``wall_s``), also in ``cell.json``.
         """
+        from fedlora.experiments.engine import CellFailed, run_in_process
         from fedlora.runtime.launcher import Placement, RunFailed, run_simulation
 
         directory = self.out / "cells" / cell.id
@@ -84,7 +87,8 @@ class Runner:
                 (directory / stale).unlink(missing_ok=True)
         directory.mkdir(parents=True, exist_ok=True)
         status: dict[str, Any] = {"cell": cell.id, "setting": cell.setting.label,
-                                  "strategy": cell.strategy.label, "seed": cell.seed}
+                                  "strategy": cell.strategy.label, "seed": cell.seed,
+                                  "engine": self.spec.engine}
         started = time.perf_counter()
         try:
             flat, clients = self.spec.flat_config(cell.setting, cell.strategy, cell.seed,
@@ -100,11 +104,18 @@ class Runner:
                 self.trackers.log(rec)
                 self.progress("round", {"cell": cell, "record": rec})
 
-            run_simulation(run_config, directory, clients, Placement(self.spec.cpus_per_client),
-                           directory / ".flwr", on_round=on_round, shared=self.shared)
+            if self.spec.engine == "inprocess":
+                self.cells_started += 1
+                run_in_process(run_config, directory, clients, on_round=on_round,
+                               run_id=self.cells_started,
+                               threads=Placement(self.spec.cpus_per_client).cpus)
+            else:
+                run_simulation(run_config, directory, clients,
+                               Placement(self.spec.cpus_per_client), directory / ".flwr",
+                               on_round=on_round, shared=self.shared)
             status["status"] = "done"
             self.trackers.artifact(directory / "adapter")
-        except (FedLoraError, RunFailed) as exc:
+        except (FedLoraError, RunFailed, CellFailed) as exc:
             status.update(status="failed", error=str(exc))
         self.trackers.end(status["status"])
         status["wall_s"] = round(time.perf_counter() - started, 2)
@@ -156,7 +167,9 @@ class Runner:
         def timing(complete: bool) -> dict[str, Any]:
             return {"wall_s": round(time.perf_counter() - started, 2),
                     "report_s": round(reporting, 2), "cells_run": len(results),
-                    "superlinks_started": self.shared.starts if self.shared else len(results),
+                    "engine": self.spec.engine,
+                    "superlinks_started": (0 if self.spec.engine == "inprocess" else
+                                           self.shared.starts if self.shared else len(results)),
                     "fresh": fresh, "complete": complete}
 
         def write_report() -> None:
@@ -173,7 +186,7 @@ class Runner:
         self.prepare()
         todo = self.pending()
         self.progress("start", {"cells": todo, "total": len(self.spec.cells())})
-        if self.share_superlink:
+        if self.share_superlink and self.spec.engine == "simulation":
             self.shared = SharedSuperLink(self.out / ".flwr", Placement(self.spec.cpus_per_client))
         try:
             for setting in self.spec.settings:

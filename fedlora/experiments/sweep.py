@@ -1,4 +1,4 @@
-"""Aggregation-strategy experiments: a sweep spec → cells → real simulations → a report.
+"""Aggregation-strategy experiments: a sweep spec → cells → real federated runs → a report.
 
 A spec (TOML) declares one base config and a grid::
 
@@ -9,6 +9,7 @@ A spec (TOML) declares one base config and a grid::
     target = 0.8                    # rounds-to-target column
     reference = "fedit+fedadam"     # the strategy every other rule is compared with, by seed
     baselines = ["centralized", "local"]
+    engine = "inprocess"            # or "simulation": every cell on Flower's simulation engine
 
     [base]                          # run-config keys for every cell (plus num-clients)
     num-server-rounds = 4
@@ -27,9 +28,12 @@ A spec (TOML) declares one base config and a grid::
 
 Cells are settings × strategies × seeds. A cell's config is layered
 defaults ← preset ← base ← setting ← strategy ← seed, so every strategy of a setting and seed
-sees the identical data split and initial adapter. Each cell runs as a real Flower simulation
-in ``OUT/cells/<cell>/``; its ``cell.json`` records ``done`` or ``failed`` with the error, and
-``--resume`` skips the cells that are done. Baselines run once per setting × seed.
+sees the identical data split and initial adapter. Each cell runs in ``OUT/cells/<cell>/``:
+by default (``engine = "inprocess"``) the real ServerApp against the real ClientApp in the
+sweep's own process (:mod:`fedlora.experiments.engine`), or with ``engine = "simulation"`` as a
+Flower simulation on Ray (one SuperLink per sweep). Its ``cell.json`` records ``done`` or
+``failed`` with the error, and ``--resume`` skips the cells that are done. Baselines run once
+per setting × seed.
 
 ``reference`` (default: the first strategy) is what the report's paired statistics compare every
 other rule with (:mod:`fedlora.experiments.stats`). ``fedlora experiment --seeds N`` overrides the
@@ -56,7 +60,9 @@ from fedlora.errors import FedLoraError
 from fedlora.runtime.run_setup import flatten
 
 SPEC_KEYS = {"name", "description", "preset", "config", "seeds", "metric", "target",
-             "reference", "baselines", "cpus-per-client", "base", "strategies", "settings", "grid"}
+             "reference", "baselines", "cpus-per-client", "engine", "base", "strategies",
+             "settings", "grid"}
+ENGINES = ("inprocess", "simulation")  # see fedlora.experiments.engine
 BASELINES = ("centralized", "local")
 CELL_KEYS = {"num-clients"}  # keys a layer may set besides run-config keys
 
@@ -102,6 +108,7 @@ class Spec:
     reference: str = ""
     baselines: tuple[str, ...] = BASELINES
     cpus_per_client: float = 1.0
+    engine: str = "inprocess"
     path: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -209,6 +216,9 @@ def parse_spec(text: str, path: Path | None = None) -> Spec:
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise SpecError(f"{where}: seeds must be a non-empty list of integers; got {seeds!r}")
+    engine = str(raw.get("engine", "inprocess"))
+    if engine not in ENGINES:
+        raise SpecError(f"{where}: engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     baselines = tuple(raw.get("baselines", BASELINES))
     bad = sorted(set(baselines) - set(BASELINES))
     if bad:
@@ -218,7 +228,7 @@ def parse_spec(text: str, path: Path | None = None) -> Spec:
                 strategies=strategies, settings=settings, seeds=list(seeds),
                 metric=str(raw.get("metric", "eval_accuracy")), target=raw.get("target"),
                 baselines=baselines, cpus_per_client=float(raw.get("cpus-per-client", 1.0)),
-                path=path, raw=raw)
+                engine=engine, path=path, raw=raw)
     reference = raw.get("reference", strategies[0].label)
     labels = [a.label for a in strategies]
     if reference not in labels:

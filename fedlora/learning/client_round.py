@@ -67,6 +67,14 @@ _TRAIN: Lru[list[dict]] = Lru(CACHED_CLIENTS)  # tokenized training examples per
 _HELDOUT: Lru[list[dict]] = Lru(4)  # tokenized held-out examples (one for packaged corpora)
 
 
+def clear_caches() -> None:
+    """Drop everything this process caches (base models, split corpora, tokenized examples):
+    what a fresh client process starts with."""
+    MODELS.clear()
+    for cache in (_PARTITIONS, _TRAIN, _HELDOUT):
+        cache.clear()
+
+
 # rules that change the frozen base: under procs-per-node > 1 only rank 0 would hold the change
 BASE_MODIFYING = ("flora", "fedex")
 
@@ -207,11 +215,13 @@ class BaseState:
             merged[module] = stack([*parts, LoraFactors(a=a, b=b, scale=1.0)])
         return BaseState(end, merged)
 
-    def apply_to(self, model: Any, rank: int = 0) -> None:
+    def apply_to(self, model: Any, rank: int = 0, run: int = 0) -> None:
         """Give ``model``'s base these corrections (``rank``: the node's with a base-dependent
-        init, whose residual depends on it; 0 otherwise)."""
+        init, whose residual depends on it; 0 otherwise). ``run`` (the Flower run id) is part of
+        what names the correction: a process that serves several runs with one cached base (a
+        warm worker, an in-process sweep) holds version 1 of two runs, which differ."""
         deltas = {m: (f.b, f.a) for m, f in (self.factors or {}).items()}
-        lora.set_base_delta(model, deltas, tag=(self.version, rank))
+        lora.set_base_delta(model, deltas, tag=(run, self.version, rank))
 
 
 def train_round(model: Any, tokenizer: Any, train_examples: list[dict],
