@@ -212,7 +212,7 @@ def smoke_run(tmp_path_factory):
     return out, res
 
 
-@pytest.mark.slow  # a real Flower simulation (make test-fast skips it)
+@pytest.mark.slow  # a real sweep: four federated runs in process (make test-fast skips it)
 @pytest.mark.skipif(not TRACKED, reason="needs the extras fedlora[mlflow] and [tensorboard]")
 def test_smoke_experiment_is_tracked_in_mlflow_and_tensorboard(smoke_run):
     """The real sweep's cells and baselines, read back from the MLflow file store and the
@@ -244,7 +244,7 @@ def test_smoke_experiment_is_tracked_in_mlflow_and_tensorboard(smoke_run):
         assert [e.step for e in acc.Scalars("eval_accuracy")] == list(range(rounds + 1))
 
 
-@pytest.mark.slow  # a real Flower simulation (make test-fast skips it)
+@pytest.mark.slow  # a real sweep: four federated runs in process (make test-fast skips it)
 def test_smoke_experiment_end_to_end(smoke_run):
     out, res = smoke_run
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
@@ -270,7 +270,7 @@ def test_smoke_experiment_end_to_end(smoke_run):
     assert len(set(zero.values())) == 1
 
 
-@pytest.mark.slow  # a real Flower simulation (make test-fast skips it)
+@pytest.mark.slow  # a real sweep (shared with the tests above) (make test-fast skips it)
 def test_resume_skips_finished_cells_and_a_rerun_needs_resume(smoke_run):
     out, res = smoke_run
     assert res.returncode == 0
@@ -282,7 +282,7 @@ def test_resume_skips_finished_cells_and_a_rerun_needs_resume(smoke_run):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing ran again
 
 
-@pytest.mark.slow  # its other cell is a real Flower simulation (make test-fast skips it)
+@pytest.mark.slow  # its other cell is a real federated run (make test-fast skips it)
 def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path):
     """fedit with mixed ranks fails its preflight; the report lists it with the reason."""
     spec_file = tmp_path / "bad.toml"

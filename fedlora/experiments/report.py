@@ -350,6 +350,12 @@ def overhead(spec: Spec, series: list[Series], timing: dict[str, Any] | None
             "cells_run": ran, "cells": len(spec.cells())}
 
 
+CELL_STARTUP = {  # what a cell's wall time holds besides its rounds, per engine (timing.json)
+    "simulation": "per-cell Flower start-up and teardown (SuperLink, Ray, models, run submission)",
+    "inprocess": "per-cell set-up and teardown in process (model loads, discovery, export)",
+}
+
+
 def overhead_markdown(spec: Spec, series: list[Series], timing: dict[str, Any] | None
                       ) -> list[str]:
     """The "Sweep overhead" section (:func:`overhead`) as Markdown lines; ``[]`` when unknown."""
@@ -364,7 +370,7 @@ def overhead_markdown(spec: Spec, series: list[Series], timing: dict[str, Any] |
             f"the sweep's own time is **{o['overhead_s']:.1f} s = "
             f"{100 * o['fraction']:.1f} %**:", "",
             "| part | s |", "|---|---|",
-            f"| per-cell Flower start-up and teardown (SuperLink, Ray, models, run submission) | "
+            f"| {CELL_STARTUP[str(timing.get('engine', 'simulation'))]} | "
             f"{o['cell_startup_s']:.1f} |",
             f"| baselines' set-up (data, model) | {o['baseline_setup_s']:.1f} |",
             *([f"| {o['failed']} failed run(s), their whole wall time | {o['failed_s']:.1f} |"]
