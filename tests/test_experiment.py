@@ -335,3 +335,30 @@ def test_non_iid_spec_runs_five_seeds_of_the_equal_rank_claims():
     assert len(spec.seeds) >= 5 and spec.reference == "fedit"
     assert {"ffa", "fedex", "fedsvd", "lora-fair"} <= {s.keys["strategy"]
                                                        for s in spec.strategies}
+
+
+def test_chatterbot_peft_spec_crosses_lora_dora_pissa_with_fedit_and_flexlora():
+    """LoRA, DoRA and PiSSA under FedIT and FlexLoRA at one rank, 3 seeds, against LoRA +
+    FedIT, with both shipped lm-eval tasks; DoRA × FlexLoRA is left out because the config
+    refuses it (FlexLoRA re-factorises ΔW by SVD, changing the norm DoRA trained against)."""
+    path = ROOT / "simulations" / "experiments" / "chatterbot-peft.toml"
+    spec = experiment.load_spec(path)
+    variant = {s.label: (s.keys["strategy"], s.keys.get("lora.use-dora", False),
+                         s.keys.get("lora.init", "default")) for s in spec.strategies}
+    assert variant == {"lora fedit": ("fedit", False, "default"),
+                       "dora fedit": ("fedit", True, "default"),
+                       "pissa fedit": ("fedit", False, "pissa"),
+                       "lora flexlora": ("flexlora", False, "default"),
+                       "pissa flexlora": ("flexlora", False, "pissa")}
+    assert spec.reference == "lora fedit" and spec.seeds == [0, 1, 2]
+    assert spec.metric == "eval_loss" and not spec.higher_is_better
+    flat, _ = spec.flat_config(spec.settings[0], spec.strategies[0], 0, Path("/tmp"))
+    cfg = config.from_flat(flat)
+    assert set(cfg.eval.task_list()) == {"fedlora-chatterbot-qa", "fedlora-bbc-topic"}
+    assert cfg.eval.tasks_limit > 0 and not cfg.fl.ranks()  # every client at lora.r
+    dora_flex = path.read_text().replace('label = "pissa flexlora"\nstrategy = "flexlora"\n'
+                                         'lora.init = "pissa"',
+                                         'label = "dora flexlora"\nstrategy = "flexlora"\n'
+                                         'lora.use-dora = true')
+    with pytest.raises(SpecError, match="use-dora: strategy 'flexlora'"):
+        parse_spec(dora_flex, path)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlora.experiments import stats
+from fedlora.experiments import stats, task_scores
 from fedlora.experiments.plots import write_plots
 from fedlora.experiments.report_data import RuleStats, Series, group
 from fedlora.experiments.sweep import Spec, cell_status, slug
@@ -41,8 +41,10 @@ def collect(spec: Spec, out: Path) -> list[Series]:
         status = cell_status(directory)
         if status is None:
             continue
+        records = read_metrics(directory)
+        task_scores.attach(records, directory)  # eval/<task>.json → lmeval.* on the last round
         series.append(Series("federated", cell.setting.label, cell.strategy.label, cell.seed,
-                             cell.id, status, read_metrics(directory)))
+                             cell.id, status, records))
     for setting in spec.settings:
         for seed in spec.seeds:
             for kind in spec.baselines:
@@ -50,9 +52,10 @@ def collect(spec: Spec, out: Path) -> list[Series]:
                 status = cell_status(directory)
                 if status is None:
                     continue
+                records = read_metrics(directory)
+                task_scores.attach(records, directory)
                 series.append(Series("baseline", setting.label, f"{kind} (baseline)", seed,
-                                     f"{directory.parent.name}/{kind}", status,
-                                     read_metrics(directory)))
+                                     f"{directory.parent.name}/{kind}", status, records))
     return series
 
 
@@ -154,7 +157,8 @@ def summary_markdown(spec: Spec, series: list[Series], wall_s: float | None = No
                      timing: dict[str, Any] | None = None) -> str:
     """``summary.md``: the sweep's settings, machine and base config, then per setting one
     table row per rule and baseline (final metric, rounds to target, MB, aggregation error,
-    wall time), the paired comparison and the sweep's overhead.
+    wall time), the paired comparison, the lm-eval task scores (where runs have them) and the
+    sweep's overhead.
     """
     metric, target = spec.metric, spec.target
     lines = [f"# Experiment `{spec.name}`", ""]
@@ -211,6 +215,7 @@ def summary_markdown(spec: Spec, series: list[Series], wall_s: float | None = No
                          f"{_mb(down)} | {agg} | {wall} |")
         lines.append("")
         lines += paired_markdown(spec, analysis(spec, series).get(setting.label))
+    lines += task_scores.markdown(spec, series)
     overhead = overhead_markdown(spec, series, timing)
     if overhead:
         lines += overhead
