@@ -7,7 +7,7 @@
 ``Context`` (``partition-id``, ``num-partitions``, ``context.state``), as on Flower's simulation
 engine. What it leaves out is the machinery around them: no SuperLink, no ``flwr run``, no Ray
 and no simulation process, so a cell costs its training, aggregation and evaluation plus a model
-load, where on the simulation engine every cell paid ~25 s of start-up and teardown (see
+load, where on the simulation engine a smoke cell paid 26.6 s of start-up and teardown (see
 ``docs/experiments.md``). ``engine = "simulation"`` runs every cell on Flower's simulation engine
 instead (:func:`fedlora.runtime.launcher.run_simulation`).
 
@@ -29,6 +29,7 @@ from typing import Any
 
 from fedlora import config
 from fedlora.federation.outputs import read_metrics
+
 
 class CellFailed(Exception):
     """The cell's ServerApp raised: the error, with the traceback in the cell's ``run.log``."""
@@ -103,9 +104,9 @@ def run_in_process(run_config_file: Path, output_dir: Path, num_clients: int,
     round log are in ``output_dir/run.log``.
     """
     import torch
+    from flwr.app import Context, RecordDict
 
     from clients.app import app as client_app
-    from flwr.app import Context, RecordDict
     from server.app import main as server_main
     from server.inprocess import InProcessGrid
 
