@@ -57,3 +57,20 @@ def test_a_resumed_sweep_reports_no_overhead(tmp_path):
     timing = {"wall_s": 120.0, "report_s": 4.0, "cells_run": 2, "fresh": False,
               "complete": False}
     assert report.overhead(spec, report.collect(spec, tmp_path), timing) is None
+
+
+def test_the_lm_eval_tasks_of_a_cells_final_model_count_as_its_work_not_as_overhead(tmp_path):
+    """A cell of 50 s wall whose rounds clock 40 s and whose final lm-eval tasks took 8 s
+    (summary.json ``lm_eval_s``) leaves 2 s of overhead, also after a rebuild from runs.csv."""
+    spec = parse_spec(SPEC)
+    _finished_cells(spec, tmp_path, 4)
+    for cell in spec.cells():
+        (tmp_path / "cells" / cell.id / "summary.json").write_text(json.dumps(
+            {"status": "completed", "lm_eval_s": 8.0}))
+    timing = {"wall_s": 200.0, "report_s": 0.0, "cells_run": 4, "fresh": True,
+              "complete": True, "engine": "inprocess"}
+    o = report.overhead(spec, report.collect(spec, tmp_path), timing)
+    assert o["work_s"] == pytest.approx(4 * 48.0) and o["cell_startup_s"] == pytest.approx(8.0)
+    report.write_csv(report.collect(spec, tmp_path), tmp_path / "runs.csv")
+    rebuilt = report.collect_csv(spec, tmp_path / "runs.csv")
+    assert report.overhead(spec, rebuilt, timing)["work_s"] == pytest.approx(4 * 48.0)

@@ -28,7 +28,18 @@ from fedlora.experiments.sweep import Spec, cell_status, slug
 from fedlora.federation.outputs import read_metrics
 
 FIRST_COLUMNS = ["kind", "setting", "label", "strategy", "seed", "cell", "status", "round"]
-STATUS_COLUMNS = {"cell_wall_s": "wall_s"}  # runs.csv column -> cell.json key (per row)
+# runs.csv column -> cell status key (per row): the cell's wall time, and the seconds its
+# final lm-eval tasks took (the run's summary.json ``lm_eval_s``: evaluation work, see _work_s)
+STATUS_COLUMNS = {"cell_wall_s": "wall_s", "cell_lm_eval_s": "lm_eval_s"}
+
+
+def _with_eval_clock(status: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """``status`` with the run's ``lm_eval_s`` from its ``summary.json``, when it has one."""
+    try:
+        seconds = json.loads((directory / "summary.json").read_text()).get("lm_eval_s")
+    except (OSError, ValueError, AttributeError):
+        return status
+    return {**status, "lm_eval_s": float(seconds)} if seconds else status
 
 
 def collect(spec: Spec, out: Path) -> list[Series]:
@@ -44,7 +55,7 @@ def collect(spec: Spec, out: Path) -> list[Series]:
         records = read_metrics(directory)
         task_scores.attach(records, directory)  # eval/<task>.json → lmeval.* on the last round
         series.append(Series("federated", cell.setting.label, cell.strategy.label, cell.seed,
-                             cell.id, status, records))
+                             cell.id, _with_eval_clock(status, directory), records))
     for setting in spec.settings:
         for seed in spec.seeds:
             for kind in spec.baselines:
@@ -314,9 +325,11 @@ def paired_markdown(spec: Spec, table: list[RuleStats] | None) -> list[str]:
     return lines
 
 
-def _work_s(records: list[dict[str, Any]]) -> float:
-    """Seconds a run spent training, aggregating and evaluating (its records' own clocks)."""
-    return sum(float(r.get("duration_s") or 0) + float(r.get("eval_s") or 0) for r in records)
+def _work_s(run: Series) -> float:
+    """Seconds a run spent training, aggregating and evaluating: its records' own clocks, and
+    the lm-eval tasks run on its final model (``eval.tasks``)."""
+    return float(run.status.get("lm_eval_s") or 0) + sum(
+        float(r.get("duration_s") or 0) + float(r.get("eval_s") or 0) for r in run.records)
 
 
 def overhead(spec: Spec, series: list[Series], timing: dict[str, Any] | None
@@ -326,7 +339,7 @@ def overhead(spec: Spec, series: list[Series], timing: dict[str, Any] | None
     short (``fresh``: what it ran so far, rewritten after every cell); None otherwise (a
     resumed sweep's timing misses the earlier invocations). Work is what the
     finished runs' records clock (``duration_s`` + ``eval_s``: training, aggregation and
-    evaluation; the first round's ``duration_s`` also holds the Ray workers' lazy model
+    evaluation) plus their final lm-eval tasks (``lm_eval_s``); the first round's ``duration_s`` also holds the Ray workers' lazy model
     loading, so start-up is if anything under-counted); a failed run's time is all overhead."""
     if not timing:
         return None
@@ -340,15 +353,15 @@ def overhead(spec: Spec, series: list[Series], timing: dict[str, Any] | None
     fed = [s for s in done if s.kind == "federated"]
     base = [s for s in done if s.kind == "baseline"]
     failed = [s for s in timed if s.status.get("status") != "done"]
-    work = sum(_work_s(s.records) for s in done)
+    work = sum(_work_s(s) for s in done)
     cell_wall = sum(s.status["wall_s"] for s in fed)
     base_wall = sum(s.status["wall_s"] for s in base)
     failed_wall = sum(s.status["wall_s"] for s in failed)
     wall = float(timing["wall_s"])
     report_s = float(timing.get("report_s", 0.0))
     return {"wall_s": wall, "work_s": work,
-            "cell_startup_s": cell_wall - sum(_work_s(s.records) for s in fed),
-            "baseline_setup_s": base_wall - sum(_work_s(s.records) for s in base),
+            "cell_startup_s": cell_wall - sum(_work_s(s) for s in fed),
+            "baseline_setup_s": base_wall - sum(_work_s(s) for s in base),
             "failed_s": failed_wall, "failed": len(failed), "report_s": report_s,
             "other_s": wall - cell_wall - base_wall - failed_wall - report_s,
             "overhead_s": wall - work, "fraction": (wall - work) / wall if wall else math.nan,
