@@ -384,7 +384,8 @@ def overhead_markdown(spec: Spec, series: list[Series], timing: dict[str, Any] |
               if o["cells_run"] < o["cells"] else "")
     return ["## Sweep overhead", "",
             f"{so_far}Wall time {o['wall_s']:.1f} s, of which the runs' own training, "
-            f"aggregation and evaluation (their `duration_s` + `eval_s`) {o['work_s']:.1f} s; "
+            f"aggregation and evaluation (their `duration_s` + `eval_s`, and `lm_eval_s` of "
+            f"their final lm-eval tasks) {o['work_s']:.1f} s; "
             f"the sweep's own time is **{o['overhead_s']:.1f} s = "
             f"{100 * o['fraction']:.1f} %**:", "",
             "| part | s |", "|---|---|",
