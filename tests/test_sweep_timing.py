@@ -74,3 +74,30 @@ def test_the_lm_eval_tasks_of_a_cells_final_model_count_as_its_work_not_as_overh
     report.write_csv(report.collect(spec, tmp_path), tmp_path / "runs.csv")
     rebuilt = report.collect_csv(spec, tmp_path / "runs.csv")
     assert report.overhead(spec, rebuilt, timing)["work_s"] == pytest.approx(4 * 48.0)
+
+
+def _finished_baselines(spec, out, seeds):
+    for seed in seeds:
+        d = out / "baselines" / f"default--seed{seed}" / "centralized"
+        d.mkdir(parents=True)
+        recs = [{"round": 1, "duration_s": 100.0, "eval_s": 0.0, "eval_accuracy": 0.9}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (d / "cell.json").write_text(json.dumps({"status": "done", "wall_s": 110.0}))
+
+
+def test_a_sweep_stopped_during_its_baselines_reports_the_overhead_of_what_its_clock_covers(
+        tmp_path):
+    """timing.json written after every cell only (the old runner): the baselines that ran
+    after its last rewrite are left out; written after every baseline too: they count."""
+    text = SPEC.replace("baselines = []", 'baselines = ["centralized"]')
+    spec = parse_spec(text)
+    _finished_cells(spec, tmp_path, 4)
+    _finished_baselines(spec, tmp_path, [0, 1])
+    series = report.collect(spec, tmp_path)
+    old = {"wall_s": 210.0, "report_s": 0.0, "cells_run": 4, "fresh": True, "complete": False}
+    o = report.overhead(spec, series, old)
+    assert o["work_s"] == pytest.approx(160.0) and o["overhead_s"] == pytest.approx(50.0)
+    new = {**old, "wall_s": 440.0, "baselines_run": 2}
+    o = report.overhead(spec, series, new)
+    assert o["work_s"] == pytest.approx(360.0) and o["baseline_setup_s"] == pytest.approx(20.0)
+    assert o["overhead_s"] == pytest.approx(80.0)

@@ -336,11 +336,12 @@ def overhead(spec: Spec, series: list[Series], timing: dict[str, Any] | None
              ) -> dict[str, float] | None:
     """The sweep's own time (start-up, teardown, reports) against its cells' work, for a sweep
     that ran every cell in one invocation (``timing.json``), or that started afresh and was cut
-    short (``fresh``: what it ran so far, rewritten after every cell); None otherwise (a
-    resumed sweep's timing misses the earlier invocations). Work is what the
+    short (``fresh``: what it ran so far, rewritten after every cell and baseline run); None
+    otherwise (a resumed sweep's timing misses the earlier invocations). Work is what the
     finished runs' records clock (``duration_s`` + ``eval_s``: training, aggregation and
-    evaluation) plus their final lm-eval tasks (``lm_eval_s``); the first round's ``duration_s`` also holds the Ray workers' lazy model
-    loading, so start-up is if anything under-counted); a failed run's time is all overhead."""
+    evaluation) plus their final lm-eval tasks (``lm_eval_s``); the first round's
+    ``duration_s`` also holds the Ray workers' lazy model loading, so start-up is if anything
+    under-counted; a failed run's time is all overhead."""
     if not timing:
         return None
     timed = [s for s in series if s.status.get("wall_s") is not None]
@@ -349,6 +350,10 @@ def overhead(spec: Spec, series: list[Series], timing: dict[str, Any] | None
     cut_short = bool(timing.get("fresh")) and timing.get("cells_run") == ran
     if not (complete or cut_short):
         return None
+    if not timing.get("complete") and "baselines_run" not in timing:
+        # cut short by a runner that rewrote timing.json after cells only: the baselines that
+        # ran after its last rewrite are not in its wall time, so report the cells' part
+        timed = [s for s in timed if s.kind == "federated"]
     done = [s for s in timed if s.status.get("status") == "done"]
     fed = [s for s in done if s.kind == "federated"]
     base = [s for s in done if s.kind == "baseline"]

@@ -49,6 +49,8 @@ class Runner:
         self.share_superlink = share_superlink
         self.shared: Any = None  # the sweep's SharedSuperLink while run() runs
         self.cells_started = 0  # in-process cells get run ids 1, 2, ... (as Flower numbers runs)
+        self.baselines_run = 0  # baseline runs finished by this invocation (timing.json)
+        self.after_run: Callable[[], None] = lambda: None  # run() sets it: rewrite timing.json
         self.progress = progress or (lambda event, info: None)
         self.trackers = trackers if trackers is not None else Trackers()
 
@@ -152,6 +154,8 @@ class Runner:
             self.trackers.end(status["status"])
             status["wall_s"] = round(time.perf_counter() - started, 2)
             _write_json(target / "cell.json", status)
+            self.baselines_run += 1
+            self.after_run()
 
     def run(self) -> list[dict[str, Any]]:
         """Run every pending cell and the baselines of its setting and seed, rewriting the report
@@ -167,15 +171,19 @@ class Runner:
         def timing(complete: bool) -> dict[str, Any]:
             return {"wall_s": round(time.perf_counter() - started, 2),
                     "report_s": round(reporting, 2), "cells_run": len(results),
+                    "baselines_run": self.baselines_run,
                     "engine": self.spec.engine,
                     "superlinks_started": (0 if self.spec.engine == "inprocess" else
                                            self.shared.starts if self.shared else len(results)),
                     "fresh": fresh, "complete": complete}
 
-        def write_report() -> None:
-            nonlocal reporting
+        def save_timing() -> None:
             if fresh:  # a sweep cut short still reports the overhead of what it ran
                 _write_json(self.out / "timing.json", timing(False))
+
+        def write_report() -> None:
+            nonlocal reporting
+            save_timing()
             began = time.perf_counter()
             report.write(self.spec, self.out)
             reporting += time.perf_counter() - began
@@ -184,6 +192,7 @@ class Runner:
         if not fresh:
             (self.out / "timing.json").unlink(missing_ok=True)  # it timed another invocation
         self.prepare()
+        self.after_run = save_timing  # after every baseline run too, not only after cells
         todo = self.pending()
         self.progress("start", {"cells": todo, "total": len(self.spec.cells())})
         if self.share_superlink and self.spec.engine == "simulation":
