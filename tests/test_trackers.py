@@ -12,11 +12,13 @@ from fedlora.experiments import runner as experiment_runner
 from fedlora.experiments import trackers
 from fedlora.experiments.sweep import parse_spec
 
+# engine = simulation: these tests fake the cells at that engine's entry point (run_simulation)
 SPEC = """
 name = "tracked"
 preset = "bbc-minilm"
 seeds = [0, 1]
 baselines = []
+engine = "simulation"
 [base]
 num-clients = 2
 num-server-rounds = 3
