@@ -13,6 +13,7 @@ from typing import Any
 from fedlora import config
 from fedlora.cli import deploy as deploy_cli
 from fedlora.errors import FedLoraError
+from fedlora.experiments.sweep import ENGINES
 from fedlora.runtime import run_setup
 from fedlora.runtime.run_setup import (
     DEFAULT_PRESET,
@@ -326,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--seeds", type=int, metavar="N",
                      help="run N seeds instead of the spec's (its own first, then the next "
                           "unused integers)")
-    exp.add_argument("--engine", choices=("inprocess", "simulation"),
+    exp.add_argument("--engine", choices=ENGINES,
                      help="where each cell runs (default: the spec's `engine`, else inprocess): "
                           "inprocess = the real ServerApp and ClientApp in this process, "
                           "simulation = Flower's simulation engine (Ray), one SuperLink per sweep")

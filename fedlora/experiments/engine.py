@@ -11,8 +11,9 @@ load, where on the simulation engine a smoke cell paid 26.6 s of start-up and te
 ``docs/experiments.md``). ``engine = "simulation"`` runs every cell on Flower's simulation engine
 instead (:func:`fedlora.runtime.launcher.run_simulation`).
 
-Between cells the client-side caches are dropped (:func:`fresh_client_process`), so every cell
-starts as a fresh client process would: a cell cannot see the previous cell's base model,
+Between cells the client-side caches are dropped
+(:func:`fedlora.learning.client_round.clear_caches`), so every cell starts as a fresh client
+process would: a cell cannot see the previous cell's base model,
 corrections or tokenized data. Nodes run one after another in this process, as the virtual
 clients of one Ray actor do; a hung client hangs the cell (there is no round timeout here).
 """
@@ -33,13 +34,6 @@ from fedlora.federation.outputs import read_metrics
 
 class CellFailed(Exception):
     """The cell's ServerApp raised: the error, with the traceback in the cell's ``run.log``."""
-
-
-def fresh_client_process() -> None:
-    """Drop what a client process caches (base models, split corpora, tokenized examples)."""
-    from fedlora.learning import client_round
-
-    client_round.clear_caches()
 
 
 class _Forwarder(threading.Thread):
@@ -107,13 +101,14 @@ def run_in_process(run_config_file: Path, output_dir: Path, num_clients: int,
     from flwr.app import Context, RecordDict
 
     from clients.app import app as client_app
+    from fedlora.learning.client_round import clear_caches
     from server.app import main as server_main
     from server.inprocess import InProcessGrid
 
     run_config = config.defaults()
     run_config.update(tomllib.loads(run_config_file.read_text()))
     nodes = [{"partition-id": i, "num-partitions": num_clients} for i in range(num_clients)]
-    fresh_client_process()
+    clear_caches()
     (output_dir / "summary.json").unlink(missing_ok=True)
     forwarder = _Forwarder(output_dir, on_round, poll_s)
     log_path = output_dir / "run.log"
@@ -134,6 +129,6 @@ def run_in_process(run_config_file: Path, output_dir: Path, num_clients: int,
         forwarder.done.set()
         if forwarder.is_alive():
             forwarder.join()
-        fresh_client_process()  # the cell's models and data are not kept past it
+        clear_caches()  # the cell's models and data are not kept past it
     forwarder.forward()
     return forwarder.records

@@ -151,15 +151,6 @@ def rounds_to_target(records: list[dict[str, Any]], metric: str, target: float,
     return None
 
 
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
-
-
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f}"
 
@@ -222,8 +213,8 @@ def summary_markdown(spec: Spec, series: list[Series], wall_s: float | None = No
             walls = [s.status["wall_s"] for s in ok if s.status.get("wall_s") is not None]
             wall = f"{np.mean(walls):.0f}" if walls else "—"
             label = f"*{row.label}*" if row.kind == "baseline" else row.label
-            lines.append(f"| {label} | {_mean_std(finals)} (n={len(ok)}) | {rtt} | {_mb(up)} | "
-                         f"{_mb(down)} | {agg} | {wall} |")
+            lines.append(f"| {label} | {stats.fmt_mean_sd(finals)} (n={len(ok)}) | {rtt} | "
+                         f"{_mb(up)} | {_mb(down)} | {agg} | {wall} |")
         lines.append("")
         lines += paired_markdown(spec, analysis(spec, series).get(setting.label))
     lines += task_scores.markdown(spec, series)

@@ -114,6 +114,16 @@ def curve_area(records: Sequence[dict[str, Any]], metric: str, upto: int | None 
     return float(np.sum((ys[1:] + ys[:-1]) / 2 * np.diff(xs)) / span) if span > 0 else None
 
 
+def fmt_mean_sd(values: Sequence[float | None]) -> str:
+    """``mean ± sample sd`` of the finite values to 4 decimals (one value: itself; none: —)."""
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    if not kept:
+        return "—"
+    if len(kept) == 1:
+        return f"{kept[0]:.4f}"
+    return f"{np.mean(kept):.4f} ± {np.std(kept, ddof=1):.4f}"
+
+
 def final_value(records: Sequence[dict[str, Any]], metric: str) -> float | None:
     """The last value of ``metric`` after round 0, or ``None`` if it was never logged."""
     values = [r[metric] for r in records if r.get(metric) is not None and int(r["round"]) > 0]

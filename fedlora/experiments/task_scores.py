@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedlora.experiments import stats
 from fedlora.experiments.report_data import Series, group
 from fedlora.experiments.sweep import Spec
@@ -98,24 +96,19 @@ class Score:
     count_key: str | None = None  # the record key holding lm-eval's examples per task
 
 
-def _last(records: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in sorted(records, key=lambda r: int(r["round"]))
-              if r.get(key) is not None]
-    return float(values[-1]) if values else None
-
-
 def _task_score(task: str, metric: str) -> Score:
     key = f"{PREFIX}{task}.{metric}"
     count = f"{PREFIX}{task}.{COUNT}"
     if metric == "perplexity":
         def loglik(records: list[dict[str, Any]]) -> float | None:
-            ppl = _last(records, key)
+            ppl = stats.final_value(records, key)
             return -math.log(ppl) if ppl is not None and ppl > 0 else None
 
         return Score(f"`{task}` answer log-likelihood (−ln of lm-eval's `perplexity`, nats per "
                      f"answer)", True, loglik, count)
     lower = any(word in metric for word in LOWER_IS_BETTER)
-    return Score(f"`{task}` `{metric}`", not lower, lambda records: _last(records, key), count)
+    return Score(f"`{task}` `{metric}`", not lower,
+                 lambda records: stats.final_value(records, key), count)
 
 
 def _perplexity(records: list[dict[str, Any]]) -> float | None:
@@ -150,16 +143,10 @@ def _by_seed(runs: list[Series], score: Score) -> dict[int, float]:
     return out
 
 
-def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
-
-
 def _examples(runs: list[Series], score: Score) -> str:
     if score.count_key is None:
         return ""
-    counts = sorted({int(n) for s in runs if (n := _last(s.records, score.count_key))
+    counts = sorted({int(n) for s in runs if (n := stats.final_value(s.records, score.count_key))
                      is not None})
     return f"; {'/'.join(map(str, counts))} examples per run" if counts else ""
 
@@ -180,7 +167,7 @@ def score_table(spec: Spec, series: list[Series], setting: str, score: Score) ->
              "|---|---|---|---|---|"]
     for row, values in rows:
         label = f"*{row.label}*" if row.kind == "baseline" else row.label
-        spread = _mean_sd(list(values.values()))
+        spread = stats.fmt_mean_sd(list(values.values()))
         if row.label == spec.reference and row.kind == "federated":
             lines.append(f"| **{label}** (reference) | {len(values)} | {spread} | — | — |")
             continue
